@@ -1,0 +1,185 @@
+"""Triton backward of the fused LoRA linear (no dW, no db: the base is frozen).
+
+    dS = s · dY B                        [M, r]
+    dX = dY W + mask ⊙ (dS A) / (1-p)    [M, K]   (mask term only when p > 0)
+    dA = dS^T xd                         [r, K]
+    dB = s · dY^T S                      [N, r]
+
+dS = s · dY B reduces over N exactly like dX = dY W, so it is either accumulated in the dX
+kernel's N loop or computed first by the skinny `_rank_proj_kernel` (same cost model as the
+forward's S, with the output width K in place of N: `s_in_loop(r, K)`).
+dA and dB are skinny reductions over M: each program sums one P-tile over a fixed chunk of
+rows into its own slot of a partial buffer [splits, P, r]; the chunks are then summed in a
+fixed order. No atomics, so the gradients are bitwise identical run to run.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora_fwd import (INTERPRET, autotune, dropout_keep, empty, gemm_configs, launch_config,
+                       m_bucket, r_pad, rank_proj, s_in_loop)
+
+INTERPRET_GEMM_DX = {"BM": 16, "BK": 32, "BN": 16, "GROUP_M": 8}
+# _rank_grad_kernel's blocks set its grid (the M-chunks), so it runs one fixed config.
+GRAD_CONFIG = {"BP": 16, "BM": 16} if INTERPRET else {"BP": 64, "BM": 64, "num_warps": 4, "num_stages": 3}
+
+
+@autotune(gemm_configs("BK", "BN"), key=["M_BUCKET", "N", "K", "R", "DS_IN_LOOP", "DROPOUT"])
+@triton.jit(do_not_specialize=["seed"])
+def _lora_dx_kernel(
+    dY_ptr, W_ptr, A_ptr, B_ptr, dS_ptr, dX_ptr,       # dY: [M, N] W: [N, K] A: [r, K] B: [N, r]
+    M, N, K, r, M_BUCKET, scale, p_drop, seed,         # dS: [M, r] fp32   dX: [M, K]
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_dsm, stride_dsr, stride_dxm, stride_dxk,
+    DS_IN_LOOP: tl.constexpr, STORE_DS: tl.constexpr, DROPOUT: tl.constexpr,
+    R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dX = dY W + mask ⊙ (dS A)/(1-p) for one [BM, BK] tile (BN: the reduction block over N).
+    DS_IN_LOOP: dS = s · dY B accumulates beside dY W (pid_k == 0 tiles store it for dA when
+    STORE_DS). Otherwise dS was computed by _rank_proj_kernel and is loaded for the epilogue."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_k = tl.cdiv(K, BK)
+    group = GROUP_M * num_pid_k
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_k = (pid % group) // group_m
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rr = tl.arange(0, R)
+    m_ok = rm < M
+    k_ok = rk < K
+    r_ok = rr < r
+    rm64 = rm.to(tl.int64)
+
+    acc = tl.zeros((BM, BK), dtype=tl.float32)                                  # dX tile, fp32
+    if DS_IN_LOOP:
+        dS = tl.zeros((BM, R), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        n_ok = rn < N
+        dY = tl.load(dY_ptr + rm64[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)             # dY: [BM, BN]
+        W = tl.load(W_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)              # W: [BN, BK]
+        acc = tl.dot(dY, W, acc, input_precision="ieee")  # ieee: no TF32 for fp32 inputs
+        if DS_IN_LOOP:
+            B = tl.load(B_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)          # B: [BN, R]
+            dS = tl.dot(dY, B, dS, input_precision="ieee")
+
+    if DS_IN_LOOP:
+        dS = dS * scale
+        if STORE_DS:
+            if pid_k == 0:
+                tl.store(dS_ptr + rm64[:, None] * stride_dsm + rr[None, :] * stride_dsr, dS,
+                         mask=m_ok[:, None] & r_ok[None, :])
+    else:
+        dS = tl.load(dS_ptr + rm64[:, None] * stride_dsm + rr[None, :] * stride_dsr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)            # dS: [BM, R]
+
+    A = tl.load(A_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                mask=r_ok[:, None] & k_ok[None, :], other=0.0)                  # A: [R, BK]
+    if DROPOUT:
+        dXd = tl.dot(dS.to(A.dtype), A, input_precision="ieee")                # dS A: [BM, BK]
+        keep = dropout_keep(seed, rm, rk, K, p_drop)
+        acc += tl.where(keep, dXd / (1.0 - p_drop), 0.0)
+    else:
+        acc = tl.dot(dS.to(A.dtype), A, acc, input_precision="ieee")
+    tl.store(dX_ptr + rm64[:, None] * stride_dxm + rk[None, :] * stride_dxk,
+             acc.to(dX_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _rank_grad_kernel(
+    X_ptr, Y_ptr, part_ptr,           # X: [M, P]  Y: [M, r] fp32  part: [splits, P, r] fp32
+    M, P, r, rows_per_split, c, p_drop, seed,
+    stride_xm, stride_xp, stride_ym, stride_yr, stride_part_s, stride_part_p, stride_part_r,
+    DROPOUT: tl.constexpr, R: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr,
+):
+    """part[split] = c · (mask ⊙ X)^T Y over the rows of one M-chunk, for one P-tile.
+    dA^T = xd^T dS: X = x, Y = dS, c = 1/(1-p), mask on.   dB = s · dY^T S: X = dY, Y = S, c = s."""
+    pid_p = tl.program_id(0)
+    split = tl.program_id(1)
+    rp = pid_p * BP + tl.arange(0, BP)
+    rr = tl.arange(0, R)
+    p_ok = rp < P
+    r_ok = rr < r
+    acc = tl.zeros((BP, R), dtype=tl.float32)
+    m_start = split * rows_per_split
+    m_end = min(m_start + rows_per_split, M)
+    for m0 in range(m_start, m_end, BM):
+        rm = m0 + tl.arange(0, BM)
+        m_ok = rm < m_end
+        rm64 = rm.to(tl.int64)
+        Xt = tl.load(X_ptr + rm64[None, :] * stride_xm + rp[:, None] * stride_xp,
+                     mask=p_ok[:, None] & m_ok[None, :], other=0.0)             # X^T: [BP, BM]
+        Y = tl.load(Y_ptr + rm64[:, None] * stride_ym + rr[None, :] * stride_yr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)              # Y: [BM, R]
+        if DROPOUT:
+            keep = tl.trans(dropout_keep(seed, rm, rp, P, p_drop))              # [BP, BM]
+            Xt = tl.where(keep, Xt, 0.0)
+        acc = tl.dot(Xt, Y.to(Xt.dtype), acc, input_precision="ieee")
+    tl.store(part_ptr + split * stride_part_s + rp[:, None] * stride_part_p + rr[None, :] * stride_part_r,
+             acc * c, mask=p_ok[:, None] & r_ok[None, :])
+
+
+def _target_programs(device):
+    """Enough programs for a few waves (4 per SM); 4 under the interpreter (tests see >1 chunk)."""
+    if INTERPRET:
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def rank_grad(X, Y, c, p_drop, seed):
+    """c · (mask ⊙ X)^T Y summed over M.   X: [M, P]  Y: [M, r] fp32  ->  [P, r] fp32."""
+    M, P = X.shape
+    r = Y.shape[1]
+    BP, BM = GRAD_CONFIG["BP"], GRAD_CONFIG["BM"]
+    p_tiles = triton.cdiv(P, BP)
+    splits = min(triton.cdiv(M, BM), max(1, triton.cdiv(_target_programs(X.device), p_tiles)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BM) * BM
+    splits = triton.cdiv(M, rows_per_split)
+    part = empty((splits, P, r), torch.float32, X.device)
+    _rank_grad_kernel[(p_tiles, splits)](
+        X, Y, part, M, P, r, rows_per_split, c, p_drop, seed,
+        X.stride(0), X.stride(1), Y.stride(0), Y.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        DROPOUT=p_drop > 0, R=r_pad(r), **GRAD_CONFIG,
+    )
+    return part.sum(0)  # fixed-order reduction over the chunks (no atomics)
+
+
+def lora_backward(dY, x, W, A, B, S, scale, p_drop, seed, need_dX, need_dA, need_dB, in_loop=None):
+    """dY: [M, N], x: [M, K], S: [M, r] fp32 (needed for dB) -> (dX, dA fp32, dB fp32), None where
+    not needed. in_loop: where dS is computed (None: the cost model `s_in_loop`; tests force both)."""
+    M, N = dY.shape
+    K = x.shape[1]
+    r = A.shape[0]
+    if in_loop is None:
+        in_loop = s_in_loop(r, K)
+    dX = dS = dA = dB = None
+    if need_dX:
+        if in_loop:
+            dS = empty((M, r), torch.float32, dY.device) if need_dA else None
+        else:
+            dS = rank_proj(dY, B.T, scale, 0.0, seed)                  # dS = s · dY B: [M, r]
+        dX = empty((M, K), dY.dtype, dY.device)
+        dS_arg = dS if dS is not None else dX  # unused pointer when dS is neither read nor stored
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BK"]),)
+        _lora_dx_kernel[grid](
+            dY, W, A, B, dS_arg, dX, M, N, K, r, m_bucket(M), scale, p_drop, seed,
+            dY.stride(0), dY.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1),
+            B.stride(0), B.stride(1), dS_arg.stride(0), dS_arg.stride(1), dX.stride(0), dX.stride(1),
+            DS_IN_LOOP=in_loop, STORE_DS=need_dA, DROPOUT=p_drop > 0, R=r_pad(r),
+            **launch_config(INTERPRET_GEMM_DX),
+        )
+    elif need_dA:
+        dS = rank_proj(dY, B.T, scale, 0.0, seed)
+    if need_dA:
+        dA = rank_grad(x, dS, 1.0 / (1.0 - p_drop), p_drop, seed).T   # dA = dS^T xd: [r, K]
+    if need_dB:
+        dB = rank_grad(dY, S, scale, 0.0, seed)                       # dB = s · dY^T S: [N, r]
+    return dX, dA, dB
