@@ -1,0 +1,26 @@
+"""Shared command-line plumbing: one-line errors, non-zero exits, --debug for tracebacks."""
+
+import sys
+
+from .errors import Esm2liteError
+
+EXIT_BAD_INPUT = 2
+
+
+def run_main(main, argv=None) -> int:
+    """Run main(argv); expected failures print one line on stderr and exit 2.
+
+    `--debug` anywhere in argv shows the full traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        main(argv)
+        return 0
+    except (Esm2liteError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        if debug:
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,30 @@
+"""python -m esm2lite.convert IN.pt OUT_DIR: a fair-esm checkpoint as an HF-layout directory.
+
+The result loads with transformers.EsmForMaskedLM.from_pretrained(OUT_DIR) and with
+esm2lite.ESM2.from_pretrained(OUT_DIR). The contact-regression head is not converted.
+"""
+
+import argparse
+import sys
+
+from .checkpoint import load_pretrained, save_hf_dir
+from .cli import run_main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m esm2lite.convert",
+        description="Convert a fair-esm ESM-2 .pt file into a HuggingFace-layout directory "
+                    "(config.json + model.safetensors) that transformers and esm2lite load.")
+    p.add_argument("input", help="fair-esm checkpoint, e.g. esm2_t33_650M_UR50D.pt")
+    p.add_argument("output", help="directory to create (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    args = p.parse_args(argv)
+    model = load_pretrained(args.input)
+    save_hf_dir(model, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output} ({model.config.num_layers} layers, d={model.config.d_model})")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

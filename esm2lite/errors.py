@@ -1,0 +1,21 @@
+"""The project's own error types: every expected failure is one of these.
+
+Messages are one line and name the file, row/record and field where there is one,
+so that the command-line tools can print them without a traceback.
+"""
+
+
+class Esm2liteError(ValueError):
+    """Base class for every error esm2lite raises on bad input."""
+
+
+class TokenizerError(Esm2liteError):
+    """A sequence that cannot be tokenised (unknown character, empty, too long)."""
+
+
+class CheckpointError(Esm2liteError):
+    """A checkpoint that is missing, corrupt, unsafe or does not fit the model."""
+
+
+class DataError(Esm2liteError):
+    """A data file (CSV / FASTA) with a bad row, column or value."""

@@ -1,0 +1,32 @@
+from setuptools import setup
+
+setup(
+    name="esm2lite",
+    version="0.1.0",
+    description="Exact, fast, readable ESM-2: load pretrained weights, fine-tune with fused LoRA, predict.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["esm2lite", "kernels"],
+    package_data={"esm2lite": ["demo/*.csv", "demo/*.md"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "tqdm",
+        'triton; platform_system == "Linux"',
+    ],
+    extras_require={
+        # The oracles are pinned: parity tests compare against exactly these versions.
+        # transformers 5.23.0 passes the attention mask into the embeddings again
+        # (the token-dropout regression of PR #40370 was fixed by PR #44163).
+        "test": [
+            "pytest",
+            "hypothesis",
+            "transformers==5.23.0",
+            "fair-esm==2.0.0",
+            "peft==0.21.2",
+        ],
+        "hub": ["huggingface_hub"],
+    },
+)

@@ -1,0 +1,144 @@
+"""esm2lite's ESM-2 against the two reference implementations (never our own code)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import oracles
+from esm2lite import ESM2, ESM2Config, Tokenizer
+from esm2lite.checkpoint import load_pretrained
+
+TOL = 5e-5  # the two references differ from each other by ~2e-5 in fp32
+
+
+def nonpad(t, tokens):
+    return t[tokens != 1]  # [n_real_tokens, ...]: padding rows are garbage in every implementation
+
+
+def max_diff(a, b, tokens):
+    return (nonpad(a, tokens) - nonpad(b, tokens)).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    # A padded batch of different lengths, every residue letter, <mask> inside.
+    return Tokenizer().batch_encode(oracles.random_sequences(5, 5, 40, seed=3))
+
+
+def hf_outputs(hf_model, tokens):
+    with torch.no_grad():
+        out = hf_model(input_ids=tokens, attention_mask=(tokens != 1).long(), output_hidden_states=True)
+        hidden = hf_model.esm(input_ids=tokens, attention_mask=(tokens != 1).long()).last_hidden_state
+    return out.logits, hidden
+
+
+def test_batch_has_padding_and_masks(batch):
+    assert (batch == 1).any() and (batch == 32).any()
+
+
+def test_logits_match_transformers(hf_tiny, batch):
+    ours = ESM2.from_pretrained(hf_tiny)
+    logits, hidden = hf_outputs(oracles.load_hf(hf_tiny), batch)
+    with torch.no_grad():
+        out = ours(batch)
+    assert max_diff(out["logits"], logits, batch) <= TOL
+    assert max_diff(out["last_hidden_state"], hidden, batch) <= TOL
+
+
+def test_logits_match_fair_esm(fair_tiny, batch):
+    ours = ESM2.from_pretrained(fair_tiny)
+    ref = oracles.load_fair_esm(fair_tiny)
+    layers = list(range(ref.num_layers + 1))
+    with torch.no_grad():
+        expected = ref(batch, repr_layers=layers)
+        out = ours(batch, repr_layers=layers)
+    assert max_diff(out["logits"], expected["logits"], batch) <= TOL
+    for i in layers:  # 0 = embeddings (token dropout), L = after the final LayerNorm
+        assert max_diff(out["hidden_states"][i], expected["representations"][i], batch) <= TOL, i
+    assert max_diff(out["last_hidden_state"], expected["representations"][ref.num_layers], batch) <= TOL
+
+
+def test_references_agree_on_masked_padded_batch(fair_tiny, tmp_path, batch):
+    """The pinned transformers must match fair-esm on padded batches containing <mask>
+    (transformers PR #40370 broke this; #44163 fixed it)."""
+    subprocess.run([sys.executable, "-m", "esm2lite.convert", fair_tiny, str(tmp_path / "hf")], check=True)
+    logits, _ = hf_outputs(oracles.load_hf(tmp_path / "hf"), batch)
+    with torch.no_grad():
+        expected = oracles.load_fair_esm(fair_tiny)(batch)["logits"]
+    assert max_diff(logits, expected, batch) <= TOL
+
+
+def test_convert_round_trip(fair_tiny, tmp_path, batch):
+    out_dir = tmp_path / "converted"
+    r = subprocess.run([sys.executable, "-m", "esm2lite.convert", fair_tiny, str(out_dir)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from_pt, from_dir = ESM2.from_pretrained(fair_tiny), ESM2.from_pretrained(out_dir)
+    with torch.no_grad():
+        assert torch.equal(from_pt(batch)["logits"], from_dir(batch)["logits"])
+    # transformers reads the converted directory and agrees with fair-esm on the original file.
+    hf_logits, _ = hf_outputs(oracles.load_hf(out_dir), batch)
+    with torch.no_grad():
+        expected = oracles.load_fair_esm(fair_tiny)(batch)["logits"]
+    assert max_diff(hf_logits, expected, batch) <= TOL
+
+
+def test_inv_freq_comes_from_the_file(hf_tiny, batch, tiny_inv_freq):
+    ours = ESM2.from_pretrained(hf_tiny)
+    for block in ours.layers:
+        assert torch.equal(block.attn.inv_freq, tiny_inv_freq)
+    # The perturbation matters: recomputing inv_freq from the formula moves the logits.
+    recomputed = ESM2.from_pretrained(hf_tiny)
+    hd = recomputed.config.head_dim
+    for block in recomputed.layers:
+        block.attn.inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
+    with torch.no_grad():
+        drift = max_diff(ours(batch)["logits"], recomputed(batch)["logits"], batch)
+    assert drift > 100 * TOL
+
+
+@pytest.mark.slow
+def test_8m_architecture_matches_both_references(tmp_path):
+    """The real 8M shape (6 layers, d=320, 20 heads of 16) with random weights."""
+    tokens = Tokenizer().batch_encode(oracles.random_sequences(4, 20, 120, seed=5))
+    hf_dir = oracles.make_hf_checkpoint(tmp_path / "hf8m", **oracles.ESM2_8M, seed=11)
+    logits, hidden = hf_outputs(oracles.load_hf(hf_dir), tokens)
+    ours = ESM2.from_pretrained(hf_dir)
+    assert ours.config == ESM2Config.from_name("esm2_t6_8M_UR50D")
+    with torch.no_grad():
+        out = ours(tokens)
+    assert max_diff(out["logits"], logits, tokens) <= TOL
+    assert max_diff(out["last_hidden_state"], hidden, tokens) <= TOL
+
+    pt = oracles.make_fair_esm_checkpoint(tmp_path / "fair8m.pt", **oracles.ESM2_8M, seed=12, prefix="encoder.")
+    with torch.no_grad():
+        expected = oracles.load_fair_esm(pt)(tokens)["logits"]
+        got = ESM2.from_pretrained(pt)(tokens)["logits"]
+    assert max_diff(got, expected, tokens) <= TOL
+
+
+def test_bf16_close_to_fp32(hf_tiny, batch):
+    fp32 = load_pretrained(hf_tiny)
+    bf16 = load_pretrained(hf_tiny, dtype=torch.bfloat16)
+    assert bf16.embed_tokens.weight.dtype == torch.bfloat16
+    assert bf16.layers[0].attn.inv_freq.dtype == torch.float32  # rotary stays fp32
+    with torch.no_grad():
+        a = nonpad(fp32(batch)["logits"], batch)
+        b = nonpad(bf16(batch)["logits"], batch).float()
+    rel = ((a - b).norm() / a.norm()).item()
+    assert rel < 2e-2
+    assert rel > 0  # it really ran in bf16
+
+
+def test_unmasked_sequence_still_scaled_by_token_dropout(fair_tiny):
+    """With no <mask> in the input every embedding is scaled by 0.88 (checked vs fair-esm)."""
+    tokens = Tokenizer().batch_encode(["MKTAYIAK"])
+    ref = oracles.load_fair_esm(fair_tiny)
+    ours = ESM2.from_pretrained(fair_tiny)
+    with torch.no_grad():
+        expected = ref(tokens, repr_layers=[0])["representations"][0]
+        got = ours(tokens, repr_layers=[0])["hidden_states"][0]
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got, ours.embed_tokens.weight[tokens] * 0.88, atol=1e-6)
