@@ -297,3 +297,38 @@ def save_hf_dir(model: ESM2, out_dir: str, overwrite: bool = False) -> None:
         with open(os.path.join(tmp, "special_tokens_map.json"), "w", encoding="utf-8") as f:
             json.dump({"cls_token": "<cls>", "eos_token": "<eos>", "mask_token": "<mask>",
                        "pad_token": "<pad>", "unk_token": "<unk>"}, f, indent=2)
+
+
+# ---------------------------------------------------------------- identity of a base model
+
+
+def weights_sha256(state: dict) -> str:
+    """Hash of base weights in a canonical form (our names, fp32 bytes), independent of the
+    file layout and of the dtype the model is later run in. Adapter tensors are skipped."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        if "lora_" in key:
+            continue
+        t = state[key].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_base(path: str, dtype=None, device=None) -> tuple[ESM2, str]:
+    """load_pretrained plus the weights' sha256 (taken from the file's values, before any cast)."""
+    dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
+    config, state, unexpected = read_checkpoint(path)
+    with torch.device("meta"):
+        check_keys(ESM2(config).state_dict(), state, unexpected, str(path))
+    sha = weights_sha256(state)
+    return build_model(config, state, unexpected, str(path), dtype, device), sha
+
+
+def random_base(name: str, seed: int, dtype=None, device=None) -> tuple[ESM2, str]:
+    """A randomly initialised architecture (training from scratch), reproducible from (name, seed)."""
+    model = ESM2(ESM2Config.from_name(name)).init_weights(seed)
+    sha = weights_sha256(model.state_dict())
+    return model.to(device=device or "cpu", dtype=resolve_dtype(dtype)), sha
