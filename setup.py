@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["esm2lite", "kernels"],
-    package_data={"esm2lite": ["demo/*.csv", "demo/*.md"]},
+    package_data={"esm2lite": ["demo/*.csv", "demo/*.md", "demo/*.fasta"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -26,6 +26,7 @@ setup(
             "transformers==5.23.0",
             "fair-esm==2.0.0",
             "peft==0.21.2",
+            "scipy",
         ],
         "hub": ["huggingface_hub"],
     },
