@@ -421,6 +421,8 @@ def read_fasta(path) -> list[tuple[str, str]]:
     """
     name = str(path)
     text = _read_text(path)
+    if not text.strip():
+        raise DataError(f"{name}: empty file")
     records = []  # [id, header line, [(line number, stripped line)]]
     for lineno, line in enumerate(text.splitlines(), start=1):
         s = line.strip()
