@@ -337,6 +337,8 @@ def records_from_pairs(pairs, task="regression", source="<memory>", max_residues
         if not isinstance(seq, str):
             raise DataError(f"{here('sequence')}: expected a string, got {type(seq).__name__}")
         if task == "regression":
+            if isinstance(target, torch.Tensor):
+                target = target.tolist()
             values = tuple(target) if isinstance(target, (tuple, list, np.ndarray)) else (target,)
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):

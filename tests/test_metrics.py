@@ -11,8 +11,6 @@ from esm2lite.data import LabelSpace
 from esm2lite.metrics import METRIC_DIRECTION, compute_metrics, metric_direction, rankdata
 
 
-
-
 def test_rankdata_against_scipy():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 6, size=40).astype(float)  # many ties
