@@ -1,0 +1,165 @@
+"""HF peft adapter directories <-> esm2lite LoRA.
+
+A peft LoRA directory holds adapter_config.json and adapter_model.safetensors with keys
+
+    base_model.model.{module}.lora_A.weight   [r, K]     (A: our lora_a)
+    base_model.model.{module}.lora_B.weight   [N, r]     (B: our lora_b)
+
+where {module} is the HF module path: encoder.layer.{i}.attention.self.query on EsmModel,
+esm.encoder.layer.{i}... on EsmForMaskedLM / EsmForSequenceClassification. Tensors of
+peft's modules_to_save (a classification head, saved whole) have no LoRA suffix.
+
+save_peft_adapter writes the EsmModel layout with target_modules as full module paths
+("output.dense" alone would match both attention.output.dense and the FFN's output.dense);
+tied adapters are written once per layer. load_peft_adapter reads either layout.
+"""
+
+import json
+import os
+import re
+
+from safetensors.torch import save_file
+
+from .atomic import atomic_dir
+from .checkpoint import _read_safetensors
+from .errors import CheckpointError
+from .lora import (TARGETS, LoRAConfig, apply_lora, check_adapter_keys, expected_shapes, load_lora_state_dict,
+                   lora_modules, module_name)
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+HF_MODULES = {  # our target -> HF module path in block {i} (relative to EsmModel)
+    "query": "encoder.layer.{i}.attention.self.query",
+    "key": "encoder.layer.{i}.attention.self.key",
+    "value": "encoder.layer.{i}.attention.self.value",
+    "out": "encoder.layer.{i}.attention.output.dense",
+    "fc1": "encoder.layer.{i}.intermediate.dense",
+    "fc2": "encoder.layer.{i}.output.dense",
+}
+_HF_TARGET = {path.split("{i}.")[1]: t for t, path in HF_MODULES.items()}  # "attention.self.query" -> "query"
+ADAPTER_KEY = re.compile(
+    r"^base_model\.model\.(?:esm\.)?encoder\.layer\.(?P<i>\d+)\.(?P<module>"
+    + "|".join(re.escape(m) for m in _HF_TARGET) + r")\.lora_(?P<ab>[AB])\.weight$")
+ENCODER_PREFIX = re.compile(r"^base_model\.model\.(esm\.|encoder\.|embeddings\.)")
+
+# adapter_config.json fields that do not change what the loaded adapter computes (the tensors
+# in the file say which modules are adapted). Every other field must be peft's "off" value
+# (None / False / {} / []) unless handled by name below.
+IGNORED_FIELDS = {
+    "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+    "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+}
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # these rewrite the base weights
+
+
+def save_peft_adapter(model, path: str, base_model_name_or_path: str | None = None,
+                      overwrite: bool = False) -> None:
+    """Write a peft LoRA directory for transformers.EsmModel (atomically):
+    PeftModel.from_pretrained(EsmModel.from_pretrained(base), path) reproduces our encoder."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("save_peft_adapter: the model has no LoRA adapters (call apply_lora first)")
+    config = model.lora_config
+    tensors, target_modules = {}, []
+    for name, m in modules.items():
+        hf = _hf_module(name)
+        target_modules.append(hf)
+        # copies: safetensors refuses tensors that share memory (tied adapters)
+        tensors[f"base_model.model.{hf}.lora_A.weight"] = m.lora_a.detach().to("cpu", copy=True)  # [r, K]
+        tensors[f"base_model.model.{hf}.lora_B.weight"] = m.lora_b.detach().to("cpu", copy=True)  # [N, r]
+    adapter_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "auto_mapping": {"base_model_class": "EsmModel", "parent_library": "transformers.models.esm.modeling_esm"},
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": sorted(target_modules), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(adapter_config, f, indent=2)
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _hf_module(name: str) -> str:
+    """"layers.3.attn.query" -> "encoder.layer.3.attention.self.query"."""
+    parts = name.split(".")
+    return HF_MODULES[parts[-1]].format(i=int(parts[1]))
+
+
+def load_peft_adapter(model, path: str) -> dict:
+    """Apply the LoRA adapter in a peft directory (saved on EsmModel, EsmForMaskedLM or
+    EsmForSequenceClassification) to our model, with its r / lora_alpha / lora_dropout and the
+    modules its weights file adapts. Returns the modules_to_save tensors (e.g. a classifier
+    head: {"classifier.dense.weight": ...}), which have no place in ESM2; {} for a plain adapter."""
+    config_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    fields = _read_adapter_config(config_file)
+    if not os.path.exists(weights_file) and os.path.exists(os.path.join(path, "adapter_model.bin")):
+        raise CheckpointError(f"{path}: has adapter_model.bin but no {WEIGHTS_FILE}; esm2lite reads safetensors only")
+    adapters, heads = _split_tensors(_read_safetensors(weights_file), weights_file)
+    pairs = {(i, t) for i, t, _ in adapters}
+    layers = sorted({i for i, _ in pairs})
+    targets = tuple(t for t in TARGETS if any(t == u for _, u in pairs))
+    if len(pairs) != len(layers) * len(targets):
+        raise CheckpointError(
+            f"{weights_file}: adapts {len(pairs)} modules that are not every target ({', '.join(targets)}) "
+            f"in every layer ({layers}); esm2lite applies the same targets to each selected layer")
+    try:
+        config = LoRAConfig(rank=fields.get("r", 8), alpha=fields.get("lora_alpha", 8),
+                            dropout=fields.get("lora_dropout", 0.0), targets=targets,
+                            layers=None if layers == list(range(len(model.layers))) else layers)
+        expected = expected_shapes(model, config)
+    except ValueError as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
+    sd = {f"{module_name(i, t)}.lora_{ab.lower()}": v for (i, t, ab), v in adapters.items()}
+    check_adapter_keys(expected, sd, weights_file)
+    apply_lora(model, config)
+    load_lora_state_dict(model, sd, weights_file)
+    return heads
+
+
+def _read_adapter_config(config_file: str) -> dict:
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            fields = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_file}: file not found") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    for k, v in fields.items():
+        if k == "peft_type":
+            ok = v == "LORA"
+        elif k == "bias":
+            ok = v == "none"
+        elif k == "init_lora_weights":
+            ok = not (isinstance(v, str) and v.lower().startswith(BASE_CHANGING_INITS))
+        else:
+            ok = k in IGNORED_FIELDS or k in ("r", "lora_alpha", "lora_dropout") or not v
+        if not ok:
+            raise CheckpointError(f"{config_file}: field {k} = {v!r} is not supported by esm2lite (plain LoRA only)")
+    if fields.get("peft_type") != "LORA":
+        raise CheckpointError(f"{config_file}: field peft_type must be \"LORA\"")
+    return fields
+
+
+def _split_tensors(tensors: dict, weights_file: str) -> tuple[dict, dict]:
+    """-> ({(layer, target, "A"|"B"): tensor}, {head tensor name: tensor})."""
+    adapters, heads = {}, {}
+    for key, v in tensors.items():
+        m = ADAPTER_KEY.match(key)
+        if m:
+            adapters[int(m["i"]), _HF_TARGET[m["module"]], m["ab"]] = v
+        elif ".lora_" in key or not key.startswith("base_model.model."):
+            raise CheckpointError(f"{weights_file}: tensor {key} adapts a module esm2lite does not map "
+                                  f"(supported: {', '.join(_HF_TARGET)} in encoder layers)")
+        elif ENCODER_PREFIX.match(key):
+            raise CheckpointError(f"{weights_file}: tensor {key} is a fully trained encoder module "
+                                  "(modules_to_save); esm2lite loads LoRA adapters only")
+        else:
+            heads[key.removeprefix("base_model.model.")] = v
+    if not adapters:
+        raise CheckpointError(f"{weights_file}: no LoRA adapter tensors (*.lora_A.weight / *.lora_B.weight)")
+    return adapters, heads
