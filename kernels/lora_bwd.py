@@ -7,7 +7,7 @@
 
 dS = s · dY B reduces over N exactly like dX = dY W, so it is either accumulated in the dX
 kernel's N loop or computed first by the skinny `_rank_proj_kernel` (same cost model as the
-forward's S, with the output width K in place of N: `s_in_loop(r, K)`).
+forward's S, with the roles of N and K swapped: `s_in_loop(r, K, N)`).
 dA and dB are skinny reductions over M: each program sums one P-tile over a fixed chunk of
 rows into its own slot of a partial buffer [splits, P, r]; the chunks are then summed in a
 fixed order. No atomics, so the gradients are bitwise identical run to run.
@@ -159,7 +159,7 @@ def lora_backward(dY, x, W, A, B, S, scale, p_drop, seed, need_dX, need_dA, need
     K = x.shape[1]
     r = A.shape[0]
     if in_loop is None:
-        in_loop = s_in_loop(r, K)
+        in_loop = s_in_loop(r, K, N)
     dX = dS = dA = dB = None
     if need_dX:
         if in_loop:

@@ -48,18 +48,26 @@ def r_pad(r):
     return max(16, triton.next_power_of_2(r))
 
 
-def s_in_loop(r, n_out):
+def s_in_loop(r, n_out, n_red):
     """Compute the rank projection (S forward, dS backward) inside the GEMM's reduction loop?
 
-    n_out is the GEMM's output width (N forward, K for dX backward).
+    n_out, n_red: the GEMM's output width and reduction length (N, K forward; K, N for dX).
     In the loop the extra MMA work is r_pad/BN of the GEMM; as a separate kernel the extra cost
     is one more read of the GEMM's input, about ridge/n_out of a compute-bound GEMM (and ~0 MMA).
-    In-loop wins when r_pad/BN < ridge/n_out, i.e. r_pad * n_out < ridge * BN (~30k on H100):
-    all shapes with d <= 480 (memory bound, where the extra MMA is free anyway), q/k/v/out up to
-    d = 1280 at r = 16, and never for fc1 (N = 4d) at d >= 640 or rank 64 at d >= 640.
+      * memory-bound GEMM (intensity n_out·n_red/(n_out+n_red) FLOP/B below the ridge, for large
+        M; ESM-2 d = 320): extra MMA work is free -> in the loop;
+      * compute bound: in the loop iff r_pad/BN < ridge/n_out, i.e. r_pad·n_out <= ridge·BN
+        (~30k on H100). For ESM-2 at r <= 16 that is every GEMM whose output width is d
+        (q/k/v/out, fc2 forward, fc1 backward) up to d = 1280; separate for output width 4d
+        beyond d = 320, for everything at d >= 2560, and at r = 64 beyond d = 320.
+    With dropout the forward always uses the separate kernel (see lora_forward): in the loop
+    every N-tile would regenerate the Philox mask for its x rows (N/BN times per element of x,
+    ~10 ALU ops per element each, comparable to the tile's MMA work), while the separate kernel
+    draws it once per element.
     The constants are a cost model, not a measurement: re-tune on the GPU (NOTES.md).
     """
-    return r_pad(r) * n_out <= _RIDGE * _BN_MODEL
+    memory_bound = n_out * n_red / (n_out + n_red) < _RIDGE
+    return memory_bound or r_pad(r) * n_out <= _RIDGE * _BN_MODEL
 
 
 def m_bucket(M):
@@ -255,7 +263,7 @@ def lora_forward(x, W, b, A, B, scale, p_drop, seed, need_S, in_loop=None):
     M, K = x.shape
     N, r = B.shape
     if in_loop is None:
-        in_loop = s_in_loop(r, N)
+        in_loop = s_in_loop(r, N, K) and p_drop == 0  # dropout: draw the mask once (s_in_loop)
     if in_loop:
         S = empty((M, r), torch.float32, x.device) if need_S else None
     else:
