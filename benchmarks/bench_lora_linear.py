@@ -54,6 +54,9 @@ def parse_args():
                     help="compute dtype of x, W, b, A, B (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p (training mode)")
     ap.add_argument("--alpha", type=float, default=32.0, help="scale = alpha / r")
+    ap.add_argument("--cpu-threads", type=int, default=1,
+                    help="torch threads in CPU mode (default 1: on a busy machine intra-op thread "
+                         "barriers quantise timings to the scheduler tick)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/lora_linear_<device>_<date>.json)")
     return ap.parse_args()
 
@@ -198,6 +201,7 @@ def main():
     tag = "cpu" if not cuda else device_name.replace(" ", "-").lower()
     out = args.out or os.path.join(RESULTS, f"lora_linear_{tag}_{now:%Y%m%d}.json")
     if not cuda:
+        torch.set_num_threads(args.cpu_threads)
         print("No CUDA device: CPU comparison of peft-style LoRA (b) vs the base linear (c) only.")
     print_header(cuda)
     t0 = time.perf_counter()

@@ -285,6 +285,6 @@ def lora_forward(x, W, b, A, B, scale, p_drop, seed, need_S, in_loop=None):
 def dropout_mask(seed, M, K, p_drop, device):
     """The keep mask [M, K] (bool) every Triton kernel regenerates for this seed."""
     keep = torch.empty((M, K), dtype=torch.uint8, device=device)
-    BM, BK = 32, 32
+    BM, BK = 64, 64
     _dropout_mask_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](keep, M, K, p_drop, seed, BM=BM, BK=BK)
     return keep.bool()

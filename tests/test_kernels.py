@@ -161,7 +161,7 @@ def _case_noncontiguous(kind, seed):
 
 def _case_deterministic(p):
     """Two backward passes (same seed) give bitwise identical dX, dA, dB."""
-    x, W, b, A, B, dY = make_inputs(5, (100,), 29, 45, 16, torch.float32)
+    x, W, b, A, B, dY = make_inputs(5, (50,), 29, 45, 16, torch.float32)
     grads = []
     for _ in range(2):
         xg, Ag, Bg = (t.detach().requires_grad_() for t in (x, A, B))
@@ -173,11 +173,11 @@ def _case_deterministic(p):
 
 
 def _case_keep_rate(p):
-    keep = kernels.dropout_mask(1234, 256, 320, p, "cpu", "triton")
-    assert keep.dtype == torch.bool and keep.shape == (256, 320)
+    keep = kernels.dropout_mask(1234, 128, 192, p, "cpu", "triton")
+    assert keep.dtype == torch.bool and keep.shape == (128, 192)
     rate = keep.float().mean().item()
-    assert abs(rate - (1 - p)) < 0.01, f"keep rate {rate:.4f} vs 1-p = {1 - p}"
-    other = kernels.dropout_mask(1235, 256, 320, p, "cpu", "triton")
+    assert abs(rate - (1 - p)) < 0.015, f"keep rate {rate:.4f} vs 1-p = {1 - p}"
+    other = kernels.dropout_mask(1235, 128, 192, p, "cpu", "triton")
     assert not torch.equal(keep, other), "different seeds gave the same mask"
 
 
