@@ -212,7 +212,7 @@ def to_esm2lite_keys(tensors: dict, table, ignored: re.Pattern, tied: str, num_l
             unexpected.append(key)
     if shared:
         for i in range(num_layers):
-            ours.setdefault(f"layers.{i}.attn.inv_freq", shared[0])
+            ours.setdefault(f"layers.{i}.attn.inv_freq", shared[0].clone())  # one buffer per layer
     if tied_weight is not None and "embed_tokens.weight" in ours:
         if not torch.equal(tied_weight, ours["embed_tokens.weight"]):
             raise CheckpointError(f"{source}: {tied} differs from the token embedding; ESM-2's LM head is tied")

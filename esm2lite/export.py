@@ -1,0 +1,63 @@
+"""python -m esm2lite.export --run DIR (--merged OUT | --peft OUT)
+
+--merged: the encoder with LoRA merged into its weights, as an HF-layout directory that
+          transformers (EsmForMaskedLM / EsmModel) and esm2lite load. The task head is not
+          part of that layout; it stays in the esm2lite checkpoint.
+--peft:   the adapters in HF peft format (adapter_config.json + adapter_model.safetensors).
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .checkpoint import save_hf_dir
+from .cli import run_main
+from .errors import Esm2liteError
+from .finetuned import FineTuned
+from .lora import merge_lora
+from .model import ESM2
+
+
+def merged_encoder(model: FineTuned) -> ESM2:
+    """A plain ESM2 whose weights include the merged adapters."""
+    if model.mode == "lora":
+        merge_lora(model.encoder)
+    state = {k: v for k, v in model.encoder.state_dict().items() if "lora_" not in k}
+    with torch.device("meta"):
+        plain = ESM2(model.encoder.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain.eval()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m esm2lite.export",
+                                description="Export a fine-tuned esm2lite model for transformers / peft.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="train.py output directory (uses RUN/best)")
+    src.add_argument("--checkpoint", help="a checkpoint directory")
+    p.add_argument("--merged", help="write the merged encoder as an HF-layout directory here")
+    p.add_argument("--peft", help="write the LoRA adapters in peft format here")
+    p.add_argument("--base-path", help="where the checkpoint's base model is now, if it moved")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output directories")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    args = p.parse_args(argv)
+    if not (args.merged or args.peft):
+        p.error("give --merged OUT and/or --peft OUT")
+    ckpt = os.path.join(args.run, "best") if args.run else args.checkpoint
+    model = FineTuned.load(ckpt, base_path=args.base_path)
+    if args.peft:
+        if model.mode != "lora":
+            raise Esm2liteError(f"{ckpt}: --peft needs a LoRA checkpoint (this one is mode {model.mode!r})")
+        from .peft_io import save_peft_adapter
+
+        save_peft_adapter(model.encoder, args.peft, base_model_name_or_path=model.base.path)
+        print(f"wrote peft adapter to {args.peft}")
+    if args.merged:
+        save_hf_dir(merged_encoder(model), args.merged, overwrite=args.overwrite)
+        print(f"wrote merged model to {args.merged}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

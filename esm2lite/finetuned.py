@@ -1,0 +1,197 @@
+"""A fine-tuned model: an ESM-2 encoder plus a task head, and how it lives on disk.
+
+A checkpoint directory (written atomically) holds
+  model.safetensors  the trained tensors: "head.*" and, by mode,
+                     lora: the adapters "encoder.*.lora_a/lora_b" | full: every "encoder.*" | head: none
+  config.json        mode, task, labels, head and LoRA configs, and the base model: its path
+                     (or architecture + seed when trained from scratch) and the sha256 of its
+                     weights, checked when the adapters are loaded onto it again.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from .atomic import atomic_dir
+from .checkpoint import build_model, load_base, random_base, resolve_dtype
+from .config import ESM2Config
+from .data import LabelSpace, collate, make_batches
+from .errors import CheckpointError
+from .heads import head_from_config
+from .lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
+from .model import ESM2
+
+FORMAT = "esm2lite-finetuned"
+MODES = ("lora", "full", "head")
+
+
+@dataclass
+class BaseRef:
+    """Where the encoder's starting weights come from."""
+
+    path: str | None = None  # pretrained checkpoint (HF dir, .pt, hub id)
+    name: str | None = None  # or: architecture name, randomly initialised from seed
+    seed: int = 0
+    sha256: str = ""
+
+    def load(self, dtype=None, device=None, verify: bool = True) -> ESM2:
+        model, sha = load_base(self.path, dtype, device) if self.path else random_base(self.name, self.seed, dtype, device)
+        if verify and self.sha256 and sha != self.sha256:
+            where = self.path or f"random {self.name} seed {self.seed}"
+            raise CheckpointError(
+                f"{where}: base model weights differ from the ones the checkpoint was trained on "
+                f"(sha256 {sha[:12]}... vs {self.sha256[:12]}...); adapters are made for another base model")
+        self.sha256 = sha
+        return model
+
+
+class FineTuned(nn.Module):
+    def __init__(self, encoder: ESM2, head: nn.Module, labels: LabelSpace, mode: str, base: BaseRef,
+                 lora: LoRAConfig | None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.encoder, self.head, self.labels = encoder, head, labels
+        self.mode, self.base, self.lora = mode, base, lora
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [B, T]
+        hidden = self.encoder(tokens, logits=False)["last_hidden_state"]  # [B, T, d]
+        return self.head(hidden, tokens)  # [B, n_outputs] or [B, T, n_classes]
+
+    # ------------------------------------------------------------ state
+
+    def trained_state(self) -> dict:
+        """The tensors this mode trains (and so must save), under "encoder."/"head." prefixes."""
+        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        if self.mode == "lora":
+            state.update({f"encoder.{k}": v for k, v in lora_state_dict(self.encoder).items()})
+        elif self.mode == "full":
+            state.update({f"encoder.{k}": v for k, v in self.encoder.state_dict().items()})
+        return state
+
+    def config_dict(self) -> dict:
+        return {
+            "format": FORMAT, "version": 1, "mode": self.mode, "task": self.labels.task,
+            "labels": self.labels.to_dict(), "head": self.head.config,
+            "lora": self.lora.to_dict() if self.lora else None,
+            "model_config": self.encoder.config.to_dict(),
+            "base": {"path": self.base.path, "name": self.base.name, "seed": self.base.seed,
+                     "sha256": self.base.sha256},
+        }
+
+    def save(self, out_dir: str, extra=None) -> None:
+        """Write the checkpoint directory atomically; extra(tmp_dir) may add files to it."""
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.trained_state().items()}
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(self.config_dict(), f, indent=2)
+            if extra is not None:
+                extra(tmp)
+
+    def load_trained(self, ckpt_dir: str) -> "FineTuned":
+        """Load a checkpoint's trained tensors into this (same-shaped) model."""
+        encoder_state, head_state = read_tensors(ckpt_dir)
+        device = next(self.parameters()).device
+        if self.mode == "lora":
+            load_lora_state_dict(self.encoder, encoder_state)
+        elif self.mode == "full":
+            self.encoder.load_state_dict({k: v.to(device) for k, v in encoder_state.items()}, strict=True)
+        try:
+            self.head.load_state_dict({k: v.to(device) for k, v in head_state.items()}, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{ckpt_dir}: head weights do not fit its config ({' '.join(str(e).split())[:200]})") from None
+        return self
+
+    @classmethod
+    def load(cls, ckpt_dir: str, dtype=None, device=None, base_path: str | None = None) -> "FineTuned":
+        """Rebuild from a checkpoint directory; base_path overrides where the base model is found."""
+        cfg = read_config(ckpt_dir)
+        encoder_state, _ = read_tensors(ckpt_dir)
+        b = cfg["base"]
+        base = BaseRef(path=base_path or b["path"], name=b["name"], seed=b["seed"], sha256=b["sha256"])
+        lora = LoRAConfig.from_dict(cfg["lora"]) if cfg["lora"] else None
+        if cfg["mode"] == "full":
+            config = ESM2Config(**cfg["model_config"])
+            encoder = build_model(config, encoder_state, [], ckpt_dir, resolve_dtype(dtype), torch.device(device or "cpu"))
+        else:
+            encoder = base.load(dtype, device)
+            if cfg["mode"] == "lora":
+                apply_lora(encoder, lora)
+        head = head_from_config(cfg["head"]).to(device or "cpu")
+        model = cls(encoder, head, LabelSpace.from_dict(cfg["labels"]), cfg["mode"], base, lora)
+        return model.load_trained(ckpt_dir).eval()
+
+
+def read_tensors(ckpt_dir: str) -> tuple[dict, dict]:
+    """model.safetensors -> ({encoder key: tensor}, {head key: tensor})."""
+    path = os.path.join(ckpt_dir, "model.safetensors")
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:200]})") from None
+    encoder = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    return encoder, head
+
+
+def read_config(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found (not an esm2lite checkpoint directory?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an esm2lite fine-tuning checkpoint (format field missing)")
+    missing = [k for k in ("mode", "labels", "head", "lora", "model_config", "base") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
+    return cfg
+
+
+def amp_dtype_for(precision: str, device: torch.device):
+    """"auto": bf16 autocast on GPU, fp32 on CPU; "bf16"/"fp16"/"fp32" as asked."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if precision == "fp32" else resolve_dtype(precision)
+
+
+@torch.no_grad()
+def run_batches(model: FineTuned, records, batch_tokens: int, precision: str = "auto", desc: str | None = None,
+                with_loss: bool = False):
+    """Forward every record once, in length-bucketed batches.
+
+    Returns (outputs, loss): outputs is a list of per-record fp32 CPU tensors in INPUT ORDER
+    ([n_outputs], or [T_i, n_classes] for per-residue tasks, T_i = that record's tokens);
+    loss is the record-weighted mean loss when with_loss (records need targets)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    amp = amp_dtype_for(precision, device)
+    batches = make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False)
+    outputs, loss_sum = [None] * len(records), 0.0
+    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        batch = collate([records[i] for i in idx], model.labels if with_loss else None)
+        tokens = batch["tokens"].to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = model(tokens)
+        out = out.float()
+        if with_loss:
+            loss_sum += float(model.head.loss(out, batch["target"].to(device))) * len(idx)
+        for row, i in enumerate(idx):
+            n = len(records[i].tokens)
+            outputs[i] = (out[row, :n] if out.dim() == 3 else out[row]).cpu()
+    model.train(was_training)
+    return outputs, (loss_sum / len(records) if with_loss else None)

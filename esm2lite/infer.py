@@ -1,0 +1,123 @@
+"""Inference: predictions and embeddings from a fine-tuning checkpoint or a plain ESM-2.
+
+Sequences are scored in length-bucketed token-budget batches and returned in input order.
+LoRA adapters are merged into the base weights first (one GEMM per linear instead of three).
+"""
+
+import csv
+import io
+import os
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .atomic import atomic_path, write_text
+from .data import Record, make_batches
+from .errors import DataError, TokenizerError
+from .finetuned import FineTuned, amp_dtype_for, run_batches
+from .heads import mean_pool
+from .lora import merge_lora
+from .model import ESM2
+from .tokenizer import PAD, Tokenizer
+
+
+def to_records(pairs, source: str = "<memory>", max_residues: int | None = 1022, truncate: bool = False) -> list[Record]:
+    """[(id, sequence)] -> Records without targets (tokenised, length-checked)."""
+    tok, records = Tokenizer(), []
+    for i, (sid, seq) in enumerate(pairs):
+        try:
+            tokens = tok.encode(seq, i, max_residues, truncate)
+        except TokenizerError as e:
+            raise DataError(f"{source}, record {i + 1} ({sid!r}): {str(e).split(': ', 1)[1]}") from None
+        records.append(Record(sequence=seq, tokens=tokens, target=None, mask=None, source=source, row=i + 1))
+    return records
+
+
+def load_for_inference(checkpoint: str, device=None, merge: bool = True, base_path: str | None = None) -> FineTuned:
+    model = FineTuned.load(checkpoint, device=device, base_path=base_path)
+    if merge and model.mode == "lora":
+        merge_lora(model.encoder)
+    return model
+
+
+def decode_predictions(model: FineTuned, outputs: list) -> list[dict]:
+    """Per-record head outputs -> one dict of prediction columns per record."""
+    labels = model.labels
+    if labels.task == "regression":
+        values = labels.decode(torch.stack(outputs))  # [N, n_targets], original scale
+        if values.shape[1] == 1:
+            return [{"prediction": float(v[0])} for v in values]
+        return [{name: float(x) for name, x in zip(labels.target_names, v)} for v in values]
+    if labels.task == "classification":
+        logits = torch.stack(outputs)  # [N, C]
+        probs = logits.softmax(-1)
+        names = labels.decode(logits)
+        return [{"prediction": n, **{f"prob_{c}": float(p) for c, p in zip(labels.classes, row)}}
+                for n, row in zip(names, probs)]
+    return [{"prediction": labels.decode(out[None], lengths=[out.shape[0] - 2])[0]} for out in outputs]
+
+
+def predict(checkpoint, sequences, ids=None, batch_tokens: int = 8192, precision: str = "auto", device=None,
+            merge: bool = True, max_residues: int | None = 1022, truncate: bool = False) -> list[dict]:
+    """Notebook API: checkpoint dir (or a loaded FineTuned) + sequences -> [{"id", "sequence", prediction...}]."""
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(sequences))]
+    model = checkpoint if isinstance(checkpoint, FineTuned) else load_for_inference(checkpoint, device, merge)
+    records = to_records(list(zip(ids, sequences)), max_residues=max_residues, truncate=truncate)
+    outputs, _ = run_batches(model, records, batch_tokens, precision, desc="predict")
+    return [{"id": i, "sequence": r.sequence, **p} for i, r, p in zip(ids, records, decode_predictions(model, outputs))]
+
+
+@torch.no_grad()
+def embed(encoder: ESM2, records, ids, batch_tokens: int = 8192, precision: str = "auto", layers=None,
+          per_residue: bool = False) -> dict[str, torch.Tensor]:
+    """Embeddings keyed "mean/{layer}/{id}" ([d], mean over residues) and, with per_residue,
+    "per_residue/{layer}/{id}" ([n_residues, d]). Layers follow fair-esm: 0 = embeddings,
+    L = final LayerNorm output (the default)."""
+    device = next(encoder.parameters()).device
+    amp = amp_dtype_for(precision, device)
+    layers = list(layers) if layers else [encoder.config.num_layers]
+    out = {}
+    for idx in tqdm(make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False), desc="embed"):
+        T = max(len(records[i].tokens) for i in idx)
+        tokens = torch.full((len(idx), T), PAD, dtype=torch.long)
+        for row, i in enumerate(idx):
+            tokens[row, : len(records[i].tokens)] = torch.tensor(records[i].tokens)
+        tokens = tokens.to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            hidden = encoder(tokens, repr_layers=layers, logits=False)["hidden_states"]
+        for layer in layers:
+            h = hidden[layer].float()  # [B, T, d]
+            pooled = mean_pool(h, tokens)  # [B, d]
+            for row, i in enumerate(idx):
+                out[f"mean/{layer}/{ids[i]}"] = pooled[row].cpu().contiguous()
+                if per_residue:
+                    n = len(records[i].tokens)
+                    out[f"per_residue/{layer}/{ids[i]}"] = h[row, 1: n - 1].cpu().contiguous()
+    return out
+
+
+def write_embeddings(path: str, tensors: dict, ids) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"ids": "\n".join(ids), "format": "esm2lite-embeddings"})
+
+
+def write_predictions_csv(path: str, rows: list[dict]) -> None:
+    """Columns id, sequence, then the prediction columns; written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work if an output cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not an output file")
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK) or (os.path.exists(parent) and not os.path.isdir(parent)):
+        raise DataError(f"{path}: cannot write here (directory {parent} is not writable)")

@@ -1,0 +1,402 @@
+"""Fine-tuning loop: one process (or many under torchrun, see distributed.py).
+
+    data  -> length-bucketed token-budget batches, reshuffled per epoch from the seed
+    model -> ESM-2 encoder (lora | full | head mode) + task head
+    loop  -> AdamW, warmup then cosine/constant LR, clipping, accumulation, bf16 autocast on GPU
+    eval  -> every eval_every steps and at the end; best checkpoint by a metric; test once at the end
+    disk  -> OUT/metrics.jsonl, OUT/summary.json, OUT/checkpoints/step_N/, OUT/best/ (all atomic)
+
+On CPU a run is deterministic, and --resume from any checkpoint ends with exactly the weights
+of an uninterrupted run (optimizer, LR schedule, RNG and data position are saved).
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .atomic import write_json
+from .data import DataSpec, LabelSpace, collate, load_splits, make_batches
+from .errors import Esm2liteError
+from .finetuned import MODES, BaseRef, FineTuned, amp_dtype_for, run_batches
+from .heads import build_head
+from .lora import LoRAConfig, apply_lora
+from .metrics import compute_metrics, metric_direction
+
+DEFAULT_METRIC = {"regression": "spearman", "classification": "accuracy", "token-classification": "accuracy"}
+
+
+@dataclass
+class TrainConfig:
+    # data
+    task: str = "regression"
+    train_csv: str | None = None
+    valid_csv: str | None = None
+    test_csv: str | None = None
+    csv: str | None = None  # one CSV with a split column
+    split_column: str = "split"
+    sequence_column: str = "sequence"
+    target_columns: tuple = ("target",)
+    mask_column: str | None = None
+    max_residues: int = 1022
+    truncate: bool = False
+    standardize: bool = False
+    # model
+    checkpoint: str | None = None  # pretrained weights
+    model: str | None = None  # or an architecture, randomly initialised
+    mode: str = "lora"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    head_hidden: int = 256
+    head_dropout: float = 0.25
+    # optimisation
+    steps: int | None = None
+    epochs: float | None = None
+    batch_tokens: int = 8192
+    lr: float = 4e-4
+    head_lr_mult: float = 1.0
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    grad_accum: int = 1
+    clip: float = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    skip_nonfinite: bool = False
+    # evaluation and output
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_last: int = 2
+    best_metric: str | None = None
+    log_every: int = 10
+    out: str = "runs/esm2lite"
+    device: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig.from_dict(self.lora)
+        self.target_columns = tuple(self.target_columns)
+        checks = [
+            (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
+            (self.schedule in ("cosine", "constant"), "--schedule must be cosine or constant"),
+            ((self.checkpoint is None) != (self.model is None), "give exactly one of --checkpoint and --model"),
+            ((self.steps is None) != (self.epochs is None), "give exactly one of --steps and --epochs"),
+            (self.steps is None or self.steps > 0, "--steps must be positive"),
+            (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
+            (self.batch_tokens > 0 and self.grad_accum > 0, "--batch-tokens and --grad-accum must be positive"),
+            (self.lr > 0 and self.head_lr_mult > 0, "--lr and --head-lr-mult must be positive"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
+            (self.eval_every is None or self.eval_every > 0, "--eval-every must be positive"),
+            (self.save_every is None or self.save_every > 0, "--save-every must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise Esm2liteError(message)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora"] = self.lora.to_dict()
+        d["target_columns"] = list(self.target_columns)
+        return d
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup, then cosine to 0 or constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> FineTuned:
+    torch.manual_seed(cfg.seed)
+    base = BaseRef(path=cfg.checkpoint) if cfg.checkpoint else BaseRef(name=cfg.model, seed=cfg.seed)
+    if cfg.model:
+        print(f"WARNING: --model {cfg.model}: the encoder is RANDOMLY INITIALISED, not pretrained. "
+              "Pass --checkpoint for pretrained ESM-2 weights.", flush=True)
+    encoder = base.load(device=device)
+    if cfg.mode == "lora":
+        apply_lora(encoder, cfg.lora)
+    elif cfg.mode == "head":
+        encoder.requires_grad_(False)
+    head = build_head(labels.task, encoder.config.d_model, labels.num_outputs, cfg.head_hidden, cfg.head_dropout)
+    return FineTuned(encoder, head.to(device), labels, cfg.mode, base, cfg.lora if cfg.mode == "lora" else None)
+
+
+def make_optimizer(model: FineTuned, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.98 as BioNeMo); weight decay on matrices only; head LR multiplier."""
+    groups = []
+    for part, mult in ((model.encoder, 1.0), (model.head, cfg.head_lr_mult)):
+        params = [p for p in part.parameters() if p.requires_grad]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.dim() >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": cfg.lr * mult, "base_lr": cfg.lr * mult,
+                               "weight_decay": cfg.weight_decay if decay else 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+class Batches:
+    """Endless stream of training batches: epoch by epoch, each reshuffled from (seed, epoch).
+    Its position (epoch, index) is part of the resumable state."""
+
+    def __init__(self, records, cfg: TrainConfig, labels: LabelSpace, rank: int = 0, world: int = 1):
+        self.records, self.labels, self.cfg = records, labels, cfg
+        self.rank, self.world = rank, world
+        self.lengths = [len(r.tokens) for r in records]
+        self.epoch, self.index = 0, 0
+        self._order = None
+
+    def epoch_batches(self, epoch):
+        batches = make_batches(self.lengths, self.cfg.batch_tokens, shuffle=True, seed=self.cfg.seed, epoch=epoch)
+        return batches
+
+    def __len__(self):
+        return len(self.epoch_batches(0))
+
+    def next(self) -> dict:
+        if self._order is None:
+            self._order = self.epoch_batches(self.epoch)
+        if self.index >= len(self._order):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self.epoch_batches(self.epoch)
+        idx = self._order[self.index]
+        self.index += 1
+        return collate([self.records[i] for i in idx], self.labels)
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+class RunDir:
+    def __init__(self, out: str):
+        self.out = out
+        self.checkpoints = os.path.join(out, "checkpoints")
+        self.best = os.path.join(out, "best")
+        self.metrics = os.path.join(out, "metrics.jsonl")
+
+    def step_dirs(self) -> list[tuple[int, str]]:
+        if not os.path.isdir(self.checkpoints):
+            return []
+        found = [(int(m.group(1)), os.path.join(self.checkpoints, n))
+                 for n in os.listdir(self.checkpoints) if (m := re.fullmatch(r"step_(\d+)", n))]
+        return sorted(found)
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_log(self, step: int) -> None:
+        """On resume: drop records written after the checkpoint we resume from."""
+        if not os.path.exists(self.metrics):
+            return
+        with open(self.metrics, encoding="utf-8") as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step
+                    and json.loads(line)["split"] != "test"]
+        from .atomic import write_text
+        write_text(self.metrics, "".join(keep))
+
+    def prune(self, keep_last: int, protect: int | None) -> None:
+        steps = self.step_dirs()
+        for step, path in steps[:-keep_last] if keep_last > 0 else []:
+            if step != protect:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def save_training_state(path: str, optimizer, state: dict) -> None:
+    """Optimizer moments + RNG + loop position, beside the model tensors."""
+    tensors = {}
+    for p_id, s in sorted(optimizer.state_dict()["state"].items()):
+        for k, v in s.items():
+            tensors[f"{p_id}.{k}"] = v.detach().to("cpu").contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, path + ".safetensors")
+    with open(path + ".json", "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=2)
+
+
+def load_training_state(path: str, optimizer) -> dict:
+    tensors = load_file(path + ".safetensors")
+    with open(path + ".json", encoding="utf-8") as f:
+        state = json.load(f)
+    sd = optimizer.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("rng."):
+            continue
+        p_id, name = key.split(".", 1)
+        sd["state"].setdefault(int(p_id), {})[name] = value
+    optimizer.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(model: FineTuned, records, cfg: TrainConfig, split: str) -> dict:
+    outputs, loss = run_batches(model, records, cfg.batch_tokens, cfg.precision, desc=f"eval {split}", with_loss=True)
+    labels = model.labels
+    if labels.task == "token-classification":  # per-record [T_i, C] outputs: pass as a list of batches
+        outputs, targets = [o[None] for o in outputs], [labels.encode([r]) for r in records]
+    else:
+        outputs, targets = torch.stack(outputs), labels.encode(records)
+    return {"loss": loss, **compute_metrics(labels.task, outputs, targets, labels)}
+
+
+def is_better(value: float, best: float | None, metric: str) -> bool:
+    if best is None:
+        return True
+    if value != value:  # nan never wins
+        return False
+    return value < best if metric_direction(metric) == "min" else value > best
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_model(cfg: TrainConfig | None = None, records=None, resume: bool = False, **overrides) -> dict:
+    """Fine-tune and return {"checkpoint": OUT/best, "summary": summary dict}.
+
+    `records`: optional {"train": [...], "valid": [...], "test": [...]} of esm2lite.data.Record
+    (e.g. from records_from_pairs) instead of CSV paths in cfg."""
+    cfg = cfg or TrainConfig(**overrides)
+    start_time = time.time()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.precision == "fp16":
+        raise Esm2liteError("--precision fp16 training is not supported (use bf16 or fp32)")
+    amp = amp_dtype_for(cfg.precision, device)
+    if records is None:
+        spec = DataSpec(task=cfg.task, sequence_column=cfg.sequence_column, target_columns=cfg.target_columns,
+                        mask_column=cfg.mask_column, split_column=cfg.split_column if cfg.csv else None,
+                        max_residues=cfg.max_residues, truncate=cfg.truncate)
+        records = load_splits(spec, train=cfg.train_csv, valid=cfg.valid_csv, test=cfg.test_csv, csv=cfg.csv)
+    labels = LabelSpace.fit(cfg.task, records["train"], list(cfg.target_columns), standardize=cfg.standardize)
+    for split in ("valid", "test"):
+        if split in records:
+            labels.check(records[split])
+    metric = cfg.best_metric or DEFAULT_METRIC[cfg.task]
+
+    run = RunDir(cfg.out)
+    config_path = os.path.join(cfg.out, "config.json")
+    if resume:
+        if not os.path.exists(config_path) or not run.step_dirs():
+            raise Esm2liteError(f"{cfg.out}: nothing to resume (no checkpoints there)")
+        with open(config_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        changed = [k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in ("out", "device")]
+        if changed:
+            raise Esm2liteError(f"{config_path}: --resume needs the same settings; changed: {', '.join(changed)}")
+    elif os.path.exists(run.metrics) or run.step_dirs():
+        raise Esm2liteError(f"{cfg.out}: already holds a run; pass --resume to continue it or choose another --out")
+
+    model = build_model(cfg, labels, device)
+    optimizer = make_optimizer(model, cfg)
+    batches = Batches(records["train"], cfg, labels)
+    per_epoch = len(batches)
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    eval_every = cfg.eval_every or max(1, total // 5)
+    save_every = cfg.save_every or eval_every
+    step, best_value, best_step, skipped = 0, None, None, 0
+
+    if resume:
+        last_step, last_dir = run.step_dirs()[-1]
+        model.load_trained(last_dir)
+        state = load_training_state(os.path.join(last_dir, "trainer_state"), optimizer)
+        step, best_value, best_step, skipped = state["step"], state["best_value"], state["best_step"], state["skipped"]
+        batches.epoch, batches.index = state["epoch"], state["index"]
+        run.truncate_log(step)
+        print(f"resumed from {last_dir} at step {step}", flush=True)
+    else:
+        os.makedirs(cfg.out, exist_ok=True)
+        write_json(config_path, cfg.to_dict())
+
+    def checkpoint(step_now: int, is_best: bool) -> None:
+        state = {"step": step_now, "epoch": batches.epoch, "index": batches.index, "best_value": best_value,
+                 "best_step": best_step, "skipped": skipped}
+        target = os.path.join(run.checkpoints, f"step_{step_now}")
+        model.save(target, extra=lambda d: save_training_state(os.path.join(d, "trainer_state"), optimizer, state))
+        if is_best:
+            model.save(run.best)
+        run.prune(cfg.keep_last, protect=best_step)
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.time()
+    while step < total:
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_at(step, cfg, total)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss, step_finite = 0.0, True
+        for _ in range(cfg.grad_accum):
+            batch = batches.next()
+            tokens = batch["tokens"].to(device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = model(tokens)
+            loss = model.head.loss(out.float(), batch["target"].to(device))
+            if not torch.isfinite(loss):
+                step_finite = False
+                if not cfg.skip_nonfinite:
+                    raise Esm2liteError(
+                        f"non-finite training loss ({loss.item()}) at step {step + 1}; the last good checkpoint "
+                        f"is kept in {run.checkpoints} (--skip-nonfinite skips such batches instead)")
+                continue
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            window_tokens += int((tokens != 1).sum())
+        if step_finite:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
+            optimizer.step()
+        else:
+            skipped += 1
+        step += 1
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            elapsed = max(time.time() - window_start, 1e-9)
+            record = {"step": step, "split": "train", "loss": window_loss / window_steps,
+                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / elapsed}
+            if cfg.skip_nonfinite:
+                record["skipped_steps"] = skipped
+            run.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.time()
+        is_best = False
+        if "valid" in records and (step % eval_every == 0 or step == total):
+            result = evaluate(model, records["valid"], cfg, "valid")
+            run.log({"step": step, "split": "valid", **result})
+            if is_better(result[metric], best_value, metric):
+                best_value, best_step, is_best = result[metric], step, True
+            bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        elif "valid" not in records and step == total:
+            best_step, is_best = step, True  # no validation split: the last step is "best"
+        if step % save_every == 0 or step == total or is_best:
+            checkpoint(step, is_best)
+    bar.close()
+
+    summary = {"best_step": best_step, "best_metric": metric, "valid": None, "test": None}
+    best = model.load_trained(run.best)
+    if "valid" in records:
+        summary["valid"] = evaluate(best, records["valid"], cfg, "valid")
+    if "test" in records:
+        summary["test"] = evaluate(best, records["test"], cfg, "test")
+        run.log({"step": best_step, "split": "test", **summary["test"]})
+    summary["steps"], summary["skipped_steps"] = total, skipped
+    summary["wall_time_s"] = time.time() - start_time
+    write_json(os.path.join(cfg.out, "summary.json"), summary)
+    return {"checkpoint": run.best, "summary": summary}
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]

@@ -1,0 +1,140 @@
+"""Fine-tuning: the loop learns, keeps what it should frozen, and resumes exactly."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import oracles
+from esm2lite.data import records_from_pairs
+from esm2lite.lora import LoRAConfig
+from esm2lite.train import TrainConfig, lr_at, train_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def synthetic(n, seed):
+    """Sequences whose target is their fraction of K+R (a property a small model can learn)."""
+    seqs = oracles.random_sequences(n, 15, 50, seed=seed, with_mask=False)
+    return [(s, (s.count("K") + s.count("R")) / len(s)) for s in seqs]
+
+
+def write_csv(path, pairs, split=None):
+    with open(path, "w") as f:
+        f.write("sequence,target" + (",split" if split else "") + "\n")
+        for s, t in pairs:
+            f.write(f"{s},{t}" + (f",{split}" if split else "") + "\n")
+    return str(path)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def small_config(hf_tiny, out, **kw):
+    base = dict(checkpoint=hf_tiny, out=str(out), steps=12, batch_tokens=600, lr=3e-3, eval_every=4,
+                log_every=2, seed=3, lora=LoRAConfig(rank=4, alpha=8, dropout=0.1), keep_last=100)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {"train": records_from_pairs(synthetic(60, 1)), "valid": records_from_pairs(synthetic(20, 2)),
+            "test": records_from_pairs(synthetic(20, 3))}
+
+
+def test_learns_a_synthetic_property(hf_tiny, tmp_path):
+    train = write_csv(tmp_path / "train.csv", synthetic(400, 11))
+    valid = write_csv(tmp_path / "valid.csv", synthetic(100, 12))
+    test = write_csv(tmp_path / "test.csv", synthetic(100, 13))
+    cfg = TrainConfig(checkpoint=hf_tiny, train_csv=train, valid_csv=valid, test_csv=test, out=str(tmp_path / "run"),
+                      mode="full", steps=150, batch_tokens=2048, lr=2e-3, warmup_steps=10, standardize=True,
+                      eval_every=50, seed=0)
+    result = train_model(cfg)
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["test"]["spearman"] > 0.8, summary
+    assert result["checkpoint"] == str(tmp_path / "run" / "best")
+    for key in ("best_step", "valid", "test", "wall_time_s"):
+        assert key in summary
+    assert set(summary["test"]) >= {"loss", "mse", "rmse", "pearson", "spearman", "r2"}
+    log = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    train_rows = [r for r in log if r["split"] == "train"]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(train_rows[0])
+    assert [r["step"] for r in log if r["split"] == "valid"] == [50, 100, 150]
+    assert [r for r in log if r["split"] == "test"][0]["step"] == summary["best_step"]
+
+
+def test_lora_mode_changes_only_adapters_and_head(hf_tiny, tmp_path, splits):
+    from esm2lite import ESM2
+
+    train_model(small_config(hf_tiny, tmp_path / "run"), records=splits)
+    saved = load_file(tmp_path / "run" / "best" / "model.safetensors")
+    enc = {k for k in saved if k.startswith("encoder.")}
+    assert enc and all(k.endswith(("lora_a", "lora_b")) for k in enc)  # only adapters + head saved
+    assert any(k.startswith("head.") for k in saved)
+    from esm2lite.finetuned import FineTuned
+
+    tuned = FineTuned.load(str(tmp_path / "run" / "best"))
+    base = ESM2.from_pretrained(hf_tiny).state_dict()
+    for k, v in tuned.encoder.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, base[k]), k  # frozen encoder untouched
+    assert any(saved[k].abs().sum() > 0 for k in enc if k.endswith("lora_b"))  # B moved off zero
+
+
+def test_resume_gives_exactly_the_uninterrupted_weights(hf_tiny, tmp_path, splits):
+    full = tmp_path / "full"
+    train_model(small_config(hf_tiny, full, save_every=4), records=splits)
+    part = tmp_path / "part"
+    os.makedirs(part / "checkpoints")
+    shutil.copy(full / "config.json", part / "config.json")
+    shutil.copytree(full / "checkpoints" / "step_4", part / "checkpoints" / "step_4")
+    shutil.copytree(full / "checkpoints" / "step_4", part / "best")  # step 4 was the first eval: best so far
+    with open(full / "metrics.jsonl") as f:  # a log that ran past the checkpoint, as after a crash
+        (part / "metrics.jsonl").write_text(f.read())
+    train_model(small_config(hf_tiny, part, save_every=4), records=splits, resume=True)
+    a = load_file(full / "checkpoints" / "step_12" / "model.safetensors")
+    b = load_file(part / "checkpoints" / "step_12" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [(r["step"], r["split"]) for r in read_jsonl(part / "metrics.jsonl")]
+    assert steps == [(r["step"], r["split"]) for r in read_jsonl(full / "metrics.jsonl")]
+
+
+def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(hf_tiny, tmp_path, splits):
+    from esm2lite.errors import Esm2liteError
+
+    train_model(small_config(hf_tiny, tmp_path / "r", steps=4), records=splits)
+    with pytest.raises(Esm2liteError, match="already holds a run"):
+        train_model(small_config(hf_tiny, tmp_path / "r", steps=4), records=splits)
+    with pytest.raises(Esm2liteError, match="changed: lr"):
+        train_model(small_config(hf_tiny, tmp_path / "r", steps=4, lr=1.0), records=splits, resume=True)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(model="esm2_t6_8M_UR50D", steps=110, warmup_steps=10)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.5) and lr_at(110, cfg, 110) == pytest.approx(0.0)
+    cfg = TrainConfig(model="esm2_t6_8M_UR50D", steps=110, schedule="constant")
+    assert lr_at(50, cfg, 110) == 1.0
+
+
+@pytest.mark.slow
+def test_demo_runs_and_loss_falls(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "runs/demo" in r.stdout
+    log = read_jsonl(tmp_path / "runs" / "demo" / "metrics.jsonl")
+    losses = [x["loss"] for x in log if x["split"] == "train"]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert (tmp_path / "runs" / "demo" / "best" / "model.safetensors").exists()
+    assert json.load(open(tmp_path / "runs" / "demo" / "summary.json"))["best_step"] is not None
