@@ -37,6 +37,11 @@ LAYERS = {  # name -> (K, N) as multiples of d
     "fc2": (4, 1),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CONTENDERS = {
+    "lora": "(a) kernels.lora_linear, backend=triton",
+    "peft": "(b) F.linear(x, W, b) + F.linear(F.linear(dropout(x), A), B) * scale",
+    "base": "(c) F.linear(x, W, b); backward: dX only",
+}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -218,9 +223,7 @@ def main():
         "dropout": args.dropout,
         "alpha": args.alpha,
         "timer": "triton.testing.do_bench median" if cuda else "time.perf_counter median of 7 (1 warm-up)",
-        "contenders": {"lora": "kernels.lora_linear backend=triton (a)",
-                       "peft": "F.linear + F.linear(F.linear(dropout(x), A), B) * scale (b)",
-                       "base": "F.linear, dX only in backward (c)"},
+        "contenders": {name: CONTENDERS[name] for name in rows[0]["fwd_ms"]} if rows else {},
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
     }

@@ -115,14 +115,13 @@ def _rank_grad_kernel(
         rm = m0 + tl.arange(0, BM)
         m_ok = rm < m_end
         rm64 = rm.to(tl.int64)
-        Xt = tl.load(X_ptr + rm64[None, :] * stride_xm + rp[:, None] * stride_xp,
-                     mask=p_ok[:, None] & m_ok[None, :], other=0.0)             # X^T: [BP, BM]
+        X = tl.load(X_ptr + rm64[:, None] * stride_xm + rp[None, :] * stride_xp,
+                    mask=m_ok[:, None] & p_ok[None, :], other=0.0)              # X: [BM, BP]
         Y = tl.load(Y_ptr + rm64[:, None] * stride_ym + rr[None, :] * stride_yr,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)              # Y: [BM, R]
         if DROPOUT:
-            keep = tl.trans(dropout_keep(seed, rm, rp, P, p_drop))              # [BP, BM]
-            Xt = tl.where(keep, Xt, 0.0)
-        acc = tl.dot(Xt, Y.to(Xt.dtype), acc, input_precision="ieee")
+            X = tl.where(dropout_keep(seed, rm, rp, P, p_drop), X, 0.0)
+        acc = tl.dot(tl.trans(X), Y.to(X.dtype), acc, input_precision="ieee")  # X^T Y: [BP, R]
     tl.store(part_ptr + split * stride_part_s + rp[:, None] * stride_part_p + rr[None, :] * stride_part_r,
              acc * c, mask=p_ok[:, None] & r_ok[None, :])
 
