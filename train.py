@@ -65,11 +65,14 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward: less memory for long sequences / big models")
     o.add_argument("--skip-nonfinite", action="store_true",
                    help="skip batches with a NaN/inf loss (counted in metrics) instead of stopping")
     r = p.add_argument_group("evaluation and output")
     r.add_argument("--eval-every", type=int, help="validate every N steps (default: 5 times per run)")
     r.add_argument("--save-every", type=int, help="checkpoint every N steps (default: at each evaluation)")
+    r.add_argument("--log-every", type=int, default=10, help="write a train line to metrics.jsonl every N steps")
     r.add_argument("--keep-last", type=int, default=2, help="step checkpoints to keep (best/ is kept apart)")
     r.add_argument("--best-metric", help="validation metric choosing best/ (default: spearman or accuracy)")
     r.add_argument("--out", default="runs/esm2lite", help="output directory")
@@ -91,8 +94,9 @@ def config_from_args(a):
         head_hidden=a.head_hidden, head_dropout=a.head_dropout, steps=a.steps, epochs=a.epochs,
         batch_tokens=a.batch_tokens, lr=a.lr, head_lr_mult=a.head_lr_mult, weight_decay=a.weight_decay,
         warmup_steps=a.warmup_steps, schedule=a.schedule, grad_accum=a.grad_accum, clip=a.clip,
-        precision=a.precision, seed=a.seed, skip_nonfinite=a.skip_nonfinite, eval_every=a.eval_every,
-        save_every=a.save_every, keep_last=a.keep_last, best_metric=a.best_metric, out=a.out, device=a.device)
+        precision=a.precision, seed=a.seed, skip_nonfinite=a.skip_nonfinite,
+        activation_checkpointing=a.activation_checkpointing, eval_every=a.eval_every,
+        save_every=a.save_every, log_every=a.log_every, keep_last=a.keep_last, best_metric=a.best_metric, out=a.out, device=a.device)
 
 
 def main(argv):
@@ -108,6 +112,8 @@ def main(argv):
     from esm2lite.train import train_model
 
     result = train_model(config_from_args(args), resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     s = result["summary"]
     print(f"done: best step {s['best_step']} by {s['best_metric']}; checkpoint {result['checkpoint']}")
     for split in ("valid", "test"):

@@ -18,12 +18,13 @@ from torch import nn
 from tqdm import tqdm
 
 from .atomic import atomic_dir
-from .checkpoint import build_model, load_base, random_base, resolve_dtype
+from .checkpoint import build_model, check_keys, load_base, random_base, resolve_dtype
 from .config import ESM2Config
 from .data import LabelSpace, collate, make_batches
 from .errors import CheckpointError
 from .heads import head_from_config
-from .lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
+from .distributed import Dist, copy_into, gather
+from .lora import LoRAConfig, apply_lora, lora_state_dict
 from .model import ESM2
 
 FORMAT = "esm2lite-finetuned"
@@ -84,10 +85,12 @@ class FineTuned(nn.Module):
                      "sha256": self.base.sha256},
         }
 
-    def save(self, out_dir: str, extra=None) -> None:
-        """Write the checkpoint directory atomically; extra(tmp_dir) may add files to it."""
+    def save(self, out_dir: str, tensors: dict | None = None, extra=None) -> None:
+        """Write the checkpoint directory atomically. tensors: the trained state if already
+        gathered (from FSDP shards); extra(tmp_dir) may add files to it."""
         with atomic_dir(out_dir, overwrite=True) as tmp:
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.trained_state().items()}
+            tensors = self.trained_state() if tensors is None else {k: tensors[k] for k in self.trained_state()}
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
             save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(self.config_dict(), f, indent=2)
@@ -95,17 +98,15 @@ class FineTuned(nn.Module):
                 extra(tmp)
 
     def load_trained(self, ckpt_dir: str) -> "FineTuned":
-        """Load a checkpoint's trained tensors into this (same-shaped) model."""
+        """Copy a checkpoint's trained tensors into this model (plain or FSDP-sharded), by name."""
         encoder_state, head_state = read_tensors(ckpt_dir)
-        device = next(self.parameters()).device
-        if self.mode == "lora":
-            load_lora_state_dict(self.encoder, encoder_state)
-        elif self.mode == "full":
-            self.encoder.load_state_dict({k: v.to(device) for k, v in encoder_state.items()}, strict=True)
-        try:
-            self.head.load_state_dict({k: v.to(device) for k, v in head_state.items()}, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{ckpt_dir}: head weights do not fit its config ({' '.join(str(e).split())[:200]})") from None
+        got = {**{f"encoder.{k}": v for k, v in encoder_state.items()}, **{f"head.{k}": v for k, v in head_state.items()}}
+        targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        expected = set(self.trained_state())
+        check_keys({k: targets[k] for k in expected}, got, sorted(set(got) - expected),
+                   os.path.join(ckpt_dir, "model.safetensors"))
+        for k in sorted(expected):  # the same order on every rank: sharded copies are collective
+            copy_into(targets[k], got[k])
         return self
 
     @classmethod
@@ -123,7 +124,10 @@ class FineTuned(nn.Module):
             encoder = base.load(dtype, device)
             if cfg["mode"] == "lora":
                 apply_lora(encoder, lora)
-        head = head_from_config(cfg["head"]).to(device or "cpu")
+        try:
+            head = head_from_config(cfg["head"]).to(device or "cpu")
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{os.path.join(ckpt_dir, 'config.json')}: bad head config ({e})") from None
         model = cls(encoder, head, LabelSpace.from_dict(cfg["labels"]), cfg["mode"], base, lora)
         return model.load_trained(ckpt_dir).eval()
 
@@ -170,28 +174,38 @@ def amp_dtype_for(precision: str, device: torch.device):
 
 @torch.no_grad()
 def run_batches(model: FineTuned, records, batch_tokens: int, precision: str = "auto", desc: str | None = None,
-                with_loss: bool = False):
-    """Forward every record once, in length-bucketed batches.
+                with_loss: bool = False, d: Dist | None = None):
+    """Forward every record once, in length-bucketed batches (split across ranks under torchrun).
 
     Returns (outputs, loss): outputs is a list of per-record fp32 CPU tensors in INPUT ORDER
     ([n_outputs], or [T_i, n_classes] for per-residue tasks, T_i = that record's tokens);
     loss is the record-weighted mean loss when with_loss (records need targets)."""
+    d = d or Dist()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     amp = amp_dtype_for(precision, device)
     batches = make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False)
-    outputs, loss_sum = [None] * len(records), 0.0
-    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+    mine = batches[d.rank::d.world]
+    rounds = -(-len(batches) // d.world)  # every rank runs as many forwards: FSDP gathers are collective
+    local = []
+    for j in tqdm(range(rounds), desc=desc, disable=desc is None or not d.main, leave=False):
+        idx = mine[j] if j < len(mine) else batches[0]  # a spare rank repeats a batch and drops it
         batch = collate([records[i] for i in idx], model.labels if with_loss else None)
         tokens = batch["tokens"].to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(tokens)
         out = out.float()
-        if with_loss:
-            loss_sum += float(model.head.loss(out, batch["target"].to(device))) * len(idx)
-        for row, i in enumerate(idx):
-            n = len(records[i].tokens)
-            outputs[i] = (out[row, :n] if out.dim() == 3 else out[row]).cpu()
+        if j >= len(mine):
+            continue
+        loss = float(model.head.loss(out, batch["target"].to(device))) * len(idx) if with_loss else 0.0
+        rows = [(out[row, : len(records[i].tokens)] if out.dim() == 3 else out[row]).cpu() for row, i in enumerate(idx)]
+        local.append((idx, rows, loss))
+    outputs, loss_sum = [None] * len(records), 0.0
+    for part in gather(d, local):
+        for idx, rows, loss in part:
+            loss_sum += loss
+            for i, row in zip(idx, rows):
+                outputs[i] = row
     model.train(was_training)
     return outputs, (loss_sum / len(records) if with_loss else None)

@@ -22,7 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from . import distributed
 from .atomic import write_json
+from .distributed import Dist
 from .data import DataSpec, LabelSpace, collate, load_splits, make_batches
 from .errors import Esm2liteError
 from .finetuned import MODES, BaseRef, FineTuned, amp_dtype_for, run_batches
@@ -69,6 +71,7 @@ class TrainConfig:
     precision: str = "auto"
     seed: int = 0
     skip_nonfinite: bool = False
+    activation_checkpointing: bool = False
     # evaluation and output
     eval_every: int | None = None
     save_every: int | None = None
@@ -145,32 +148,36 @@ def make_optimizer(model: FineTuned, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 class Batches:
-    """Endless stream of training batches: epoch by epoch, each reshuffled from (seed, epoch).
-    Its position (epoch, index) is part of the resumable state."""
+    """One global, endless stream of training batches, epoch by epoch, each epoch reshuffled
+    from (seed, epoch). Every call hands each of the `world` ranks its own next batch, so over
+    all ranks every row is used once per epoch. The position (epoch, index) is global: it is
+    the resumable state, valid for any number of ranks."""
 
     def __init__(self, records, cfg: TrainConfig, labels: LabelSpace, rank: int = 0, world: int = 1):
         self.records, self.labels, self.cfg = records, labels, cfg
         self.rank, self.world = rank, world
         self.lengths = [len(r.tokens) for r in records]
         self.epoch, self.index = 0, 0
-        self._order = None
+        self._order, self._order_epoch = None, None
 
     def epoch_batches(self, epoch):
-        batches = make_batches(self.lengths, self.cfg.batch_tokens, shuffle=True, seed=self.cfg.seed, epoch=epoch)
-        return batches
+        return make_batches(self.lengths, self.cfg.batch_tokens, shuffle=True, seed=self.cfg.seed, epoch=epoch)
 
     def __len__(self):
         return len(self.epoch_batches(0))
 
-    def next(self) -> dict:
-        if self._order is None:
-            self._order = self.epoch_batches(self.epoch)
+    def _take(self) -> list[int]:
+        if self._order_epoch != self.epoch:
+            self._order, self._order_epoch = self.epoch_batches(self.epoch), self.epoch
         if self.index >= len(self._order):
             self.epoch, self.index = self.epoch + 1, 0
-            self._order = self.epoch_batches(self.epoch)
-        idx = self._order[self.index]
+            return self._take()
         self.index += 1
-        return collate([self.records[i] for i in idx], self.labels)
+        return self._order[self.index - 1]
+
+    def next(self) -> dict:
+        taken = [self._take() for _ in range(self.world)]
+        return collate([self.records[i] for i in taken[self.rank]], self.labels)
 
 
 # ---------------------------------------------------------------- the run directory
@@ -211,42 +218,46 @@ class RunDir:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def save_training_state(path: str, optimizer, state: dict) -> None:
-    """Optimizer moments + RNG + loop position, beside the model tensors."""
+def training_state_tensors(model, optimizer, d: Dist) -> dict:
+    """Optimizer moments keyed by parameter name (unsharded: resumable on any number of
+    ranks) and every rank's RNG state. Collective; complete on rank 0 only."""
     tensors = {}
-    for p_id, s in sorted(optimizer.state_dict()["state"].items()):
-        for k, v in s.items():
-            tensors[f"{p_id}.{k}"] = v.detach().to("cpu").contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, path + ".safetensors")
-    with open(path + ".json", "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
+    for name, st in distributed.full_optimizer_state(model, optimizer).items():
+        for k, v in st.items():
+            tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
+    for rank, (cpu, cuda) in enumerate(distributed.gather(d, (torch.get_rng_state(), torch.cuda.get_rng_state()
+                                                               if torch.cuda.is_available() else None))):
+        tensors[f"rng.cpu.{rank}"] = cpu
+        if cuda is not None:
+            tensors[f"rng.cuda.{rank}"] = cuda
+    return tensors
 
 
-def load_training_state(path: str, optimizer) -> dict:
+def load_training_state(path: str, model, optimizer, d: Dist) -> dict:
+    """Inverse of training_state_tensors, onto a (possibly sharded) model's optimizer."""
     tensors = load_file(path + ".safetensors")
     with open(path + ".json", encoding="utf-8") as f:
         state = json.load(f)
-    sd = optimizer.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("rng."):
-            continue
-        p_id, name = key.split(".", 1)
-        sd["state"].setdefault(int(p_id), {})[name] = value
-    optimizer.load_state_dict(sd)
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    for name, p in model.named_parameters():
+        if p.requires_grad and f"{name}.exp_avg" in tensors:
+            optimizer.state[p] = {"step": tensors[f"{name}.step"].clone(),
+                                  "exp_avg": distributed.like(p, tensors[f"{name}.exp_avg"]),
+                                  "exp_avg_sq": distributed.like(p, tensors[f"{name}.exp_avg_sq"])}
+    if f"rng.cpu.{d.rank}" in tensors and f"rng.cpu.{d.world}" not in tensors:  # same number of ranks
+        torch.set_rng_state(tensors[f"rng.cpu.{d.rank}"])
+        if f"rng.cuda.{d.rank}" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{d.rank}"])
+    else:  # another number of ranks: a fresh, still deterministic stream per rank
+        torch.manual_seed(state["step"] * 1000 + d.rank)
     return state
 
 
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(model: FineTuned, records, cfg: TrainConfig, split: str) -> dict:
-    outputs, loss = run_batches(model, records, cfg.batch_tokens, cfg.precision, desc=f"eval {split}", with_loss=True)
+def evaluate(model: FineTuned, records, cfg: TrainConfig, split: str, d: Dist | None = None) -> dict:
+    outputs, loss = run_batches(model, records, cfg.batch_tokens, cfg.precision, desc=f"eval {split}",
+                                with_loss=True, d=d)
     labels = model.labels
     if labels.task == "token-classification":  # per-record [T_i, C] outputs: pass as a list of batches
         outputs, targets = [o[None] for o in outputs], [labels.encode([r]) for r in records]
@@ -266,29 +277,14 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
 # ---------------------------------------------------------------- the loop
 
 
-def train_model(cfg: TrainConfig | None = None, records=None, resume: bool = False, **overrides) -> dict:
-    """Fine-tune and return {"checkpoint": OUT/best, "summary": summary dict}.
+def load_records(cfg: TrainConfig):
+    spec = DataSpec(task=cfg.task, sequence_column=cfg.sequence_column, target_columns=cfg.target_columns,
+                    mask_column=cfg.mask_column, split_column=cfg.split_column if cfg.csv else None,
+                    max_residues=cfg.max_residues, truncate=cfg.truncate)
+    return load_splits(spec, train=cfg.train_csv, valid=cfg.valid_csv, test=cfg.test_csv, csv=cfg.csv)
 
-    `records`: optional {"train": [...], "valid": [...], "test": [...]} of esm2lite.data.Record
-    (e.g. from records_from_pairs) instead of CSV paths in cfg."""
-    cfg = cfg or TrainConfig(**overrides)
-    start_time = time.time()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.precision == "fp16":
-        raise Esm2liteError("--precision fp16 training is not supported (use bf16 or fp32)")
-    amp = amp_dtype_for(cfg.precision, device)
-    if records is None:
-        spec = DataSpec(task=cfg.task, sequence_column=cfg.sequence_column, target_columns=cfg.target_columns,
-                        mask_column=cfg.mask_column, split_column=cfg.split_column if cfg.csv else None,
-                        max_residues=cfg.max_residues, truncate=cfg.truncate)
-        records = load_splits(spec, train=cfg.train_csv, valid=cfg.valid_csv, test=cfg.test_csv, csv=cfg.csv)
-    labels = LabelSpace.fit(cfg.task, records["train"], list(cfg.target_columns), standardize=cfg.standardize)
-    for split in ("valid", "test"):
-        if split in records:
-            labels.check(records[split])
-    metric = cfg.best_metric or DEFAULT_METRIC[cfg.task]
 
-    run = RunDir(cfg.out)
+def prepare_run_dir(cfg: TrainConfig, run: RunDir, resume: bool) -> None:
     config_path = os.path.join(cfg.out, "config.json")
     if resume:
         if not os.path.exists(config_path) or not run.step_dirs():
@@ -301,84 +297,139 @@ def train_model(cfg: TrainConfig | None = None, records=None, resume: bool = Fal
     elif os.path.exists(run.metrics) or run.step_dirs():
         raise Esm2liteError(f"{cfg.out}: already holds a run; pass --resume to continue it or choose another --out")
 
+
+def train_model(cfg: TrainConfig | None = None, records=None, resume: bool = False, **overrides) -> dict:
+    """Fine-tune and return {"checkpoint": OUT/best, "summary": summary dict}.
+
+    `records`: optional {"train": [...], "valid": [...], "test": [...]} of esm2lite.data.Record
+    (e.g. from records_from_pairs) instead of CSV paths in cfg. Under torchrun every rank
+    calls this; rank 0 writes the files."""
+    cfg = cfg or TrainConfig(**overrides)
+    start_time = time.time()
+    d, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, records, resume, d, device, start_time)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
+    if cfg.precision == "fp16":
+        raise Esm2liteError("--precision fp16 training is not supported (use bf16 or fp32)")
+    amp = amp_dtype_for(cfg.precision, device)
+
+    def load_data():
+        recs = records if records is not None else load_records(cfg)
+        labels = LabelSpace.fit(cfg.task, recs["train"], list(cfg.target_columns), standardize=cfg.standardize)
+        for split in ("valid", "test"):
+            if split in recs:
+                labels.check(recs[split])
+        return recs, labels
+
+    records, labels = distributed.agree(d, load_data)  # every rank validates every row; errors agree
+    metric = cfg.best_metric or DEFAULT_METRIC[cfg.task]
+    run = RunDir(cfg.out)
+    distributed.agree(d, lambda: prepare_run_dir(cfg, run, resume))
+
     model = build_model(cfg, labels, device)
+    model.encoder.activation_checkpointing = cfg.activation_checkpointing
+    step, best_value, best_step, skipped, state = 0, None, None, 0, None
+    if resume:
+        last_step, last_dir = run.step_dirs()[-1]
+        model.load_trained(last_dir)  # full tensors, before sharding
+    if d.enabled:
+        distributed.shard(model, d, amp)
     optimizer = make_optimizer(model, cfg)
-    batches = Batches(records["train"], cfg, labels)
-    per_epoch = len(batches)
+    batches = Batches(records["train"], cfg, labels, d.rank, d.world)
+    per_epoch = -(-len(batches) // d.world)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     eval_every = cfg.eval_every or max(1, total // 5)
     save_every = cfg.save_every or eval_every
-    step, best_value, best_step, skipped = 0, None, None, 0
 
     if resume:
-        last_step, last_dir = run.step_dirs()[-1]
-        model.load_trained(last_dir)
-        state = load_training_state(os.path.join(last_dir, "trainer_state"), optimizer)
+        state = load_training_state(os.path.join(last_dir, "trainer_state"), model, optimizer, d)
         step, best_value, best_step, skipped = state["step"], state["best_value"], state["best_step"], state["skipped"]
         batches.epoch, batches.index = state["epoch"], state["index"]
-        run.truncate_log(step)
-        print(f"resumed from {last_dir} at step {step}", flush=True)
+        if d.main:
+            run.truncate_log(step)
+            print(f"resumed from {last_dir} at step {step}", flush=True)
     else:
-        os.makedirs(cfg.out, exist_ok=True)
-        write_json(config_path, cfg.to_dict())
+        if d.main:
+            os.makedirs(cfg.out, exist_ok=True)
+            write_json(os.path.join(cfg.out, "config.json"), cfg.to_dict())
+        if d.rank > 0:  # identical initial weights on every rank, then each its own dropout stream
+            torch.manual_seed(cfg.seed * 1000 + d.rank)
 
     def checkpoint(step_now: int, is_best: bool) -> None:
-        state = {"step": step_now, "epoch": batches.epoch, "index": batches.index, "best_value": best_value,
-                 "best_step": best_step, "skipped": skipped}
-        target = os.path.join(run.checkpoints, f"step_{step_now}")
-        model.save(target, extra=lambda d: save_training_state(os.path.join(d, "trainer_state"), optimizer, state))
-        if is_best:
-            model.save(run.best)
-        run.prune(cfg.keep_last, protect=best_step)
+        """Collective: shards are gathered to rank 0, which writes."""
+        tensors = distributed.full_state(model) if d.enabled else None
+        extra = training_state_tensors(model, optimizer, d)
+        if d.main:
+            state = {"step": step_now, "epoch": batches.epoch, "index": batches.index, "best_value": best_value,
+                     "best_step": best_step, "skipped": skipped, "world_size": d.world}
+
+            def write_state(directory):
+                save_file(extra, os.path.join(directory, "trainer_state.safetensors"))
+                write_json(os.path.join(directory, "trainer_state.json"), state)
+
+            model.save(os.path.join(run.checkpoints, f"step_{step_now}"), tensors, extra=write_state)
+            if is_best:
+                model.save(run.best, tensors)
+            run.prune(cfg.keep_last, protect=best_step)
+        distributed.barrier(d)
 
     model.train()
-    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not d.main)
     window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.time()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     while step < total:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_at(step, cfg, total)
         optimizer.zero_grad(set_to_none=True)
-        step_loss, step_finite = 0.0, True
+        step_loss, finite = 0.0, True
         for _ in range(cfg.grad_accum):
             batch = batches.next()
             tokens = batch["tokens"].to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = model(tokens)
             loss = model.head.loss(out.float(), batch["target"].to(device))
-            if not torch.isfinite(loss):
-                step_finite = False
+            if distributed.any_true(d, not bool(torch.isfinite(loss))):
+                finite = False
                 if not cfg.skip_nonfinite:
                     raise Esm2liteError(
-                        f"non-finite training loss ({loss.item()}) at step {step + 1}; the last good checkpoint "
-                        f"is kept in {run.checkpoints} (--skip-nonfinite skips such batches instead)")
-                continue
+                        f"non-finite training loss at step {step + 1}; the last good checkpoint is kept in "
+                        f"{run.checkpoints} (--skip-nonfinite skips such batches instead)")
+                break
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             window_tokens += int((tokens != 1).sum())
-        if step_finite:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
+        if finite:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
             optimizer.step()
         else:
             skipped += 1
         step += 1
-        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        window_loss, window_steps = window_loss + distributed.mean(d, step_loss), window_steps + 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
             elapsed = max(time.time() - window_start, 1e-9)
+            tokens_per_s = distributed.mean(d, window_tokens / elapsed) * d.world
             record = {"step": step, "split": "train", "loss": window_loss / window_steps,
-                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": window_tokens / elapsed}
+                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s}
             if cfg.skip_nonfinite:
                 record["skipped_steps"] = skipped
-            run.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if d.main:
+                run.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
             window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.time()
         is_best = False
         if "valid" in records and (step % eval_every == 0 or step == total):
-            result = evaluate(model, records["valid"], cfg, "valid")
-            run.log({"step": step, "split": "valid", **result})
+            result = evaluate(model, records["valid"], cfg, "valid", d)
+            if d.main:
+                run.log({"step": step, "split": "valid", **result})
+                bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             if is_better(result[metric], best_value, metric):
                 best_value, best_step, is_best = result[metric], step, True
-            bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         elif "valid" not in records and step == total:
             best_step, is_best = step, True  # no validation split: the last step is "best"
         if step % save_every == 0 or step == total or is_best:
@@ -386,15 +437,17 @@ def train_model(cfg: TrainConfig | None = None, records=None, resume: bool = Fal
     bar.close()
 
     summary = {"best_step": best_step, "best_metric": metric, "valid": None, "test": None}
-    best = model.load_trained(run.best)
+    model.load_trained(run.best)
     if "valid" in records:
-        summary["valid"] = evaluate(best, records["valid"], cfg, "valid")
+        summary["valid"] = evaluate(model, records["valid"], cfg, "valid", d)
     if "test" in records:
-        summary["test"] = evaluate(best, records["test"], cfg, "test")
-        run.log({"step": best_step, "split": "test", **summary["test"]})
-    summary["steps"], summary["skipped_steps"] = total, skipped
+        summary["test"] = evaluate(model, records["test"], cfg, "test", d)
+        if d.main:
+            run.log({"step": best_step, "split": "test", **summary["test"]})
+    summary["steps"], summary["skipped_steps"], summary["world_size"] = total, skipped, d.world
     summary["wall_time_s"] = time.time() - start_time
-    write_json(os.path.join(cfg.out, "summary.json"), summary)
+    if d.main:
+        write_json(os.path.join(cfg.out, "summary.json"), summary)
     return {"checkpoint": run.best, "summary": summary}
 
 

@@ -1,0 +1,142 @@
+"""Many processes with torchrun: FSDP2 sharding, data sharding, and agreeing on errors.
+
+    torchrun --nproc_per_node N train.py ...      (NCCL on GPUs, gloo on CPU)
+
+Every transformer block and the root are wrapped with `fully_shard`; on GPU parameters
+compute in bf16 and gradients are reduced in fp32. Each optimizer step consumes N
+micro-batches (one per rank) of one global batch stream, so N ranks with --grad-accum G
+follow the same trajectory as one process with --grad-accum N*G.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .errors import Esm2liteError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str | None) -> tuple[Dist, torch.device]:
+    """Join the process group when started by torchrun; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    d = Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
+    return d, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def teardown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(d: Dist, fn):
+    """Run fn() on every rank. If it raises an esm2lite error on any rank, every rank raises
+    the lowest failing rank's error: one clear message everywhere, and no rank left hanging."""
+    try:
+        result, error = fn(), None
+    except Esm2liteError as e:
+        result, error = None, e
+    if not d.enabled:
+        if error:
+            raise error
+        return result
+    errors = [None] * d.world
+    dist.all_gather_object(errors, str(error) if error else None)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise type(error)(first) if error else Esm2liteError(first)
+    return result
+
+
+def mean(d: Dist, value: float) -> float:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / d.world
+
+
+def any_true(d: Dist, flag: bool) -> bool:
+    if not d.enabled:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t)
+    return bool(t)
+
+
+def gather(d: Dist, obj) -> list:
+    """Every rank's obj, in rank order (on every rank)."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def shard(model, d: Dist, amp_dtype) -> None:
+    """FSDP2: one unit per transformer block, then the root (embeddings, final LN, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype else MixedPrecisionPolicy()
+    for block in model.encoder.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a full tensor into a plain or FSDP2-sharded (DTensor) one."""
+    with torch.no_grad():
+        if isinstance(dst, DTensor):
+            dst.to_local().copy_(distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements).to_local())
+        else:
+            dst.copy_(src.to(dst.device, dst.dtype))
+
+
+def like(param: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """A full tensor laid out like `param` (sharded when param is a DTensor)."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(src.to(param.device), param.device_mesh, param.placements)
+    return src.to(param.device)
+
+
+def full_state(model) -> dict:
+    """Unsharded model state on CPU (on rank 0 only when distributed)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """{"param.fqn": {"step", "exp_avg", "exp_avg_sq"}} unsharded on CPU (rank 0 only when distributed)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)).get("state", {})
