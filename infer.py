@@ -12,8 +12,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_FASTA = os.path.join(HERE, "esm2lite", "demo", "predict.fasta")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every other esm2lite error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python infer.py",
         description="Score protein sequences with a model from train.py (a CSV of predictions, in input "
                     "order) and/or write embeddings. Run with no arguments for the demo.",
@@ -45,8 +52,11 @@ def parser() -> argparse.ArgumentParser:
 
 def demo_args() -> list[str]:
     if not os.path.exists(os.path.join("runs", "demo", "best", "config.json")):
+        from esm2lite.errors import Esm2liteError
+
         print("runs/demo/best not found: training the demo first (python train.py)", flush=True)
-        subprocess.run([sys.executable, os.path.join(HERE, "train.py")], check=True)
+        if subprocess.run([sys.executable, os.path.join(HERE, "train.py")]).returncode != 0:
+            raise Esm2liteError("the demo training (python train.py) failed; see its output above")
     return ["--run", "runs/demo", "--input", DEMO_FASTA, "--output", os.path.join("runs", "demo", "predictions.csv")]
 
 

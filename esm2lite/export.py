@@ -31,9 +31,24 @@ def merged_encoder(model: FineTuned) -> ESM2:
     return plain.eval()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every other esm2lite error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Fail before any work (and before writing the other output) if `path` cannot be written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise Esm2liteError(f"{path}: exists and is not a directory")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise Esm2liteError(f"{path}: output directory exists and is not empty (--overwrite replaces it)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m esm2lite.export",
-                                description="Export a fine-tuned esm2lite model for transformers / peft.")
+    p = OneLineParser(prog="python -m esm2lite.export",
+                      description="Export a fine-tuned esm2lite model for transformers / peft.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="train.py output directory (uses RUN/best)")
     src.add_argument("--checkpoint", help="a checkpoint directory")
@@ -45,14 +60,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.merged or args.peft):
         p.error("give --merged OUT and/or --peft OUT")
+    if args.merged and args.peft and os.path.abspath(args.merged) == os.path.abspath(args.peft):
+        p.error("--merged and --peft need different directories")
+    for out in (args.merged, args.peft):
+        if out:
+            check_output_dir(out, args.overwrite)
     ckpt = os.path.join(args.run, "best") if args.run else args.checkpoint
+    if args.run and not os.path.isdir(ckpt):
+        raise Esm2liteError(f"{args.run}: no best/ checkpoint in this run directory")
     model = FineTuned.load(ckpt, base_path=args.base_path)
+    if args.peft and model.mode != "lora":
+        raise Esm2liteError(f"{ckpt}: --peft needs a LoRA checkpoint (this one is mode {model.mode!r})")
     if args.peft:
-        if model.mode != "lora":
-            raise Esm2liteError(f"{ckpt}: --peft needs a LoRA checkpoint (this one is mode {model.mode!r})")
         from .peft_io import save_peft_adapter
 
-        save_peft_adapter(model.encoder, args.peft, base_model_name_or_path=model.base.path)
+        save_peft_adapter(model.encoder, args.peft, base_model_name_or_path=model.base.path,
+                          overwrite=args.overwrite)
         print(f"wrote peft adapter to {args.peft}")
     if args.merged:
         save_hf_dir(merged_encoder(model), args.merged, overwrite=args.overwrite)
