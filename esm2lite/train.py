@@ -284,14 +284,19 @@ def load_records(cfg: TrainConfig):
     return load_splits(spec, train=cfg.train_csv, valid=cfg.valid_csv, test=cfg.test_csv, csv=cfg.csv)
 
 
-def prepare_run_dir(cfg: TrainConfig, run: RunDir, resume: bool) -> None:
+def prepare_run_dir(cfg: TrainConfig, run: RunDir, resume: bool, world: int) -> None:
+    """Resume only with the same settings; the number of ranks may change if grad_accum x ranks
+    (micro-batches per optimizer step) stays the same."""
     config_path = os.path.join(cfg.out, "config.json")
     if resume:
         if not os.path.exists(config_path) or not run.step_dirs():
             raise Esm2liteError(f"{cfg.out}: nothing to resume (no checkpoints there)")
         with open(config_path, encoding="utf-8") as f:
             saved = json.load(f)
-        changed = [k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in ("out", "device")]
+        changed = [k for k, v in cfg.to_dict().items()
+                   if saved.get(k) != v and k not in ("out", "device", "grad_accum")]
+        if saved["grad_accum"] * saved.get("world_size", 1) != cfg.grad_accum * world:
+            changed.append(f"grad_accum x ranks (was {saved['grad_accum']} x {saved.get('world_size', 1)})")
         if changed:
             raise Esm2liteError(f"{config_path}: --resume needs the same settings; changed: {', '.join(changed)}")
     elif os.path.exists(run.metrics) or run.step_dirs():
@@ -329,7 +334,7 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
     records, labels = distributed.agree(d, load_data)  # every rank validates every row; errors agree
     metric = cfg.best_metric or DEFAULT_METRIC[cfg.task]
     run = RunDir(cfg.out)
-    distributed.agree(d, lambda: prepare_run_dir(cfg, run, resume))
+    distributed.agree(d, lambda: prepare_run_dir(cfg, run, resume, d.world))
 
     model = build_model(cfg, labels, device)
     model.encoder.activation_checkpointing = cfg.activation_checkpointing
@@ -356,7 +361,7 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
     else:
         if d.main:
             os.makedirs(cfg.out, exist_ok=True)
-            write_json(os.path.join(cfg.out, "config.json"), cfg.to_dict())
+            write_json(os.path.join(cfg.out, "config.json"), {**cfg.to_dict(), "world_size": d.world})
         if d.rank > 0:  # identical initial weights on every rank, then each its own dropout stream
             torch.manual_seed(cfg.seed * 1000 + d.rank)
 

@@ -1,0 +1,118 @@
+"""torchrun + FSDP2 on CPU (gloo, 2 processes): same trajectory as one process, resumable
+across rank counts, and errors end every rank."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import oracles
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "train.py")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    seqs = oracles.random_sequences(40, 15, 50, seed=1, with_mask=False)
+    with open(d / "d.csv", "w") as f:
+        f.write("sequence,target,split\n")
+        for i, s in enumerate(seqs):
+            f.write(f"{s},{(s.count('K') + s.count('R')) / len(s)},{'train' if i < 30 else 'valid'}\n")
+    return d
+
+
+def common(hf, data, mode, out, steps=6):
+    return ["--csv", str(data / "d.csv"), "--checkpoint", hf, "--mode", mode, "--steps", str(steps),
+            "--batch-tokens", "400", "--lr", "3e-3", "--eval-every", "3", "--log-every", "1", "--head-dropout", "0",
+            "--seed", "1", "--device", "cpu", "--keep-last", "100", "--out", str(out)]
+
+
+def torchrun(args, nproc=2, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def single(args, timeout=240):
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def log(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def assert_same_trajectory(a, b, rel=1e-5):
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= rel * abs(x["loss"]), (x, y)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "head"])
+def test_two_ranks_follow_the_single_process_trajectory(hf_tiny, data, tmp_path, mode):
+    r = torchrun(common(hf_tiny, data, mode, tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = single(common(hf_tiny, data, mode, tmp_path / "one") + ["--grad-accum", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_trajectory(log(tmp_path / "two"), log(tmp_path / "one"))
+    s2, s1 = (json.load(open(tmp_path / d / "summary.json")) for d in ("two", "one"))
+    assert s2["world_size"] == 2 and s2["best_step"] == s1["best_step"]
+    for k, v in s1["valid"].items():
+        assert abs(s2["valid"][k] - v) <= 1e-5 * max(1.0, abs(v)), k
+
+
+def partial_copy(src, dst, step):
+    """What a run interrupted after `step` leaves on disk."""
+    os.makedirs(dst / "checkpoints")
+    shutil.copy(src / "config.json", dst / "config.json")
+    shutil.copytree(src / "checkpoints" / f"step_{step}", dst / "checkpoints" / f"step_{step}")
+    shutil.copytree(src / "checkpoints" / f"step_{step}", dst / "best")
+    (dst / "metrics.jsonl").write_text((src / "metrics.jsonl").read_text())
+
+
+def test_resume_under_two_ranks_and_from_two_onto_one(hf_tiny, data, tmp_path):
+    full = tmp_path / "full"
+    r = torchrun(common(hf_tiny, data, "lora", full) + ["--save-every", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = load_file(full / "checkpoints" / "step_6" / "model.safetensors")
+
+    two = tmp_path / "two"
+    partial_copy(full, two, 3)
+    r = torchrun(common(hf_tiny, data, "lora", two) + ["--save-every", "3", "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = load_file(two / "checkpoints" / "step_6" / "model.safetensors")
+    for k in final:  # same ranks, same RNG streams: exactly the uninterrupted weights
+        assert (resumed[k] == final[k]).all(), k
+
+    one = tmp_path / "one"
+    partial_copy(full, one, 3)
+    r = single(common(hf_tiny, data, "lora", one) + ["--save-every", "3", "--resume"])
+    assert r.returncode == 2 and "changed: grad_accum x ranks (was 1 x 2)" in r.stderr
+    one2 = one  # on 1 rank the same global batch is 2 micro-batches per step
+    r = single(common(hf_tiny, data, "lora", one2) + ["--save-every", "3", "--resume", "--grad-accum", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    onto_one = load_file(one2 / "checkpoints" / "step_6" / "model.safetensors")
+    for k in final:
+        assert ((onto_one[k] - final[k]).norm() <= 1e-5 * final[k].norm() + 1e-7), k
+    assert_same_trajectory(log(one2), log(full))
+
+
+def test_bad_row_ends_every_rank_with_the_same_error(hf_tiny, data, tmp_path):
+    bad = tmp_path / "bad.csv"
+    lines = (data / "d.csv").read_text().splitlines()
+    lines[5] = lines[5].replace(",", "J,", 1)  # unknown residue at the end of row 6's sequence
+    bad.write_text("\n".join(lines) + "\n")
+    args = common(hf_tiny, data, "lora", tmp_path / "o")
+    args[args.index("--csv") + 1] = str(bad)
+    r = torchrun(args, timeout=120)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], r.stderr[-2000:]
+    assert "bad.csv, row 6, column 'sequence': unknown residue 'J'" in errors[0]
+    assert not (tmp_path / "o").exists()
