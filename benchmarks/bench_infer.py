@@ -1,0 +1,269 @@
+"""Inference benchmark: esm2lite vs transformers (eager and sdpa attention) on one set of sequences.
+
+The same random-weight ESM-2 architecture (8M by default) is built with transformers, saved with
+save_pretrained and loaded by both libraries: transformers.EsmModel (no pooler, no LM head) and
+esm2lite.ESM2 (logits=False), so both compute the final hidden states and nothing else. The
+sequences (random residues, lengths uniform in [min-len, max-len]) are cut into the same
+length-sorted token-budget batches (esm2lite.data.make_batches), right-padded; transformers gets
+attention_mask = tokens != <pad>. Every repeat times one pass over all batches per
+implementation (implementations interleaved, so load drift hits all alike); medians are reported,
+with ratios against transformers-sdpa from the same run.
+
+Peak memory of one pass, above what the loaded model already holds:
+  GPU: torch.cuda.max_memory_allocated() - memory_allocated() before the pass (tensors only).
+  CPU: peak resident set size minus the RSS before the pass, measured in a fresh process per
+       implementation (so freed heap pages of another implementation are not reused): Linux
+       /proc/self/status VmHWM after resetting it through /proc/self/clear_refs. It includes
+       allocator caching and fragmentation: a coarse number, not a tensor count.
+
+    python benchmarks/bench_infer.py                     # CPU: fp32, 1 thread; GPU if present: bf16
+    python benchmarks/bench_infer.py --num-seqs 16 --repeats 2
+    python benchmarks/bench_infer.py --arch esm2_t33_650M_UR50D --batch-tokens 16384   # on a GPU
+"""
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from esm2lite.atomic import write_json  # noqa: E402
+from esm2lite.config import ESM2Config  # noqa: E402
+from esm2lite.data import make_batches  # noqa: E402
+from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
+
+IMPLS = ("esm2lite", "transformers-eager", "transformers-sdpa")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports in the output
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="esm2_t6_8M_UR50D", help="ESM-2 architecture name (random weights)")
+    p.add_argument("--num-seqs", type=int, default=64, help="sequences in the set")
+    p.add_argument("--min-len", type=int, default=50, help="shortest sequence (residues)")
+    p.add_argument("--max-len", type=int, default=1000, help="longest sequence (residues)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch, padding included")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per implementation (median reported)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if cuda else "fp32",
+                   help="weights and compute dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads on CPU (default 1: stable timings on a shared machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON path (default benchmarks/results/infer_<device>.json)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- models and data
+
+
+def make_checkpoint(arch: str, out_dir: str, seed: int) -> None:
+    """A random-weight transformers EsmForMaskedLM of the named architecture, save_pretrained."""
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    config = ESM2Config.from_name(arch).to_hf_config()
+    config.pop("torch_dtype", None)
+    torch.manual_seed(seed)
+    EsmForMaskedLM(EsmConfig(**config)).save_pretrained(out_dir)
+
+
+def load_model(impl: str, model_dir: str, dtype, device):
+    if impl == "esm2lite":
+        from esm2lite import ESM2
+
+        return ESM2.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    from transformers import EsmModel
+
+    attn = impl.split("-", 1)[1]
+    model = EsmModel.from_pretrained(model_dir, attn_implementation=attn, add_pooling_layer=False, dtype=dtype)
+    return model.to(device).eval()
+
+
+@torch.inference_mode()
+def forward(impl: str, model, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [B, T] -> final hidden states [B, T, d]."""
+    if impl == "esm2lite":
+        return model(tokens, logits=False)["last_hidden_state"]
+    return model(input_ids=tokens, attention_mask=tokens.ne(PAD)).last_hidden_state
+
+
+def make_batches_for(num_seqs, min_len, max_len, batch_tokens, seed) -> tuple[list[torch.Tensor], list[int]]:
+    """Random sequences -> (padded token batches, longest first; residues per sequence)."""
+    g = torch.Generator().manual_seed(seed)
+    letters = "LAGVSERTIDPKQNFYMHWC"
+    lengths = torch.randint(min_len, max_len + 1, (num_seqs,), generator=g).tolist()
+    seqs = ["".join(letters[i] for i in torch.randint(0, 20, (n,), generator=g).tolist()) for n in lengths]
+    tok = Tokenizer()
+    batches = [tok.batch_encode([seqs[i] for i in idx]) for idx in make_batches([n + 2 for n in lengths],
+                                                                                  batch_tokens, shuffle=False)]
+    return batches, lengths
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_pass(impl, model, batches, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for tokens in batches:
+        forward(impl, model, tokens)
+    sync(device)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+def rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_child(impl, model_dir, dtype, batches, threads, queue) -> None:
+    """In a fresh process: peak RSS of one pass above the RSS after loading the model."""
+    torch.set_num_threads(threads)
+    model = load_model(impl, model_dir, dtype, "cpu")
+    forward(impl, model, batches[-1][:1])  # lazy initialisation (kernels, dispatch) outside the pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = rss_bytes("VmRSS")
+    run_pass(impl, model, batches, torch.device("cpu"))
+    queue.put(rss_bytes("VmHWM") - before)
+
+
+def cpu_peak_memory(impl, model_dir, dtype, batches, threads) -> int | None:
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None  # not Linux: no per-pass peak RSS
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=cpu_peak_child, args=(impl, model_dir, dtype, batches, threads, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def gpu_peak_memory(impl, model, batches, device) -> int:
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run_pass(impl, model, batches, device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+# ---------------------------------------------------------------- the run
+
+
+def max_abs_diff(impl, model, ref, batches) -> float:
+    """|this implementation - transformers-sdpa| on the non-pad positions of the first batch."""
+    tokens = batches[0]
+    keep = tokens.ne(PAD)
+    a, b = forward(impl, model, tokens).float(), ref[keep].float()
+    return float((a[keep] - b).abs().max())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    batches, lengths = make_batches_for(args.num_seqs, args.min_len, args.max_len, args.batch_tokens, args.seed)
+    residues, padded = sum(lengths), sum(b.numel() for b in batches)
+    print(f"{args.num_seqs} sequences, {residues} residues, {len(batches)} batches ({padded} tokens with "
+          f"padding), {args.arch} {args.dtype} on {device}" + (f", {args.threads} thread(s)" if device.type == "cpu" else ""))
+
+    with tempfile.TemporaryDirectory() as model_dir:
+        make_checkpoint(args.arch, model_dir, args.seed)
+        peak = {}
+        if device.type == "cpu":
+            for impl in IMPLS:
+                peak[impl] = cpu_peak_memory(impl, model_dir, dtype, batches, args.threads)
+        models = {impl: load_model(impl, model_dir, dtype, device) for impl in IMPLS}
+    batches = [b.to(device) for b in batches]
+    for impl, model in models.items():  # warm-up, and the GPU peak memory
+        forward(impl, model, batches[-1])
+        if device.type == "cuda":
+            peak[impl] = gpu_peak_memory(impl, model, batches, device)
+    ref = forward("transformers-sdpa", models["transformers-sdpa"], batches[0])
+    diffs = {impl: max_abs_diff(impl, m, ref, batches) for impl, m in models.items()}
+
+    times = {impl: [] for impl in IMPLS}
+    for r in range(args.repeats):
+        for impl, model in models.items():
+            times[impl].append(run_pass(impl, model, batches, device))
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{i} {t[-1]:.2f}s" for i, t in times.items()), flush=True)
+
+    results = {}
+    for impl in IMPLS:
+        median = statistics.median(times[impl])
+        results[impl] = {"pass_s_median": median, "pass_s": times[impl], "seqs_per_s": args.num_seqs / median,
+                         "residues_per_s": residues / median, "peak_memory_bytes": peak.get(impl),
+                         "max_abs_diff_vs_sdpa": diffs[impl]}
+    ref_impl = results["transformers-sdpa"]
+    for impl in IMPLS:
+        r = results[impl]
+        r["speedup_vs_sdpa"] = r["seqs_per_s"] / ref_impl["seqs_per_s"]
+        if r["peak_memory_bytes"] and ref_impl["peak_memory_bytes"]:
+            r["peak_memory_ratio_vs_sdpa"] = r["peak_memory_bytes"] / ref_impl["peak_memory_bytes"]
+
+    print_table(results)
+    write_results(args, device, results, lengths, batches, residues, padded)
+
+
+def print_table(results) -> None:
+    print(f"\n{'implementation':<20} {'seq/s':>8} {'residues/s':>11} {'vs sdpa':>8} {'peak MiB':>9} {'mem vs sdpa':>11} {'max|Δ|':>9}")
+    for impl, r in results.items():
+        mib = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "n/a"
+        mem = f"{r['peak_memory_ratio_vs_sdpa']:.2f}x" if "peak_memory_ratio_vs_sdpa" in r else "n/a"
+        print(f"{impl:<20} {r['seqs_per_s']:>8.2f} {r['residues_per_s']:>11.0f} {r['speedup_vs_sdpa']:>7.2f}x "
+              f"{mib:>9} {mem:>11} {r['max_abs_diff_vs_sdpa']:>9.1e}")
+
+
+def write_results(args, device, results, lengths, batches, residues, padded) -> None:
+    import transformers
+
+    out = args.out or os.path.join(RESULTS, f"infer_{device.type}.json")
+    doc = {
+        "benchmark": "inference: esm2lite vs transformers EsmModel (eager, sdpa), final hidden states",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_type": device.type,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "settings": {**vars(args), "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+                     "cpu_count": os.cpu_count()},
+        "data": {"num_seqs": len(lengths), "residues": residues, "tokens_with_padding": padded,
+                 "num_batches": len(batches), "batch_shapes": [list(b.shape) for b in batches]},
+        "memory_method": ("torch.cuda.max_memory_allocated minus allocated before the pass" if device.type == "cuda"
+                          else "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before the pass, "
+                               "one fresh process per implementation"),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "note": ("timings on a shared 2-core machine (other jobs running); implementations interleaved per repeat"
+                 if device.type == "cpu" else ""),
+        "results": results,
+    }
+    write_json(out, doc)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Fine-tuning benchmark: one LoRA regression workload through esm2lite and through
+transformers.EsmForSequenceClassification + peft, in one run.
+
+Same random-weight ESM-2 checkpoint (transformers save_pretrained), same data (random residues,
+lengths uniform in [min-len, max-len], random regression targets), same token-budget batches
+(esm2lite.data.make_batches, padded; transformers gets attention_mask), LoRA r=16, alpha=32,
+dropout 0 on query, key, value, attention.output.dense, intermediate.dense, output.dense (esm2lite:
+all six targets), AdamW, same number of steps. Only the step is timed: forward, MSE loss,
+backward, optimizer step (+ zero_grad). After warm-up steps, the median step time is reported.
+
+The heads differ as the libraries do (a few hundred thousand FLOPs per sequence, negligible):
+esm2lite mean-pools residues into Linear-ReLU-Linear (hidden 256); transformers' classifier is
+Linear-tanh-Linear on <cls> (peft trains it whole, modules_to_save).
+
+Each implementation runs in its own fresh process (sequentially), so its peak memory is its own:
+  GPU: torch.cuda.max_memory_allocated over the timed steps (tensors: weights, optimizer, activations).
+  CPU: peak RSS over the timed steps (VmHWM after /proc/self/clear_refs) minus the RSS before
+       them; warm-up steps have allocated the optimizer state already, so it is mostly activations.
+
+CPU (default without CUDA): fp32, 8M architecture. GPU: bf16 autocast, 650M architecture, and MFU =
+4 * parameters * tokens/s / a bf16 matmul rate measured here (4 = 2 forward + 2 backward-to-input
+FLOPs per frozen weight; LoRA and attention FLOPs are not counted).
+
+    python benchmarks/bench_train.py                    # CPU: 8M fp32, 1 thread; GPU: 650M bf16
+    python benchmarks/bench_train.py --steps 20 --batch-tokens 16384     # on a GPU
+"""
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from esm2lite.atomic import write_json  # noqa: E402
+from esm2lite.config import ESM2Config  # noqa: E402
+from esm2lite.data import make_batches  # noqa: E402
+from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
+
+IMPLS = ("esm2lite", "transformers+peft")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports in the output
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HF_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="esm2_t33_650M_UR50D" if cuda else "esm2_t6_8M_UR50D",
+                   help="ESM-2 architecture (random weights); default 650M on GPU, 8M on CPU")
+    p.add_argument("--num-seqs", type=int, default=512, help="size of the data pool batches are cut from")
+    p.add_argument("--min-len", type=int, default=50)
+    p.add_argument("--max-len", type=int, default=600)
+    p.add_argument("--batch-tokens", type=int, default=16384 if cuda else 2048, help="tokens per batch, padding included")
+    p.add_argument("--warmup", type=int, default=3 if cuda else 2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed steps (median reported)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16" if cuda else "fp32",
+                   help="bf16: autocast (weights fp32); default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1: stable timings)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON path (default benchmarks/results/train_<device>.json)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- data and models
+
+
+def make_checkpoint(arch: str, out_dir: str, seed: int) -> None:
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    config = ESM2Config.from_name(arch).to_hf_config()
+    config.pop("torch_dtype", None)
+    torch.manual_seed(seed)
+    EsmForMaskedLM(EsmConfig(**config)).save_pretrained(out_dir)
+
+
+def make_data(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """warmup + steps batches: (tokens [B, T] padded, targets [B, 1])."""
+    g = torch.Generator().manual_seed(args.seed)
+    letters = "LAGVSERTIDPKQNFYMHWC"
+    lengths = torch.randint(args.min_len, args.max_len + 1, (args.num_seqs,), generator=g).tolist()
+    seqs = ["".join(letters[i] for i in torch.randint(0, 20, (n,), generator=g).tolist()) for n in lengths]
+    targets = torch.randn(args.num_seqs, 1, generator=g)
+    order = make_batches([n + 2 for n in lengths], args.batch_tokens, shuffle=True, seed=args.seed)
+    need = args.warmup + args.steps
+    if len(order) < need:
+        raise SystemExit(f"--num-seqs {args.num_seqs} gives {len(order)} batches, fewer than warmup + steps = {need}")
+    tok = Tokenizer()
+    return [(tok.batch_encode([seqs[i] for i in idx]), targets[idx]) for idx in order[:need]]
+
+
+def build_esm2lite(model_dir, args, device):
+    """-> (step inputs -> loss function, trainable parameters, all parameters)."""
+    from esm2lite import ESM2
+    from esm2lite.heads import build_head
+    from esm2lite.lora import LoRAConfig, apply_lora
+
+    encoder = ESM2.from_pretrained(model_dir, device=device)
+    apply_lora(encoder, LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=0.0,
+                                   targets=("query", "key", "value", "out", "fc1", "fc2")))
+    head = build_head("regression", encoder.config.d_model, 1, 256, 0.0).to(device)
+    encoder.train(), head.train()
+
+    def loss_fn(tokens, target):
+        hidden = encoder(tokens, logits=False)["last_hidden_state"]
+        return head.loss(head(hidden, tokens), target)
+
+    params = [p for m in (encoder, head) for p in m.parameters()]
+    return loss_fn, params
+
+
+def build_transformers(model_dir, args, device):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import EsmForSequenceClassification
+
+    base = EsmForSequenceClassification.from_pretrained(model_dir, num_labels=1, problem_type="regression",
+                                                        attn_implementation="sdpa")
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                        target_modules=HF_TARGETS)
+    model = get_peft_model(base, config).to(device)
+    model.train()
+    adapted = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
+    assert len(adapted) == 6 * base.config.num_hidden_layers, len(adapted)
+
+    def loss_fn(tokens, target):
+        return model(input_ids=tokens, attention_mask=tokens.ne(PAD), labels=target).loss
+
+    return loss_fn, list(model.parameters())
+
+
+# ---------------------------------------------------------------- one implementation, in its own process
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def run_impl(impl, model_dir, args, queue) -> None:
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    build = build_esm2lite if impl == "esm2lite" else build_transformers
+    loss_fn, params = build(model_dir, args, device)
+    trainable = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
+    amp = torch.bfloat16 if args.precision == "bf16" else None
+    data = [(t.to(device), y.to(device)) for t, y in make_data(args)]
+
+    def step(tokens, target) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = loss_fn(tokens, target)
+        loss.float().backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    losses, times = [], []
+    for tokens, target in data[: args.warmup]:
+        losses.append(step(tokens, target))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    rss_before = rss_bytes("VmRSS") if device.type == "cpu" else None
+    for tokens, target in data[args.warmup:]:
+        sync(device)
+        start = time.perf_counter()
+        losses.append(step(tokens, target))  # float(loss) synchronises too
+        sync(device)
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else rss_bytes("VmHWM") - rss_before if rss_before is not None else None)
+    timed = data[args.warmup:]
+    queue.put({
+        "step_s": times, "step_s_median": statistics.median(times),
+        "tokens_per_step": sum(int(t.ne(PAD).sum()) for t, _ in timed) / len(timed),
+        "padded_tokens_per_step": sum(t.numel() for t, _ in timed) / len(timed),
+        "peak_memory_bytes": peak, "losses": losses,
+        "parameters": sum(p.numel() for p in params), "trainable_parameters": sum(p.numel() for p in trainable),
+    })
+
+
+def run_in_child(impl, model_dir, args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=run_impl, args=(impl, model_dir, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def bf16_matmul_flops(device, n: int = 8192, reps: int = 20) -> float:
+    """Measured bf16 matmul rate (FLOP/s) of an n x n x n torch.matmul."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    print(f"{args.arch}, LoRA r={args.rank} alpha={args.alpha:g}, {args.precision} on {device}, "
+          f"{args.batch_tokens} tokens/batch, {args.warmup} warm-up + {args.steps} timed steps"
+          + (f", {args.threads} thread(s)" if device.type == "cpu" else ""), flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as model_dir:
+        make_checkpoint(args.arch, model_dir, args.seed)
+        for impl in IMPLS:
+            results[impl] = r = run_in_child(impl, model_dir, args)
+            r["tokens_per_s"] = r["tokens_per_step"] / r["step_s_median"]
+            print(f"{impl}: median step {r['step_s_median']:.3f}s, {r['tokens_per_s']:.0f} tokens/s", flush=True)
+    ref = results["transformers+peft"]
+    for r in results.values():
+        r["speedup_vs_transformers"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        if r["peak_memory_bytes"] and ref["peak_memory_bytes"]:
+            r["peak_memory_ratio_vs_transformers"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
+    matmul = None
+    if device.type == "cuda":
+        matmul = bf16_matmul_flops(device)
+        for r in results.values():
+            # encoder weights only: the (tiny) heads and LoRA factors are left out
+            r["mfu"] = 4 * ESM2Config.from_name(args.arch).num_parameters() * r["tokens_per_s"] / matmul
+    print_table(results)
+    write_results(args, device, results, matmul)
+
+
+def print_table(results) -> None:
+    print(f"\n{'implementation':<18} {'step s':>8} {'tokens/s':>9} {'vs HF':>7} {'peak MiB':>9} {'mem vs HF':>9} "
+          f"{'MFU':>6}")
+    for impl, r in results.items():
+        mib = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "n/a"
+        mem = f"{r['peak_memory_ratio_vs_transformers']:.2f}x" if "peak_memory_ratio_vs_transformers" in r else "n/a"
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        print(f"{impl:<18} {r['step_s_median']:>8.3f} {r['tokens_per_s']:>9.0f} {r['speedup_vs_transformers']:>6.2f}x "
+              f"{mib:>9} {mem:>9} {mfu:>6}")
+
+
+def write_results(args, device, results, matmul) -> None:
+    import peft
+    import transformers
+
+    out = args.out or os.path.join(RESULTS, f"train_{device.type}.json")
+    doc = {
+        "benchmark": "LoRA fine-tuning step (regression): esm2lite vs transformers EsmForSequenceClassification + peft",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_type": device.type,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "settings": {**vars(args), "lora_dropout": 0.0, "hf_target_modules": HF_TARGETS, "optimizer": "AdamW",
+                     "cpu_count": os.cpu_count()},
+        "tokens_counted": "non-pad tokens (residues + <cls> + <eos>) of the timed batches",
+        "memory_method": ("torch.cuda.max_memory_allocated over the timed steps" if device.type == "cuda"
+                          else "peak RSS (VmHWM after /proc/self/clear_refs) over the timed steps minus RSS before "
+                               "them, one fresh process per implementation"),
+        "bf16_matmul_flops": matmul,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "note": ("timings on a shared 2-core machine (other jobs running)" if device.type == "cpu" else ""),
+        "results": results,
+    }
+    write_json(out, doc)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
