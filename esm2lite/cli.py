@@ -2,7 +2,7 @@
 
 import sys
 
-from .errors import Esm2liteError
+from .errors import Esm2liteError, TrainingInterrupted
 
 EXIT_BAD_INPUT = 2
 
@@ -21,6 +21,9 @@ def run_main(main, argv=None) -> int:
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -19,3 +19,11 @@ class CheckpointError(Esm2liteError):
 
 class DataError(Esm2liteError):
     """A data file (CSV / FASTA) with a bad row, column or value."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM during training: a checkpoint was saved; --resume continues."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

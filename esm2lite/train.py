@@ -10,11 +10,14 @@ On CPU a run is deterministic, and --resume from any checkpoint ends with exactl
 of an uninterrupted run (optimizer, LR schedule, RNG and data position are saved).
 """
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -23,10 +26,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import distributed
-from .atomic import write_json
+from .atomic import write_json, write_text
 from .distributed import Dist
 from .data import DataSpec, LabelSpace, collate, load_splits, make_batches
-from .errors import Esm2liteError
+from .errors import Esm2liteError, TrainingInterrupted
 from .finetuned import MODES, BaseRef, FineTuned, amp_dtype_for, run_batches
 from .heads import build_head
 from .lora import LoRAConfig, apply_lora
@@ -107,6 +110,23 @@ class TrainConfig:
         d["lora"] = self.lora.to_dict()
         d["target_columns"] = list(self.target_columns)
         return d
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM set a flag instead of killing the process: the loop finishes its step,
+    saves a checkpoint and exits cleanly (TrainingInterrupted)."""
+    stop = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -202,14 +222,26 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def truncate_log(self, step: int) -> None:
-        """On resume: drop records written after the checkpoint we resume from."""
+        """On resume: drop records written after the checkpoint we resume from (and a line
+        cut short by a kill)."""
         if not os.path.exists(self.metrics):
             return
-        with open(self.metrics, encoding="utf-8") as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step
-                    and json.loads(line)["split"] != "test"]
-        from .atomic import write_text
+        keep = []
+        with open(self.metrics, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if record["step"] <= step and record["split"] != "test":
+                        keep.append(json.dumps(record) + "\n")
         write_text(self.metrics, "".join(keep))
+
+    def remove_leftovers(self) -> None:
+        """Temporary directories of writes a kill cut short (never read: their names start with '.')."""
+        for parent in (self.out, self.checkpoints):
+            if os.path.isdir(parent):
+                for name in os.listdir(parent):
+                    if name.startswith(".") and name.endswith((".tmp", ".old")):
+                        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
     def prune(self, keep_last: int, protect: int | None) -> None:
         steps = self.step_dirs()
@@ -288,9 +320,7 @@ def prepare_run_dir(cfg: TrainConfig, run: RunDir, resume: bool, world: int) -> 
     """Resume only with the same settings; the number of ranks may change if grad_accum x ranks
     (micro-batches per optimizer step) stays the same."""
     config_path = os.path.join(cfg.out, "config.json")
-    if resume:
-        if not os.path.exists(config_path) or not run.step_dirs():
-            raise Esm2liteError(f"{cfg.out}: nothing to resume (no checkpoints there)")
+    if resume and os.path.exists(config_path):
         with open(config_path, encoding="utf-8") as f:
             saved = json.load(f)
         changed = [k for k, v in cfg.to_dict().items()
@@ -299,7 +329,7 @@ def prepare_run_dir(cfg: TrainConfig, run: RunDir, resume: bool, world: int) -> 
             changed.append(f"grad_accum x ranks (was {saved['grad_accum']} x {saved.get('world_size', 1)})")
         if changed:
             raise Esm2liteError(f"{config_path}: --resume needs the same settings; changed: {', '.join(changed)}")
-    elif os.path.exists(run.metrics) or run.step_dirs():
+    elif not resume and (os.path.exists(run.metrics) or run.step_dirs()):
         raise Esm2liteError(f"{cfg.out}: already holds a run; pass --resume to continue it or choose another --out")
 
 
@@ -336,6 +366,10 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
     run = RunDir(cfg.out)
     distributed.agree(d, lambda: prepare_run_dir(cfg, run, resume, d.world))
 
+    if resume and d.main:
+        run.remove_leftovers()
+    distributed.barrier(d)
+    resume = resume and bool(run.step_dirs())  # killed before the first checkpoint: start over
     model = build_model(cfg, labels, device)
     model.encoder.activation_checkpointing = cfg.activation_checkpointing
     step, best_value, best_step, skipped, state = 0, None, None, 0, None
@@ -362,6 +396,7 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
         if d.main:
             os.makedirs(cfg.out, exist_ok=True)
             write_json(os.path.join(cfg.out, "config.json"), {**cfg.to_dict(), "world_size": d.world})
+            write_text(run.metrics, "")
         if d.rank > 0:  # identical initial weights on every rank, then each its own dropout stream
             torch.manual_seed(cfg.seed * 1000 + d.rank)
 
@@ -387,59 +422,69 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, disable=not d.main)
     window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.time()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    while step < total:
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_at(step, cfg, total)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, finite = 0.0, True
-        for _ in range(cfg.grad_accum):
-            batch = batches.next()
-            tokens = batch["tokens"].to(device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(tokens)
-            loss = model.head.loss(out.float(), batch["target"].to(device))
-            if distributed.any_true(d, not bool(torch.isfinite(loss))):
-                finite = False
-                if not cfg.skip_nonfinite:
-                    raise Esm2liteError(
-                        f"non-finite training loss at step {step + 1}; the last good checkpoint is kept in "
-                        f"{run.checkpoints} (--skip-nonfinite skips such batches instead)")
-                break
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            window_tokens += int((tokens != 1).sum())
-        if finite:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
-            optimizer.step()
-        else:
-            skipped += 1
-        step += 1
-        window_loss, window_steps = window_loss + distributed.mean(d, step_loss), window_steps + 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total:
-            elapsed = max(time.time() - window_start, 1e-9)
-            tokens_per_s = distributed.mean(d, window_tokens / elapsed) * d.world
-            record = {"step": step, "split": "train", "loss": window_loss / window_steps,
-                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s}
-            if cfg.skip_nonfinite:
-                record["skipped_steps"] = skipped
-            if d.main:
-                run.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
-            window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.time()
-        is_best = False
-        if "valid" in records and (step % eval_every == 0 or step == total):
-            result = evaluate(model, records["valid"], cfg, "valid", d)
-            if d.main:
-                run.log({"step": step, "split": "valid", **result})
-                bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            if is_better(result[metric], best_value, metric):
-                best_value, best_step, is_best = result[metric], step, True
-        elif "valid" not in records and step == total:
-            best_step, is_best = step, True  # no validation split: the last step is "best"
-        if step % save_every == 0 or step == total or is_best:
-            checkpoint(step, is_best)
-    bar.close()
+    try:
+        with stop_on_signals() as stop:
+            while step < total:
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * lr_at(step, cfg, total)
+                optimizer.zero_grad(set_to_none=True)
+                step_loss, finite = 0.0, True
+                for _ in range(cfg.grad_accum):
+                    batch = batches.next()
+                    tokens = batch["tokens"].to(device)
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        out = model(tokens)
+                    loss = model.head.loss(out.float(), batch["target"].to(device))
+                    if distributed.any_true(d, not bool(torch.isfinite(loss))):
+                        finite = False
+                        if not cfg.skip_nonfinite:
+                            raise Esm2liteError(
+                                f"non-finite training loss at step {step + 1}; the last good checkpoint is kept in "
+                                f"{run.checkpoints} (--skip-nonfinite skips such batches instead)")
+                        break
+                    (loss / cfg.grad_accum).backward()
+                    step_loss += loss.item() / cfg.grad_accum
+                    window_tokens += int((tokens != 1).sum())
+                if finite:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
+                    optimizer.step()
+                else:
+                    skipped += 1
+                step += 1
+                window_loss, window_steps = window_loss + distributed.mean(d, step_loss), window_steps + 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    tokens_per_s = distributed.mean(d, window_tokens / elapsed) * d.world
+                    record = {"step": step, "split": "train", "loss": window_loss / window_steps,
+                              "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s}
+                    if cfg.skip_nonfinite:
+                        record["skipped_steps"] = skipped
+                    if d.main:
+                        run.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.time()
+                is_best = False
+                if "valid" in records and (step % eval_every == 0 or step == total):
+                    result = evaluate(model, records["valid"], cfg, "valid", d)
+                    if d.main:
+                        run.log({"step": step, "split": "valid", **result})
+                        bar.write(f"step {step}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                    if is_better(result[metric], best_value, metric):
+                        best_value, best_step, is_best = result[metric], step, True
+                elif "valid" not in records and step == total:
+                    best_step, is_best = step, True  # no validation split: the last step is "best"
+                if step % save_every == 0 or step == total or is_best:
+                    checkpoint(step, is_best)
+                if distributed.any_true(d, bool(stop)):
+                    if not (step % save_every == 0 or step == total or is_best):
+                        checkpoint(step, False)
+                    signum = stop[0] if stop else signal.SIGTERM
+                    raise TrainingInterrupted(
+                        f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint saved in "
+                        f"{os.path.join(run.checkpoints, f'step_{step}')}; continue with --resume", signum)
+    finally:
+        bar.close()
 
     summary = {"best_step": best_step, "best_metric": metric, "valid": None, "test": None}
     model.load_trained(run.best)

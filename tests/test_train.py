@@ -138,3 +138,28 @@ def test_demo_runs_and_loss_falls(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
     assert (tmp_path / "runs" / "demo" / "best" / "model.safetensors").exists()
     assert json.load(open(tmp_path / "runs" / "demo" / "summary.json"))["best_step"] is not None
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(hf_tiny, tmp_path, splits, monkeypatch):
+    from esm2lite import heads
+    from esm2lite.errors import Esm2liteError
+
+    calls = {"n": 0}
+    original = heads.RegressionHead.loss
+
+    def poisoned(self, out, target):
+        loss = original(self, out, target)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 5 and self.training else loss
+
+    monkeypatch.setattr(heads.RegressionHead, "loss", poisoned)
+    with pytest.raises(Esm2liteError, match="non-finite training loss at step 5"):
+        train_model(small_config(hf_tiny, tmp_path / "stop", save_every=2, eval_every=100), records=splits)
+    assert sorted(os.listdir(tmp_path / "stop" / "checkpoints")) == ["step_2", "step_4"]
+
+    calls["n"] = 0
+    train_model(small_config(hf_tiny, tmp_path / "skip", save_every=2, eval_every=100, skip_nonfinite=True),
+                records=splits)
+    train_rows = [r for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl") if r["split"] == "train"]
+    assert train_rows[-1]["skipped_steps"] == 1
+    assert json.load(open(tmp_path / "skip" / "summary.json"))["skipped_steps"] == 1
