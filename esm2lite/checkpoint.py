@@ -124,8 +124,11 @@ def read_hf_dir(path: str) -> tuple[ESM2Config, dict]:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({_one_line(e)})") from None
+        for name in files:  # shards are plain file names inside the directory, nothing else
+            if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+                raise CheckpointError(f"{index}: weight_map names {name!r}, not a file name in the directory")
         tensors = {}
         for name in files:
             shard = _read_safetensors(os.path.join(path, name))
@@ -176,6 +179,11 @@ def read_fair_esm(path: str) -> tuple[ESM2Config, dict]:
             token_dropout=bool(cfg.get("token_dropout", True)))
     except Exception as e:
         raise CheckpointError(f"{path}: cfg.model: {_one_line(e)}") from None
+    for k, v in data["model"].items():  # a crafted file may hold anything the unpickler allows
+        if not isinstance(k, str):
+            raise CheckpointError(f"{path}: model key {k!r} is of type {type(k).__name__}, not a string")
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: model entry {k!r} is of type {type(v).__name__}, not a tensor")
     tensors = {FAIR_PREFIX.sub("", k): v for k, v in data["model"].items()}
     return config, tensors
 

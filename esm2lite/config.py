@@ -102,8 +102,10 @@ class ESM2Config:
                 hf = json.load(f)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+        except OSError as e:  # a directory, no permission, an I/O error
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
         if not isinstance(hf, dict):
             raise CheckpointError(f"{path}: expected a JSON object")
         return cls.from_hf_config(hf, source=path)
