@@ -21,7 +21,7 @@ from .atomic import atomic_dir
 from .checkpoint import build_model, check_keys, load_base, random_base, resolve_dtype
 from .config import ESM2Config
 from .data import LabelSpace, collate, make_batches
-from .errors import CheckpointError
+from .errors import CheckpointError, Esm2liteError
 from .heads import head_from_config
 from .distributed import Dist, copy_into, gather
 from .lora import LoRAConfig, apply_lora, lora_state_dict
@@ -147,6 +147,7 @@ def read_tensors(ckpt_dir: str) -> tuple[dict, dict]:
 
 
 def read_config(ckpt_dir: str) -> dict:
+    """config.json of a checkpoint, every field checked before anything is built or allocated."""
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
@@ -155,14 +156,41 @@ def read_config(ckpt_dir: str) -> dict:
             cfg = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found (not an esm2lite checkpoint directory?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an esm2lite fine-tuning checkpoint (format field missing)")
     missing = [k for k in ("mode", "labels", "head", "lora", "model_config", "base") if k not in cfg]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
+    try:
+        check_config(cfg)
+    except (Esm2liteError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path}: {' '.join(str(e).split())[:300]}") from None
     return cfg
+
+
+def check_config(cfg: dict) -> None:
+    """Raise on any field that is malformed or asks for absurd sizes."""
+    if cfg["mode"] not in MODES:
+        raise ValueError(f"field mode must be one of {', '.join(MODES)}")
+    model = ESM2Config(**cfg["model_config"])  # checks sizes (parameter budget) itself
+    head = cfg["head"]
+    for key, limit in (("hidden", 65536), ("num_outputs", 100_000)):
+        value = head.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ValueError(f"field head.{key} must be an integer in 1..{limit}, got {value!r}")
+    if head.get("d_model") != model.d_model:
+        raise ValueError(f"field head.d_model {head.get('d_model')!r} does not match model_config.d_model {model.d_model}")
+    if cfg["lora"] is not None:
+        LoRAConfig.from_dict(cfg["lora"])
+    LabelSpace.from_dict(cfg["labels"])
+    base = cfg["base"]
+    missing = [k for k in ("path", "name", "seed", "sha256") if k not in base]
+    if missing:
+        raise ValueError(f"field base lacks {', '.join(missing)}")
+    if not (base["path"] or base["name"]):
+        raise ValueError("field base names neither a path nor an architecture")
 
 
 def amp_dtype_for(precision: str, device: torch.device):

@@ -256,16 +256,10 @@ CASES = [
          ["{d}/pred.csv"]),
     Case("infer_ckpt_huge_head_in_config", {"in.fasta": FASTA, "ck": best_copy(config=set_head_hidden)},
          infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"), ["ck/config.json", "hidden"],
-         ["{d}/pred.csv"],
-         xfail="esm2lite/finetuned.py:128 + heads.py:143: head_from_config builds a head of any size the "
-               "checkpoint's config.json asks for (RuntimeError 'can't allocate memory: 256000000000000 bytes', "
-               "traceback, exit 1); sizes are not checked and bad configs are not CheckpointErrors"),
+         ["{d}/pred.csv"]),
     Case("infer_ckpt_huge_full_model_config", {"in.fasta": FASTA, "ck": best_copy(config=set_full_huge)},
          infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"), ["ck/config.json", "parameters, more than"],
-         ["{d}/pred.csv"],
-         xfail="esm2lite/finetuned.py:121 ESM2Config(**cfg['model_config']): the size error does not name "
-               "the checkpoint's config.json ('error: config asks for 1.2e+16 parameters...'); unknown fields "
-               "would be a TypeError traceback"),
+         ["{d}/pred.csv"]),
     Case("infer_base_malicious_pt", {"in.fasta": FASTA, "evil.pt": evil_pt},
          ["infer", "--base", "{d}/evil.pt", "--input", "{d}/in.fasta", "--embeddings", "{d}/emb.safetensors"],
          ["evil.pt", "refused to unpickle"], ["{d}/emb.safetensors", "{d}/PWNED"]),
