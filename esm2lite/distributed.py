@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .errors import Esm2liteError
 
@@ -114,6 +113,8 @@ def shard(model, d: Dist, amp_dtype) -> None:
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy a full tensor into a plain or FSDP2-sharded (DTensor) one."""
+    from torch.distributed.tensor import DTensor, distribute_tensor  # imported here: slow to import
+
     with torch.no_grad():
         if isinstance(dst, DTensor):
             dst.to_local().copy_(distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements).to_local())
@@ -123,6 +124,8 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def like(param: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """A full tensor laid out like `param` (sharded when param is a DTensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     if isinstance(param, DTensor):
         return distribute_tensor(src.to(param.device), param.device_mesh, param.placements)
     return src.to(param.device)
