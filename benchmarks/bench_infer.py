@@ -9,12 +9,15 @@ attention_mask = tokens != <pad>. Every repeat times one pass over all batches p
 implementation (implementations interleaved, so load drift hits all alike); medians are reported,
 with ratios against transformers-sdpa from the same run.
 
-Peak memory of one pass, above what the loaded model already holds:
-  GPU: torch.cuda.max_memory_allocated() - memory_allocated() before the pass (tensors only).
-  CPU: peak resident set size minus the RSS before the pass, measured in a fresh process per
-       implementation (so freed heap pages of another implementation are not reused): Linux
-       /proc/self/status VmHWM after resetting it through /proc/self/clear_refs. It includes
-       allocator caching and fragmentation: a coarse number, not a tensor count.
+Peak memory above what the loaded model already holds:
+  GPU: torch.cuda.max_memory_allocated() - memory_allocated() before a full pass (tensors only).
+  CPU: peak resident set size minus the RSS before the forward of the first batch (the longest
+       sequences, where the peak is: eager attention grows with T^2 at a fixed token budget), in a
+       fresh process per implementation (so freed heap pages of another implementation are not
+       reused): Linux /proc/self/status VmHWM after resetting it through /proc/self/clear_refs. It
+       includes allocator caching and fragmentation: a coarse number, not a tensor count.
+
+The CPU default (16 sequences, 1 thread) takes about 1-2 minutes; transformers-eager dominates.
 
     python benchmarks/bench_infer.py                     # CPU: fp32, 1 thread; GPU if present: bf16
     python benchmarks/bench_infer.py --num-seqs 16 --repeats 2
@@ -52,7 +55,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="esm2_t6_8M_UR50D", help="ESM-2 architecture name (random weights)")
-    p.add_argument("--num-seqs", type=int, default=64, help="sequences in the set")
+    p.add_argument("--num-seqs", type=int, default=64 if cuda else 16, help="sequences in the set")
     p.add_argument("--min-len", type=int, default=50, help="shortest sequence (residues)")
     p.add_argument("--max-len", type=int, default=1000, help="longest sequence (residues)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch, padding included")
@@ -138,14 +141,14 @@ def rss_bytes(field: str) -> int:
 
 
 def cpu_peak_child(impl, model_dir, dtype, batches, threads, queue) -> None:
-    """In a fresh process: peak RSS of one pass above the RSS after loading the model."""
+    """In a fresh process: peak RSS of the first (longest) batch above the RSS after loading the model."""
     torch.set_num_threads(threads)
     model = load_model(impl, model_dir, dtype, "cpu")
     forward(impl, model, batches[-1][:1])  # lazy initialisation (kernels, dispatch) outside the pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = rss_bytes("VmRSS")
-    run_pass(impl, model, batches, torch.device("cpu"))
+    run_pass(impl, model, batches[:1], torch.device("cpu"))
     queue.put(rss_bytes("VmHWM") - before)
 
 
@@ -254,8 +257,8 @@ def write_results(args, device, results, lengths, batches, residues, padded) -> 
         "data": {"num_seqs": len(lengths), "residues": residues, "tokens_with_padding": padded,
                  "num_batches": len(batches), "batch_shapes": [list(b.shape) for b in batches]},
         "memory_method": ("torch.cuda.max_memory_allocated minus allocated before the pass" if device.type == "cuda"
-                          else "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before the pass, "
-                               "one fresh process per implementation"),
+                          else "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before the forward of the "
+                               "first (longest) batch, one fresh process per implementation"),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "note": ("timings on a shared 2-core machine (other jobs running); implementations interleaved per repeat"
                  if device.type == "cpu" else ""),

@@ -16,6 +16,9 @@ Each implementation runs in its own fresh process (sequentially), so its peak me
   GPU: torch.cuda.max_memory_allocated over the timed steps (tensors: weights, optimizer, activations).
   CPU: peak RSS over the timed steps (VmHWM after /proc/self/clear_refs) minus the RSS before
        them; warm-up steps have allocated the optimizer state already, so it is mostly activations.
+       Coarse: freed heap pages are reused, so it depends on the allocator's history.
+  Both: the bytes autograd saves for backward in one forward of the first timed batch
+       (saved_tensors_hooks, parameters excluded), which does not depend on the allocator.
 
 CPU (default without CUDA): fp32, 8M architecture. GPU: bf16 autocast, 650M architecture, and MFU =
 4 * parameters * tokens/s / a bf16 matmul rate measured here (4 = 2 forward + 2 backward-to-input
@@ -157,6 +160,23 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(field)
 
 
+def saved_activation_bytes(loss_fn, params, tokens, target) -> int:
+    """Bytes autograd saves for backward in one forward (parameters excluded): an allocator-
+    independent activation-memory number, beside the peak memory."""
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(tokens, target)
+    return sum(seen.values())
+
+
 def run_impl(impl, model_dir, args, queue) -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -180,6 +200,8 @@ def run_impl(impl, model_dir, args, queue) -> None:
     losses, times = [], []
     for tokens, target in data[: args.warmup]:
         losses.append(step(tokens, target))
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        saved = saved_activation_bytes(loss_fn, params, *data[args.warmup])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif os.path.exists("/proc/self/clear_refs"):
@@ -199,7 +221,7 @@ def run_impl(impl, model_dir, args, queue) -> None:
         "step_s": times, "step_s_median": statistics.median(times),
         "tokens_per_step": sum(int(t.ne(PAD).sum()) for t, _ in timed) / len(timed),
         "padded_tokens_per_step": sum(t.numel() for t, _ in timed) / len(timed),
-        "peak_memory_bytes": peak, "losses": losses,
+        "peak_memory_bytes": peak, "saved_activation_bytes_first_timed_batch": saved, "losses": losses,
         "parameters": sum(p.numel() for p in params), "trainable_parameters": sum(p.numel() for p in trainable),
     })
 
@@ -261,13 +283,13 @@ def main(argv=None):
 
 def print_table(results) -> None:
     print(f"\n{'implementation':<18} {'step s':>8} {'tokens/s':>9} {'vs HF':>7} {'peak MiB':>9} {'mem vs HF':>9} "
-          f"{'MFU':>6}")
+          f"{'saved MiB':>9} {'MFU':>6}")
     for impl, r in results.items():
         mib = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "n/a"
         mem = f"{r['peak_memory_ratio_vs_transformers']:.2f}x" if "peak_memory_ratio_vs_transformers" in r else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         print(f"{impl:<18} {r['step_s_median']:>8.3f} {r['tokens_per_s']:>9.0f} {r['speedup_vs_transformers']:>6.2f}x "
-              f"{mib:>9} {mem:>9} {mfu:>6}")
+              f"{mib:>9} {mem:>9} {r['saved_activation_bytes_first_timed_batch'] / 2**20:>9.0f} {mfu:>6}")
 
 
 def write_results(args, device, results, matmul) -> None:

@@ -23,7 +23,6 @@ from esm2lite.finetuned import FineTuned
 from esm2lite.heads import mean_pool
 from esm2lite.infer import predict
 from esm2lite.lora import LoRAConfig, lora_modules
-from esm2lite.model import ESM2
 from esm2lite.tokenizer import Tokenizer
 from esm2lite.train import TrainConfig, train_model
 
@@ -300,7 +299,8 @@ def bad_cases(tmp, run, corrupt):
         ("empty input", ["--run", r, "--input", tmp / "empty.csv"], "empty file"),
         ("header only", ["--run", r, "--input", tmp / "header_only.csv"], "no data rows"),
         ("bad residue", ["--run", r, "--input", tmp / "bad_residue.fasta"], "record 3 ('c'), line 6: unknown residue 'J'"),
-        ("bad residue in csv", ["--run", r, "--input", run["train"], "--sequence-column", "target"], "row 2"),
+        ("bad residue in csv", ["--run", r, "--input", run["train"], "--sequence-column", "target"],
+         "row 2, column 'target'"),
         ("missing column", ["--run", r, "--input", test, "--sequence-column", "seq"], "no column 'seq'"),
         ("missing checkpoint", ["--checkpoint", tmp / "nope", "--input", test], "not found"),
         ("run without best", ["--run", tmp, "--input", test], "no best/"),
