@@ -6,17 +6,10 @@ import os
 import subprocess
 import sys
 
-from esm2lite.cli import run_main
+from esm2lite.cli import OneLineParser, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_FASTA = os.path.join(HERE, "esm2lite", "demo", "predict.fasta")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 2, like every other esm2lite error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,12 +54,7 @@ def demo_args() -> list[str]:
 
 
 def main(argv):
-    import torch
-
-    from esm2lite import infer
-    from esm2lite.checkpoint import load_pretrained
-    from esm2lite.data import read_sequences
-    from esm2lite.errors import Esm2liteError
+    from esm2lite import distributed, infer
 
     demo = not [a for a in argv if a != "--debug"]
     args = parser().parse_args(demo_args() + argv if demo else argv)
@@ -82,10 +70,24 @@ def main(argv):
     for path in (args.output, args.embeddings):
         if path:
             infer.check_writable(path)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    d, device = distributed.setup(args.device)  # under torchrun: data-parallel, rank 0 writes
+    try:
+        predict_and_write(args, d, device, demo)
+    finally:
+        distributed.teardown(d)
 
-    pairs = read_sequences(args.input, args.sequence_column, args.id_column)
-    records = infer.to_records(pairs, args.input, args.max_residues, args.truncate)
+
+def predict_and_write(args, d, device, demo):
+    from esm2lite import distributed, infer
+    from esm2lite.checkpoint import load_pretrained
+    from esm2lite.data import read_sequences
+    from esm2lite.errors import Esm2liteError
+
+    def read():
+        pairs = read_sequences(args.input, args.sequence_column, args.id_column, args.max_residues, args.truncate)
+        return pairs, infer.to_records(pairs, args.input, args.max_residues, args.truncate)
+
+    pairs, records = distributed.agree(d, read)
     ids = [sid for sid, _ in pairs]
     if args.base:
         encoder, model = load_pretrained(args.base, device=device), None
@@ -97,11 +99,13 @@ def main(argv):
         encoder = model.encoder
 
     if args.output:
-        outputs, _ = infer.run_batches(model, records, args.batch_tokens, args.precision, desc="predict")
+        outputs, _ = infer.run_batches(model, records, args.batch_tokens, args.precision, desc="predict", d=d)
         rows = [{"id": sid, "sequence": r.sequence, **p}
                 for sid, r, p in zip(ids, records, infer.decode_predictions(model, outputs))]
     if args.embeddings:
-        tensors = infer.embed(encoder, records, ids, args.batch_tokens, args.precision, args.layers, args.per_residue)
+        tensors = infer.embed(encoder, records, ids, args.batch_tokens, args.precision, args.layers, args.per_residue, d)
+    if not d.main:
+        return
     # Write only after all work succeeded: no partial outputs.
     if args.output:
         infer.write_predictions_csv(args.output, rows)

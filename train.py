@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 
-from esm2lite.cli import run_main
+from esm2lite.cli import OneLineParser, run_main
 from esm2lite.lora import LoRAConfig
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "esm2lite", "demo")
@@ -15,7 +15,7 @@ DEMO_ARGS = ["--csv", os.path.join(DEMO_DIR, "demo.csv"), "--model", "esm2_t6_8M
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python train.py",
         description="Fine-tune ESM-2 on a CSV of protein sequences and labels. Writes metrics.jsonl, "
                     "summary.json and checkpoints (best/ for prediction) to --out. "

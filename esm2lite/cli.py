@@ -1,10 +1,18 @@
 """Shared command-line plumbing: one-line errors, non-zero exits, --debug for tracebacks."""
 
+import argparse
 import sys
 
 from .errors import Esm2liteError, TrainingInterrupted
 
 EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every other esm2lite error."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run_main(main, argv=None) -> int:
@@ -16,7 +24,7 @@ def run_main(main, argv=None) -> int:
     try:
         main(argv)
         return 0
-    except (Esm2liteError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+    except (Esm2liteError, OSError) as e:  # bad input, or a file that cannot be read / written
         if debug:
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

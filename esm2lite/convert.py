@@ -4,15 +4,14 @@ The result loads with transformers.EsmForMaskedLM.from_pretrained(OUT_DIR) and w
 esm2lite.ESM2.from_pretrained(OUT_DIR). The contact-regression head is not converted.
 """
 
-import argparse
 import sys
 
 from .checkpoint import load_pretrained, save_hf_dir
-from .cli import run_main
+from .cli import OneLineParser, run_main
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m esm2lite.convert",
         description="Convert a fair-esm ESM-2 .pt file into a HuggingFace-layout directory "
                     "(config.json + model.safetensors) that transformers and esm2lite load.")

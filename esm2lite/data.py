@@ -380,16 +380,23 @@ def _looks_like_fasta(path) -> bool:
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b">")
 
 
-def read_sequences(path, sequence_column="sequence", id_column=None) -> list[tuple[str, str]]:
+def _check_length(tokens: list[int], where: str, max_residues: int | None, truncate: bool) -> None:
+    if max_residues is not None and not truncate and len(tokens) - 2 > max_residues:
+        raise DataError(f"{where}: {len(tokens) - 2} residues, more than the maximum {max_residues} "
+                        "(--truncate cuts longer sequences)")
+
+
+def read_sequences(path, sequence_column="sequence", id_column=None, max_residues: int | None = None,
+                   truncate: bool = False) -> list[tuple[str, str]]:
     """Sequences to score -> [(id, sequence)] in input order.
 
     FASTA (by suffix .fa/.fasta/.faa/.fas, or content starting with '>'), otherwise CSV
     (.tsv/.tab: tab-separated). CSV ids come from `id_column`, or are "row<N>" with N the
-    spreadsheet row (header = 1). Every sequence is checked with the tokenizer; ids must be
-    unique.
+    spreadsheet row (header = 1). Every sequence is checked with the tokenizer (and against
+    max_residues unless truncate); ids must be unique.
     """
     if _looks_like_fasta(path):
-        return read_fasta(path)
+        return read_fasta(path, max_residues, truncate)
     name = str(path)
     header, rows = _read_csv(path)
     _require_columns(name, header, [sequence_column] + ([id_column] if id_column else []))
@@ -408,12 +415,13 @@ def read_sequences(path, sequence_column="sequence", id_column=None) -> list[tup
                                 f"(also on row {seen[sid]})")
             seen[sid] = rownum
         seq = values[sequence_column]
-        _encode_sequence(seq, _where(name, rownum, sequence_column))
+        where = _where(name, rownum, sequence_column)
+        _check_length(_encode_sequence(seq, where), where, max_residues, truncate)
         out.append((sid, seq))
     return out
 
 
-def read_fasta(path) -> list[tuple[str, str]]:
+def read_fasta(path, max_residues: int | None = None, truncate: bool = False) -> list[tuple[str, str]]:
     """FASTA -> [(id, sequence)] in file order.
 
     Multi-line records, lowercase, blank lines, CRLF and a BOM are fine; id = first word of
@@ -455,7 +463,7 @@ def read_fasta(path) -> list[tuple[str, str]]:
         if not seq:
             raise DataError(f"{label}: empty sequence")
         try:
-            _TOKENIZER.encode(seq)
+            _check_length(_TOKENIZER.encode(seq), label, max_residues, truncate)
         except TokenizerError as e:
             msg = str(e).split(": ", 1)[1]
             # name the file line of the bad character

@@ -6,14 +6,13 @@
 --peft:   the adapters in HF peft format (adapter_config.json + adapter_model.safetensors).
 """
 
-import argparse
 import os
 import sys
 
 import torch
 
 from .checkpoint import save_hf_dir
-from .cli import run_main
+from .cli import OneLineParser, run_main
 from .errors import Esm2liteError
 from .finetuned import FineTuned
 from .lora import merge_lora
@@ -29,13 +28,6 @@ def merged_encoder(model: FineTuned) -> ESM2:
         plain = ESM2(model.encoder.config)
     plain.load_state_dict(state, strict=True, assign=True)
     return plain.eval()
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 2, like every other esm2lite error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:

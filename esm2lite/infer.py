@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .atomic import atomic_path, write_text
 from .data import Record, make_batches
 from .errors import DataError, TokenizerError
+from .distributed import Dist, gather
 from .finetuned import FineTuned, amp_dtype_for, run_batches
 from .heads import mean_pool
 from .lora import merge_lora
@@ -70,15 +71,18 @@ def predict(checkpoint, sequences, ids=None, batch_tokens: int = 8192, precision
 
 @torch.no_grad()
 def embed(encoder: ESM2, records, ids, batch_tokens: int = 8192, precision: str = "auto", layers=None,
-          per_residue: bool = False) -> dict[str, torch.Tensor]:
+          per_residue: bool = False, d: Dist | None = None) -> dict[str, torch.Tensor]:
     """Embeddings keyed "mean/{layer}/{id}" ([d], mean over residues) and, with per_residue,
     "per_residue/{layer}/{id}" ([n_residues, d]). Layers follow fair-esm: 0 = embeddings,
-    L = final LayerNorm output (the default)."""
+    L = final LayerNorm output (the default). Under torchrun each rank embeds its share of
+    the batches and every rank gets the whole result."""
+    d = d or Dist()
     device = next(encoder.parameters()).device
     amp = amp_dtype_for(precision, device)
     layers = list(layers) if layers else [encoder.config.num_layers]
     out = {}
-    for idx in tqdm(make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False), desc="embed"):
+    batches = make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False)[d.rank::d.world]
+    for idx in tqdm(batches, desc="embed", disable=not d.main):
         T = max(len(records[i].tokens) for i in idx)
         tokens = torch.full((len(idx), T), PAD, dtype=torch.long)
         for row, i in enumerate(idx):
@@ -94,7 +98,7 @@ def embed(encoder: ESM2, records, ids, batch_tokens: int = 8192, precision: str 
                 if per_residue:
                     n = len(records[i].tokens)
                     out[f"per_residue/{layer}/{ids[i]}"] = h[row, 1: n - 1].cpu().contiguous()
-    return out
+    return {k: v for part in gather(d, out) for k, v in part.items()}
 
 
 def write_embeddings(path: str, tensors: dict, ids) -> None:

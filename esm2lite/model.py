@@ -10,7 +10,6 @@
 Shapes: B sequences, T tokens, d = d_model, H heads of size hd = d / H.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -239,9 +239,7 @@ CASES = [
          ["{d}/pred.csv"]),
     Case("infer_csv_too_long", {"in.csv": csv_text("name,sequence", "a,MKV", f"b,{LONG}")},
          infer("--run", "{run}", "--input", "{d}/in.csv", "--id-column", "name", "--max-residues", "50"),
-         ["in.csv", "row 3", "column 'sequence'", "maximum 50"], ["{d}/pred.csv"],
-         xfail="esm2lite/infer.py:32 to_records names a CSV row as \"record 2 ('b')\" (0-based data index + 1, "
-               "not the spreadsheet row 3) and not the column 'sequence'"),
+         ["in.csv", "row 3", "column 'sequence'", "maximum 50"], ["{d}/pred.csv"]),
     Case("infer_output_unwritable", {"in.fasta": FASTA, "afile": "x"},
          infer("--run", "{run}", "--input", "{d}/in.fasta", output="{d}/afile/pred.csv"), ["afile"],
          ["{d}/afile/pred.csv"]),

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import oracles
 from esm2lite import ESM2, CheckpointError, Esm2liteError, ESM2Config
 
 
