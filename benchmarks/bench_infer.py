@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import make_checkpoint, rss_bytes, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
-from esm2lite.config import ESM2Config  # noqa: E402
 from esm2lite.data import make_batches  # noqa: E402
 from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
 
@@ -71,16 +71,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- models and data
-
-
-def make_checkpoint(arch: str, out_dir: str, seed: int) -> None:
-    """A random-weight transformers EsmForMaskedLM of the named architecture, save_pretrained."""
-    from transformers import EsmConfig, EsmForMaskedLM
-
-    config = ESM2Config.from_name(arch).to_hf_config()
-    config.pop("torch_dtype", None)
-    torch.manual_seed(seed)
-    EsmForMaskedLM(EsmConfig(**config)).save_pretrained(out_dir)
 
 
 def load_model(impl: str, model_dir: str, dtype, device):
@@ -115,11 +105,6 @@ def make_batches_for(num_seqs, min_len, max_len, batch_tokens, seed) -> tuple[li
     return batches, lengths
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_pass(impl, model, batches, device) -> float:
     sync(device)
     start = time.perf_counter()
@@ -130,14 +115,6 @@ def run_pass(impl, model, batches, device) -> float:
 
 
 # ---------------------------------------------------------------- peak memory
-
-
-def rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def cpu_peak_child(impl, model_dir, dtype, batches, threads, queue) -> None:

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import make_checkpoint, rss_bytes, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
 from esm2lite.config import ESM2Config  # noqa: E402
 from esm2lite.data import make_batches  # noqa: E402
@@ -79,15 +80,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- data and models
-
-
-def make_checkpoint(arch: str, out_dir: str, seed: int) -> None:
-    from transformers import EsmConfig, EsmForMaskedLM
-
-    config = ESM2Config.from_name(arch).to_hf_config()
-    config.pop("torch_dtype", None)
-    torch.manual_seed(seed)
-    EsmForMaskedLM(EsmConfig(**config)).save_pretrained(out_dir)
 
 
 def make_data(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -145,19 +137,6 @@ def build_transformers(model_dir, args, device):
 
 
 # ---------------------------------------------------------------- one implementation, in its own process
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def saved_activation_bytes(loss_fn, params, tokens, target) -> int:

@@ -1,0 +1,30 @@
+"""Pieces the benchmarks share: a random-weight checkpoint, device sync, memory readings."""
+
+import torch
+
+from esm2lite.config import ESM2Config
+
+
+def make_checkpoint(arch: str, out_dir: str, seed: int) -> None:
+    """A random-weight transformers EsmForMaskedLM of the named architecture, save_pretrained:
+    both implementations then load the same files."""
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    config = ESM2Config.from_name(arch).to_hf_config()
+    config.pop("torch_dtype", None)
+    torch.manual_seed(seed)
+    EsmForMaskedLM(EsmConfig(**config)).save_pretrained(out_dir)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
