@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora_fwd import (INTERPRET, autotune, dropout_keep, empty, gemm_configs, launch_config,
+from .lora_fwd import (INTERPRET, autotune, dropout_keep, empty, gemm_configs, grouped_tile, launch_config,
                        m_bucket, r_pad, rank_proj, s_in_loop)
 
 INTERPRET_GEMM_DX = {"BM": 16, "BK": 32, "BN": 16, "GROUP_M": 8}
@@ -38,14 +38,7 @@ def _lora_dx_kernel(
     """dX = dY W + mask ⊙ (dS A)/(1-p) for one [BM, BK] tile (BN: the reduction block over N).
     DS_IN_LOOP: dS = s · dY B accumulates beside dY W (pid_k == 0 tiles store it for dA when
     STORE_DS). Otherwise dS was computed by _rank_proj_kernel and is loaded for the epilogue."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_k = tl.cdiv(K, BK)
-    group = GROUP_M * num_pid_k
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_k = (pid % group) // group_m
+    pid_m, pid_k = grouped_tile(M, K, BM, BK, GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)

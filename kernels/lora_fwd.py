@@ -129,6 +129,18 @@ def dropout_keep(seed, rows, cols, n_cols, p_drop):
 
 
 @autotune(skinny_configs("BP"), key=["M_BUCKET", "P", "R", "DROPOUT"])
+@triton.jit
+def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) in grouped order: GROUP_M row tiles sweep the
+    column tiles together, so the weight tiles they share are reused from L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    group = GROUP_M * tl.cdiv(N, BN)
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group) % group_m, (pid % group) // group_m
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _rank_proj_kernel(
     X_ptr, Y_ptr, out_ptr,            # X: [M, P]  Y: [r, P]  out: [M, r] fp32
@@ -172,15 +184,7 @@ def _lora_fwd_kernel(
     S_IN_LOOP: S = xd A^T accumulates beside x W^T in the K loop (and the pid_n == 0 tiles store
     it for the backward when STORE_S). Otherwise S was computed by _rank_proj_kernel and seeds
     the accumulator."""
-    # grouped ordering: GROUP_M row-tiles sweep the N tiles together (W tiles reused from L2)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
