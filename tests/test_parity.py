@@ -142,3 +142,27 @@ def test_unmasked_sequence_still_scaled_by_token_dropout(fair_tiny):
         got = ours(tokens, repr_layers=[0])["hidden_states"][0]
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.allclose(got, ours.embed_tokens.weight[tokens] * 0.88, atol=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(hf_tiny, batch):
+    saved = {}
+
+    def grads(checkpointing):
+        model = ESM2.from_pretrained(hf_tiny).train()
+        model.activation_checkpointing = checkpointing
+        saved[checkpointing] = 0
+
+        def count(t):
+            saved[checkpointing] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            out = model(batch)["last_hidden_state"]
+        (out[batch != 1] ** 2).mean().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    plain, recomputed = grads(False), grads(True)
+    assert saved[True] < 0.5 * saved[False]  # block activations really are dropped
+    assert plain.keys() == recomputed.keys() and len(plain) > 10
+    for k in plain:
+        assert torch.allclose(plain[k], recomputed[k], rtol=1e-5, atol=1e-7), k
