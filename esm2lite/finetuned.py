@@ -97,23 +97,26 @@ class FineTuned(nn.Module):
             if extra is not None:
                 extra(tmp)
 
-    def load_trained(self, ckpt_dir: str) -> "FineTuned":
-        """Copy a checkpoint's trained tensors into this model (plain or FSDP-sharded), by name."""
-        encoder_state, head_state = read_tensors(ckpt_dir)
+    def load_trained(self, ckpt_dir: str, tensors: tuple[dict, dict] | None = None) -> "FineTuned":
+        """Copy a checkpoint's trained tensors (read_tensors(ckpt_dir) unless given) into this
+        model, plain or FSDP-sharded, by name."""
+        encoder_state, head_state = tensors or read_tensors(ckpt_dir)
         got = {**{f"encoder.{k}": v for k, v in encoder_state.items()}, **{f"head.{k}": v for k, v in head_state.items()}}
         targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         expected = set(self.trained_state())
         check_keys({k: targets[k] for k in expected}, got, sorted(set(got) - expected),
                    os.path.join(ckpt_dir, "model.safetensors"))
         for k in sorted(expected):  # the same order on every rank: sharded copies are collective
-            copy_into(targets[k], got[k])
+            if targets[k].data_ptr() != got[k].data_ptr():  # full-mode loads already hold these
+                copy_into(targets[k], got[k])
         return self
 
     @classmethod
     def load(cls, ckpt_dir: str, dtype=None, device=None, base_path: str | None = None) -> "FineTuned":
         """Rebuild from a checkpoint directory; base_path overrides where the base model is found."""
         cfg = read_config(ckpt_dir)
-        encoder_state, _ = read_tensors(ckpt_dir)
+        tensors = read_tensors(ckpt_dir)
+        encoder_state = tensors[0]
         b = cfg["base"]
         base = BaseRef(path=base_path or b["path"], name=b["name"], seed=b["seed"], sha256=b["sha256"])
         lora = LoRAConfig.from_dict(cfg["lora"]) if cfg["lora"] else None
@@ -129,7 +132,7 @@ class FineTuned(nn.Module):
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{os.path.join(ckpt_dir, 'config.json')}: bad head config ({e})") from None
         model = cls(encoder, head, LabelSpace.from_dict(cfg["labels"]), cfg["mode"], base, lora)
-        return model.load_trained(ckpt_dir).eval()
+        return model.load_trained(ckpt_dir, tensors).eval()
 
 
 def read_tensors(ckpt_dir: str) -> tuple[dict, dict]:
