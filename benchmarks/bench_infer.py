@@ -25,11 +25,8 @@ The CPU default (16 sequences, 1 thread) takes about 1-2 minutes; transformers-e
 """
 
 import argparse
-import datetime
 import multiprocessing as mp
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -39,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import make_checkpoint, rss_bytes, sync  # noqa: E402
+from benchmarks.common import make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
 from esm2lite.data import make_batches  # noqa: E402
 from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
@@ -223,12 +220,7 @@ def write_results(args, device, results, lengths, batches, residues, padded) -> 
     out = args.out or os.path.join(RESULTS, f"infer_{device.type}.json")
     doc = {
         "benchmark": "inference: esm2lite vs transformers EsmModel (eager, sdpa), final hidden states",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "device_type": device.type,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        **run_info(device, transformers=transformers.__version__),
         "settings": {**vars(args), "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
                      "cpu_count": os.cpu_count()},
         "data": {"num_seqs": len(lengths), "residues": residues, "tokens_with_padding": padded,

@@ -29,11 +29,8 @@ FLOPs per frozen weight; LoRA and attention FLOPs are not counted).
 """
 
 import argparse
-import datetime
 import multiprocessing as mp
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -43,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import make_checkpoint, rss_bytes, sync  # noqa: E402
+from benchmarks.common import make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
 from esm2lite.config import ESM2Config  # noqa: E402
 from esm2lite.data import make_batches  # noqa: E402
@@ -278,12 +275,7 @@ def write_results(args, device, results, matmul) -> None:
     out = args.out or os.path.join(RESULTS, f"train_{device.type}.json")
     doc = {
         "benchmark": "LoRA fine-tuning step (regression): esm2lite vs transformers EsmForSequenceClassification + peft",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "device_type": device.type,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
+        **run_info(device, transformers=transformers.__version__, peft=peft.__version__),
         "settings": {**vars(args), "lora_dropout": 0.0, "hf_target_modules": HF_TARGETS, "optimizer": "AdamW",
                      "cpu_count": os.cpu_count()},
         "tokens_counted": "non-pad tokens (residues + <cls> + <eos>) of the timed batches",

@@ -28,3 +28,19 @@ def rss_bytes(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_info(device, **versions) -> dict:
+    """What every result JSON starts with: date, exact command, device, library versions."""
+    import datetime
+    import platform
+    import shlex
+    import sys
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_type": device.type,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, **versions},
+    }

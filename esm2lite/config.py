@@ -1,7 +1,6 @@
 """ESM2Config: the numbers that define an ESM-2 architecture."""
 
 import json
-import os
 from dataclasses import asdict, dataclass
 
 from .errors import CheckpointError, Esm2liteError
@@ -138,6 +137,3 @@ class ESM2Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def is_hf_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))

@@ -22,20 +22,21 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_dir
 from .checkpoint import _read_safetensors
+from .checkpoint import HF_NAMES, rename
 from .errors import CheckpointError
 from .lora import (TARGETS, LoRAConfig, apply_lora, check_adapter_keys, expected_shapes, load_lora_state_dict,
                    lora_modules, module_name)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
-HF_MODULES = {  # our target -> HF module path in block {i} (relative to EsmModel)
-    "query": "encoder.layer.{i}.attention.self.query",
-    "key": "encoder.layer.{i}.attention.self.key",
-    "value": "encoder.layer.{i}.attention.self.value",
-    "out": "encoder.layer.{i}.attention.output.dense",
-    "fc1": "encoder.layer.{i}.intermediate.dense",
-    "fc2": "encoder.layer.{i}.output.dense",
-}
+def _hf_module(target: str) -> str:
+    """HF EsmModel module path of a target in block {i}, from checkpoint.HF_NAMES:
+    "query" -> "encoder.layer.{i}.attention.self.query"."""
+    hf = rename(f"{module_name(0, target)}.weight", HF_NAMES, reverse=True)  # esm.encoder.layer.0....weight
+    return hf.removeprefix("esm.").removesuffix(".weight").replace(".0.", ".{i}.", 1)
+
+
+HF_MODULES = {t: _hf_module(t) for t in TARGETS}  # our target -> HF module path (relative to EsmModel)
 _HF_TARGET = {path.split("{i}.")[1]: t for t, path in HF_MODULES.items()}  # "attention.self.query" -> "query"
 ADAPTER_KEY = re.compile(
     r"^base_model\.model\.(?:esm\.)?encoder\.layer\.(?P<i>\d+)\.(?P<module>"

@@ -19,7 +19,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -120,7 +120,7 @@ def stop_on_signals():
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
@@ -372,9 +372,9 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
     resume = resume and bool(run.step_dirs())  # killed before the first checkpoint: start over
     model = build_model(cfg, labels, device)
     model.encoder.activation_checkpointing = cfg.activation_checkpointing
-    step, best_value, best_step, skipped, state = 0, None, None, 0, None
+    step, best_value, best_step, skipped = 0, None, None, 0
     if resume:
-        last_step, last_dir = run.step_dirs()[-1]
+        _, last_dir = run.step_dirs()[-1]
         model.load_trained(last_dir)  # full tensors, before sharding
     if d.enabled:
         distributed.shard(model, d, amp)
@@ -499,7 +499,3 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
     if d.main:
         write_json(os.path.join(cfg.out, "summary.json"), summary)
     return {"checkpoint": run.best, "summary": summary}
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
