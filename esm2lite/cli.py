@@ -15,6 +15,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
 
+def say(line: str) -> None:
+    """One line on stderr in a single write: under torchrun every rank shares the stream, and
+    print()'s separate newline write would interleave ranks' lines when stderr is unbuffered."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_main(main, argv=None) -> int:
     """Run main(argv); expected failures print one line on stderr and exit 2.
 
@@ -27,11 +34,11 @@ def run_main(main, argv=None) -> int:
     except (Esm2liteError, OSError) as e:  # bad input, or a file that cannot be read / written
         if debug:
             raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        say(f"error: {' '.join(str(e).split())}")
         return EXIT_BAD_INPUT
     except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
+        say(str(e))
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
