@@ -1,13 +1,16 @@
 """A fine-tuned model: an ESM-2 encoder plus a task head, and how it lives on disk.
 
 A checkpoint directory (written atomically) holds
-  model.safetensors  the trained tensors: "head.*" and, by mode,
-                     lora: the adapters "encoder.*.lora_a/lora_b" | full: every "encoder.*" | head: none
+  model.safetensors  lora and head modes: the trained tensors, "head.*" and (lora) the adapters
+                     "encoder.*.lora_a/lora_b"; small, so gathered and written by rank 0
+  dcp/               full mode instead: "encoder.*" and "head.*" as a torch.distributed.checkpoint,
+                     every rank writing its own shards (esm2lite.sharded)
   config.json        mode, task, labels, head and LoRA configs, and the base model: its path
                      (or architecture + seed when trained from scratch) and the sha256 of its
                      weights, checked when the adapters are loaded onto it again.
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,9 +26,10 @@ from .config import ESM2Config
 from .data import LabelSpace, collate, make_batches
 from .errors import CheckpointError, Esm2liteError
 from .heads import head_from_config
-from .distributed import Dist, copy_into, gather
+from .distributed import Dist, barrier, copy_into, gather
 from .lora import LoRAConfig, apply_lora, lora_state_dict
 from .model import ESM2
+from .sharded import has_sharded, load_sharded, read_sharded, save_sharded
 
 FORMAT = "esm2lite-finetuned"
 MODES = ("lora", "full", "head")
@@ -85,21 +89,35 @@ class FineTuned(nn.Module):
                      "sha256": self.base.sha256},
         }
 
-    def save(self, out_dir: str, tensors: dict | None = None, extra=None) -> None:
-        """Write the checkpoint directory atomically. tensors: the trained state if already
-        gathered (from FSDP shards); extra(tmp_dir) may add files to it."""
-        with atomic_dir(out_dir, overwrite=True) as tmp:
-            tensors = self.trained_state() if tensors is None else {k: tensors[k] for k in self.trained_state()}
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
-            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(self.config_dict(), f, indent=2)
-            if extra is not None:
-                extra(tmp)
+    def save(self, out_dir: str, tensors: dict | None = None, extra=None, d: Dist | None = None,
+             optimizer=None) -> None:
+        """Write the checkpoint directory atomically. Collective under torchrun: in full mode every
+        rank writes its shards (and the optimizer's, when given); otherwise rank 0 writes `tensors`,
+        the trained state already gathered from the FSDP shards (own state_dict when None).
+        extra(tmp_dir) may add files to it (rank 0)."""
+        d = d or Dist()
+        with atomic_dir(out_dir, overwrite=True) if d.main else contextlib.nullcontext() as tmp:
+            tmp = gather(d, tmp)[0]  # rank 0's temporary directory, for everyone
+            if self.mode == "full":
+                save_sharded(tmp, self, optimizer)
+            if d.main:
+                if self.mode != "full":
+                    tensors = self.trained_state() if tensors is None else {k: tensors[k] for k in self.trained_state()}
+                    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+                    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
+                with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                    json.dump(self.config_dict(), f, indent=2)
+                if extra is not None:
+                    extra(tmp)
+            barrier(d)  # every shard is on disk before rank 0 renames the directory into place
 
-    def load_trained(self, ckpt_dir: str, tensors: tuple[dict, dict] | None = None) -> "FineTuned":
-        """Copy a checkpoint's trained tensors (read_tensors(ckpt_dir) unless given) into this
-        model, plain or FSDP-sharded, by name."""
+    def load_trained(self, ckpt_dir: str, tensors: tuple[dict, dict] | None = None, optimizer=None) -> "FineTuned":
+        """Copy a checkpoint's trained tensors into this model, plain or FSDP-sharded, by name.
+        A full-mode (dcp/) checkpoint is read shard by shard, with the optimizer's state too
+        when one is given (resuming); otherwise `tensors` (read_tensors(ckpt_dir) unless given)."""
+        if tensors is None and self.mode == "full" and has_sharded(ckpt_dir):
+            load_sharded(ckpt_dir, self, optimizer)
+            return self
         encoder_state, head_state = tensors or read_tensors(ckpt_dir)
         got = {**{f"encoder.{k}": v for k, v in encoder_state.items()}, **{f"head.{k}": v for k, v in head_state.items()}}
         targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
@@ -136,12 +154,14 @@ class FineTuned(nn.Module):
 
 
 def read_tensors(ckpt_dir: str) -> tuple[dict, dict]:
-    """model.safetensors -> ({encoder key: tensor}, {head key: tensor})."""
+    """model.safetensors (or a full fine-tune's dcp/) -> ({encoder key: tensor}, {head key: tensor})."""
     path = os.path.join(ckpt_dir, "model.safetensors")
     try:
-        tensors = load_file(path)
+        tensors = read_sharded(ckpt_dir) if has_sharded(ckpt_dir) else load_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:200]})") from None
     encoder = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}

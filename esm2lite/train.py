@@ -150,6 +150,8 @@ def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> FineTuned:
         apply_lora(encoder, cfg.lora)
     elif cfg.mode == "head":
         encoder.requires_grad_(False)
+    else:  # full: the masked-LM head is not on the task's path; it keeps its pretrained weights
+        encoder.lm_head.requires_grad_(False)
     head = build_head(labels.task, encoder.config.d_model, labels.num_outputs, cfg.head_hidden, cfg.head_dropout)
     return FineTuned(encoder, head.to(device), labels, cfg.mode, base, cfg.lora if cfg.mode == "lora" else None)
 
@@ -250,11 +252,12 @@ class RunDir:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def training_state_tensors(model, optimizer, d: Dist) -> dict:
-    """Optimizer moments keyed by parameter name (unsharded: resumable on any number of
-    ranks) and every rank's RNG state. Collective; complete on rank 0 only."""
+def training_state_tensors(model, optimizer, d: Dist, moments: bool = True) -> dict:
+    """Every rank's RNG state and (with moments) the optimizer moments keyed by parameter name,
+    unsharded, so resumable on any number of ranks. Collective; complete on rank 0 only.
+    Full fine-tunes keep their moments in the sharded checkpoint instead (moments=False)."""
     tensors = {}
-    for name, st in distributed.full_optimizer_state(model, optimizer).items():
+    for name, st in distributed.full_optimizer_state(model, optimizer).items() if moments else ():
         for k, v in st.items():
             tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
     for rank, (cpu, cuda) in enumerate(distributed.gather(d, (torch.get_rng_state(), torch.cuda.get_rng_state()
@@ -373,9 +376,6 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
     model = build_model(cfg, labels, device)
     model.encoder.activation_checkpointing = cfg.activation_checkpointing
     step, best_value, best_step, skipped = 0, None, None, 0
-    if resume:
-        _, last_dir = run.step_dirs()[-1]
-        model.load_trained(last_dir)  # full tensors, before sharding
     if d.enabled:
         distributed.shard(model, d, amp)
     optimizer = make_optimizer(model, cfg)
@@ -386,6 +386,8 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
     save_every = cfg.save_every or eval_every
 
     if resume:
+        _, last_dir = run.step_dirs()[-1]
+        model.load_trained(last_dir, optimizer=optimizer if cfg.mode == "full" else None)  # onto the shards
         state = load_training_state(os.path.join(last_dir, "trainer_state"), model, optimizer, d)
         step, best_value, best_step, skipped = state["step"], state["best_value"], state["best_step"], state["skipped"]
         batches.epoch, batches.index = state["epoch"], state["index"]
@@ -401,20 +403,23 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
             torch.manual_seed(cfg.seed * 1000 + d.rank)
 
     def checkpoint(step_now: int, is_best: bool) -> None:
-        """Collective: shards are gathered to rank 0, which writes."""
-        tensors = distributed.full_state(model) if d.enabled else None
-        extra = training_state_tensors(model, optimizer, d)
+        """Collective. Full mode: every rank writes its shards of the weights and the optimizer
+        state. lora/head: the small trained state is gathered to rank 0, which writes."""
+        sharded = cfg.mode == "full"
+        tensors = distributed.full_state(model) if d.enabled and not sharded else None
+        extra = training_state_tensors(model, optimizer, d, moments=not sharded)
+        state = {"step": step_now, "epoch": batches.epoch, "index": batches.index, "best_value": best_value,
+                 "best_step": best_step, "skipped": skipped, "world_size": d.world}
+
+        def write_state(directory):
+            save_file(extra, os.path.join(directory, "trainer_state.safetensors"))
+            write_json(os.path.join(directory, "trainer_state.json"), state)
+
+        model.save(os.path.join(run.checkpoints, f"step_{step_now}"), tensors, extra=write_state, d=d,
+                   optimizer=optimizer if sharded else None)
+        if is_best:
+            model.save(run.best, tensors, d=d)
         if d.main:
-            state = {"step": step_now, "epoch": batches.epoch, "index": batches.index, "best_value": best_value,
-                     "best_step": best_step, "skipped": skipped, "world_size": d.world}
-
-            def write_state(directory):
-                save_file(extra, os.path.join(directory, "trainer_state.safetensors"))
-                write_json(os.path.join(directory, "trainer_state.json"), state)
-
-            model.save(os.path.join(run.checkpoints, f"step_{step_now}"), tensors, extra=write_state)
-            if is_best:
-                model.save(run.best, tensors)
             run.prune(cfg.keep_last, protect=best_step)
         distributed.barrier(d)
 

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 import oracles
+from esm2lite.finetuned import read_tensors
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,31 +77,71 @@ def partial_copy(src, dst, step):
     (dst / "metrics.jsonl").write_text((src / "metrics.jsonl").read_text())
 
 
-def test_resume_under_two_ranks_and_from_two_onto_one(hf_tiny, data, tmp_path):
+def trained(ckpt_dir):
+    """A checkpoint's trained tensors, whichever way they are stored (safetensors or DCP shards)."""
+    encoder, head = read_tensors(str(ckpt_dir))
+    return {**{f"encoder.{k}": v for k, v in encoder.items()}, **{f"head.{k}": v for k, v in head.items()}}
+
+
+def assert_close_weights(a, b, rel=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).norm() <= rel * a[k].norm() + 1e-7, k
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_under_two_ranks_and_from_two_onto_one(hf_tiny, data, tmp_path, mode):
     full = tmp_path / "full"
-    r = torchrun(common(hf_tiny, data, "lora", full) + ["--save-every", "3"])
+    r = torchrun(common(hf_tiny, data, mode, full) + ["--save-every", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
-    final = load_file(full / "checkpoints" / "step_6" / "model.safetensors")
+    step_3 = full / "checkpoints" / "step_3"
+    if mode == "full":  # sharded: each rank wrote its own shard file, nothing was gathered
+        assert sorted(os.listdir(step_3 / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert not (step_3 / "model.safetensors").exists()
+    final = trained(full / "checkpoints" / "step_6")
 
     two = tmp_path / "two"
     partial_copy(full, two, 3)
-    r = torchrun(common(hf_tiny, data, "lora", two) + ["--save-every", "3", "--resume"])
+    r = torchrun(common(hf_tiny, data, mode, two) + ["--save-every", "3", "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
-    resumed = load_file(two / "checkpoints" / "step_6" / "model.safetensors")
+    resumed = trained(two / "checkpoints" / "step_6")
+    assert resumed.keys() == final.keys()
     for k in final:  # same ranks, same RNG streams: exactly the uninterrupted weights
         assert (resumed[k] == final[k]).all(), k
 
     one = tmp_path / "one"
     partial_copy(full, one, 3)
-    r = single(common(hf_tiny, data, "lora", one) + ["--save-every", "3", "--resume"])
+    r = single(common(hf_tiny, data, mode, one) + ["--save-every", "3", "--resume"])
     assert r.returncode == 2 and "changed: grad_accum x ranks (was 1 x 2)" in r.stderr
-    one2 = one  # on 1 rank the same global batch is 2 micro-batches per step
-    r = single(common(hf_tiny, data, "lora", one2) + ["--save-every", "3", "--resume", "--grad-accum", "2"])
+    # on 1 rank the same global batch is 2 micro-batches per step
+    r = single(common(hf_tiny, data, mode, one) + ["--save-every", "3", "--resume", "--grad-accum", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
-    onto_one = load_file(one2 / "checkpoints" / "step_6" / "model.safetensors")
-    for k in final:
-        assert ((onto_one[k] - final[k]).norm() <= 1e-5 * final[k].norm() + 1e-7), k
-    assert_same_trajectory(log(one2), log(full))
+    assert_close_weights(final, trained(one / "checkpoints" / "step_6"))
+    assert_same_trajectory(log(one), log(full))
+
+
+def test_full_fine_tune_from_one_process_resumes_on_two_ranks_and_predicts(hf_tiny, data, tmp_path):
+    one = tmp_path / "one"
+    r = single(common(hf_tiny, data, "full", one) + ["--save-every", "3", "--grad-accum", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    partial_copy(one, two, 3)
+    r = torchrun(common(hf_tiny, data, "full", two) + ["--save-every", "3", "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_close_weights(trained(one / "checkpoints" / "step_6"), trained(two / "checkpoints" / "step_6"))
+    assert_same_trajectory(log(two), log(one))
+    # the sharded best checkpoint serves predictions in a plain process: they reproduce the
+    # validation MSE the 2-rank run reported for it
+    valid = [line.split(",") for line in (data / "d.csv").read_text().splitlines()[1:] if line.endswith(",valid")]
+    (tmp_path / "valid.csv").write_text("id,sequence\n" + "".join(f"v{i},{s}\n" for i, (s, _, _) in enumerate(valid)))
+    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(two / "best"), "--input",
+                        str(tmp_path / "valid.csv"), "--output", str(tmp_path / "pred.csv")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    preds = [float(line.split(",")[2]) for line in (tmp_path / "pred.csv").read_text().splitlines()[1:]]
+    mse = sum((p - float(t)) ** 2 for p, (_, t, _) in zip(preds, valid)) / len(valid)
+    reported = json.load(open(two / "summary.json"))["valid"]["mse"]
+    assert abs(mse - reported) <= 1e-5 * reported, (mse, reported)
 
 
 def test_bad_row_ends_every_rank_with_the_same_error(hf_tiny, data, tmp_path):

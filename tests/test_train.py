@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import oracles
 from esm2lite.data import records_from_pairs
+from esm2lite.finetuned import read_tensors
 from esm2lite.lora import LoRAConfig
 from esm2lite.train import TrainConfig, lr_at, train_model
 
@@ -89,9 +90,16 @@ def test_lora_mode_changes_only_adapters_and_head(hf_tiny, tmp_path, splits):
     assert any(saved[k].abs().sum() > 0 for k in enc if k.endswith("lora_b"))  # B moved off zero
 
 
-def test_resume_gives_exactly_the_uninterrupted_weights(hf_tiny, tmp_path, splits):
+def trained(ckpt_dir):
+    """A checkpoint's trained tensors, whichever way they are stored (safetensors or DCP shards)."""
+    encoder, head = read_tensors(str(ckpt_dir))
+    return {**{f"encoder.{k}": v for k, v in encoder.items()}, **{f"head.{k}": v for k, v in head.items()}}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_gives_exactly_the_uninterrupted_weights(hf_tiny, tmp_path, splits, mode):
     full = tmp_path / "full"
-    train_model(small_config(hf_tiny, full, save_every=4), records=splits)
+    train_model(small_config(hf_tiny, full, save_every=4, mode=mode), records=splits)
     part = tmp_path / "part"
     os.makedirs(part / "checkpoints")
     shutil.copy(full / "config.json", part / "config.json")
@@ -99,9 +107,9 @@ def test_resume_gives_exactly_the_uninterrupted_weights(hf_tiny, tmp_path, split
     shutil.copytree(full / "checkpoints" / "step_4", part / "best")  # step 4 was the first eval: best so far
     with open(full / "metrics.jsonl") as f:  # a log that ran past the checkpoint, as after a crash
         (part / "metrics.jsonl").write_text(f.read())
-    train_model(small_config(hf_tiny, part, save_every=4), records=splits, resume=True)
-    a = load_file(full / "checkpoints" / "step_12" / "model.safetensors")
-    b = load_file(part / "checkpoints" / "step_12" / "model.safetensors")
+    train_model(small_config(hf_tiny, part, save_every=4, mode=mode), records=splits, resume=True)
+    a, b = trained(full / "checkpoints" / "step_12"), trained(part / "checkpoints" / "step_12")
+    assert (mode == "full") == (full / "checkpoints" / "step_12" / "dcp").is_dir()  # full fine-tunes: DCP shards
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

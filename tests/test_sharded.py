@@ -1,0 +1,99 @@
+"""Full fine-tunes are stored as torch.distributed.checkpoint shards: they load back into the
+same weights, in a plain process, and damaged or mismatched ones fail with one clear error."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import oracles
+from esm2lite.data import records_from_pairs
+from esm2lite.errors import CheckpointError
+from esm2lite.finetuned import FineTuned
+from esm2lite.train import TrainConfig, train_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pairs(n, seed):
+    return [(s, len(s) / 50) for s in oracles.random_sequences(n, 15, 50, seed=seed, with_mask=False)]
+
+
+@pytest.fixture(scope="module")
+def full_run(hf_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    cfg = TrainConfig(checkpoint=hf_tiny, out=str(out), mode="full", steps=3, batch_tokens=600, lr=1e-2, seed=2)
+    train_model(cfg, records={"train": records_from_pairs(pairs(20, 1)), "valid": records_from_pairs(pairs(6, 2))})
+    return out
+
+
+def test_full_checkpoint_is_sharded_and_loads_the_trained_weights(full_run, hf_tiny):
+    from esm2lite import ESM2
+
+    best = full_run / "best"
+    assert (best / "dcp" / ".metadata").exists() and not (best / "model.safetensors").exists()
+    tuned = FineTuned.load(str(best))
+    base = ESM2.from_pretrained(hf_tiny).state_dict()
+    got = tuned.encoder.state_dict()
+    assert got.keys() == base.keys()
+    moved = [k for k in base if not torch.equal(got[k], base[k])]
+    assert any(".attn." in k for k in moved)  # trained: the encoder moved off the pretrained weights
+    assert not any(k.startswith("lm_head.") for k in moved)  # the unused masked-LM head stays as loaded
+    bf16 = FineTuned.load(str(best), dtype="bf16")
+    for k, v in bf16.encoder.state_dict().items():
+        assert v.dtype == (torch.float32 if k.endswith("inv_freq") else torch.bfloat16), k
+        assert torch.equal(v, got[k].to(v.dtype)), k
+
+
+def damaged(full_run, tmp_path, how):
+    ck = tmp_path / "ck"
+    shutil.copytree(full_run / "best", ck)
+    how(ck / "dcp")
+    return ck
+
+
+def drop_metadata(d):
+    os.remove(d / ".metadata")
+
+
+def truncate_shard(d):
+    shard = next(p for p in d.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("how, expect", [(drop_metadata, "unreadable torch.distributed.checkpoint"),
+                                         (truncate_shard, "cannot read the checkpoint shards")])
+def test_damaged_shards_give_one_clear_error(full_run, tmp_path, how, expect):
+    ck = damaged(full_run, tmp_path, how)
+    with pytest.raises(CheckpointError, match=expect) as e:
+        FineTuned.load(str(ck))
+    assert str(ck / "dcp") in str(e.value)
+
+
+def test_shards_of_another_architecture_are_refused(full_run, tmp_path, hf_tiny):
+    other = tmp_path / "other"
+    cfg = TrainConfig(model="esm2_t6_8M_UR50D", out=str(other), mode="full", steps=1, batch_tokens=600, seed=2)
+    train_model(cfg, records={"train": records_from_pairs(pairs(4, 3))})
+    ck = tmp_path / "ck"
+    shutil.copytree(full_run / "best", ck)
+    shutil.rmtree(ck / "dcp")
+    shutil.copytree(other / "best" / "dcp", ck / "dcp")
+    model = FineTuned.load(str(full_run / "best"))
+    with pytest.raises(CheckpointError, match="weights do not fit the config.*shape mismatches"):
+        model.load_trained(str(ck))
+
+
+@pytest.mark.slow
+def test_infer_cli_on_damaged_shards_exits_2_with_one_line(full_run, tmp_path):
+    ck = damaged(full_run, tmp_path, truncate_shard)
+    (tmp_path / "in.fasta").write_text(">a\nMKTAYIAKQR\n")
+    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(ck), "--input",
+                        str(tmp_path / "in.fasta"), "--output", str(tmp_path / "pred.csv")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{ck / 'dcp'}: cannot read the checkpoint shards" in r.stderr
+    assert not (tmp_path / "pred.csv").exists()
