@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
+from benchmarks.common import make_checkpoint, rss_bytes, run_info, saved_bytes, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
 from esm2lite.config import ESM2Config  # noqa: E402
 from esm2lite.data import make_batches  # noqa: E402
@@ -136,23 +136,6 @@ def build_transformers(model_dir, args, device):
 # ---------------------------------------------------------------- one implementation, in its own process
 
 
-def saved_activation_bytes(loss_fn, params, tokens, target) -> int:
-    """Bytes autograd saves for backward in one forward (parameters excluded): an allocator-
-    independent activation-memory number, beside the peak memory."""
-    weights = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn(tokens, target)
-    return sum(seen.values())
-
-
 def run_impl(impl, model_dir, args, queue) -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -177,7 +160,7 @@ def run_impl(impl, model_dir, args, queue) -> None:
     for tokens, target in data[: args.warmup]:
         losses.append(step(tokens, target))
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        saved = saved_activation_bytes(loss_fn, params, *data[args.warmup])
+        saved = saved_bytes(lambda: loss_fn(*data[args.warmup]), params)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif os.path.exists("/proc/self/clear_refs"):

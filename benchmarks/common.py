@@ -30,6 +30,23 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def saved_bytes(forward, params) -> int:
+    """Bytes autograd saves for backward while forward() runs, the given parameters' own storage
+    excluded: an activation-memory number that does not depend on the allocator."""
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t.detach()  # keeps the storage alive (no pointer reuse) without a graph -> tensor -> graph cycle
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
 def run_info(device, **versions) -> dict:
     """What every result JSON starts with: date, exact command, device, library versions."""
     import datetime

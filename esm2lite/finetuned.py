@@ -65,7 +65,8 @@ class FineTuned(nn.Module):
         self.mode, self.base, self.lora = mode, base, lora
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [B, T]
-        hidden = self.encoder(tokens, logits=False)["last_hidden_state"]  # [B, T, d]
+        with torch.no_grad() if self.mode == "head" else contextlib.nullcontext():  # frozen: no autograd
+            hidden = self.encoder(tokens, logits=False)["last_hidden_state"]  # [B, T, d]
         return self.head(hidden, tokens)  # [B, n_outputs] or [B, T, n_classes]
 
     # ------------------------------------------------------------ state

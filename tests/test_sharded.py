@@ -97,3 +97,20 @@ def test_infer_cli_on_damaged_shards_exits_2_with_one_line(full_run, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"{ck / 'dcp'}: cannot read the checkpoint shards" in r.stderr
     assert not (tmp_path / "pred.csv").exists()
+
+
+def test_full_fine_tune_exports_to_a_directory_transformers_loads(full_run, tmp_path):
+    from transformers import EsmModel
+
+    from esm2lite.export import main as export_main
+    from esm2lite.tokenizer import Tokenizer
+
+    export_main(["--run", str(full_run), "--merged", str(tmp_path / "hf")])
+    hf = EsmModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
+    tuned = FineTuned.load(str(full_run / "best"))
+    tokens = Tokenizer().batch_encode(oracles.random_sequences(4, 5, 40, seed=8))
+    with torch.no_grad():
+        got = hf(input_ids=tokens, attention_mask=tokens.ne(1)).last_hidden_state
+        want = tuned.encoder(tokens, logits=False)["last_hidden_state"]
+    keep = tokens.ne(1)
+    assert (got[keep] - want[keep]).abs().max() <= 5e-5
