@@ -197,9 +197,12 @@ class Batches:
         self.index += 1
         return self._order[self.index - 1]
 
+    def next_indices(self) -> list[int]:
+        """This rank's record indices for the next micro-batch (every rank advances the stream)."""
+        return [self._take() for _ in range(self.world)][self.rank]
+
     def next(self) -> dict:
-        taken = [self._take() for _ in range(self.world)]
-        return collate([self.records[i] for i in taken[self.rank]], self.labels)
+        return collate([self.records[i] for i in self.next_indices()], self.labels)
 
 
 # ---------------------------------------------------------------- the run directory

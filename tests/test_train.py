@@ -15,7 +15,7 @@ import oracles
 from esm2lite.data import records_from_pairs
 from esm2lite.finetuned import read_tensors
 from esm2lite.lora import LoRAConfig
-from esm2lite.train import TrainConfig, lr_at, train_model
+from esm2lite.train import Batches, TrainConfig, lr_at, train_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,6 +125,26 @@ def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(hf_tiny, tmp_p
         train_model(small_config(hf_tiny, tmp_path / "r", steps=4), records=splits)
     with pytest.raises(Esm2liteError, match="changed: lr"):
         train_model(small_config(hf_tiny, tmp_path / "r", steps=4, lr=1.0), records=splits, resume=True)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_share_one_stream_every_row_once_per_epoch(splits, world):
+    from esm2lite.data import LabelSpace
+
+    train = splits["train"]
+    cfg = TrainConfig(model="esm2_t6_8M_UR50D", steps=1, batch_tokens=200, seed=4)
+    labels = LabelSpace.fit("regression", train, ["target"])
+    ranks = [Batches(train, cfg, labels, rank, world) for rank in range(world)]
+    per_epoch = len(ranks[0])
+    steps = -(-2 * per_epoch // world)  # enough micro-batches for two whole epochs over all ranks
+    taken = [[b.next_indices() for _ in range(steps)] for b in ranks]
+    stream = [taken[r][s] for s in range(steps) for r in range(world)]  # the global order
+    single = Batches(train, cfg, labels)
+    assert stream == [single.next_indices() for _ in range(steps * world)]  # = one process's stream
+    for epoch in range(2):
+        rows = sorted(i for batch in stream[epoch * per_epoch:(epoch + 1) * per_epoch] for i in batch)
+        assert rows == list(range(len(train)))  # no row twice, none missing
+    assert all(b.epoch == ranks[0].epoch and b.index == ranks[0].index for b in ranks)  # one resumable position
 
 
 def test_lr_schedule():
