@@ -180,6 +180,129 @@ def test_dtype_and_device_choice(hf_tiny):
         ESM2.from_pretrained(hf_tiny, dtype="int8")
 
 
+def test_pytorch_model_bin_only_directory_refused(hf_tiny, tmp_path):
+    """A directory with only pytorch_model.bin: the message names it and says to re-save."""
+    d = copy_dir(hf_tiny, tmp_path / "bin")
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    os.remove(os.path.join(d, "model.safetensors"))
+    torch.save(tensors, os.path.join(d, "pytorch_model.bin"))
+    with pytest.raises(CheckpointError) as e:
+        ESM2.from_pretrained(d)
+    msg = str(e.value)
+    assert msg.startswith(f"{d}: ") and "has pytorch_model.bin but no model.safetensors" in msg
+    assert "safetensors only" in msg and "save_pretrained" in msg
+
+
+def test_untied_lm_head_refused_hf(hf_tiny, tmp_path):
+    """An HF lm_head.decoder.weight that differs from the embedding is refused, naming the key."""
+    d = copy_dir(hf_tiny, tmp_path / "untied")
+    def untie(t):
+        t["lm_head.decoder.weight"] = t["esm.embeddings.word_embeddings.weight"] + 1
+    edit_weights(d, untie)
+    with pytest.raises(CheckpointError) as e:
+        ESM2.from_pretrained(d)
+    assert str(e.value) == f"{d}: lm_head.decoder.weight differs from the token embedding; ESM-2's LM head is tied"
+    edit_weights(d, lambda t: t.update({"lm_head.decoder.weight": t["esm.embeddings.word_embeddings.weight"].clone()}))
+    ESM2.from_pretrained(d)  # an equal copy is accepted
+
+
+def test_untied_lm_head_refused_fair_esm(fair_tiny, tmp_path):
+    """The same for a fair-esm file's lm_head.weight."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(fair_tiny, weights_only=True)
+    key = "encoder.sentence_encoder.lm_head.weight"
+    assert torch.equal(data["model"][key], data["model"]["encoder.sentence_encoder.embed_tokens.weight"])
+    data["model"][key] = data["model"][key] * 2
+    path = tmp_path / "untied.pt"
+    torch.save(data, path)
+    with pytest.raises(CheckpointError) as e:
+        ESM2.from_pretrained(path)
+    assert str(e.value) == f"{path}: lm_head.weight differs from the token embedding; ESM-2's LM head is tied"
+
+
+def test_fair_esm_cfg_lacking_fields(fair_tiny, tmp_path):
+    """A cfg.model Namespace without the size fields: every missing field is named."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(fair_tiny, weights_only=True)
+    data["cfg"]["model"] = argparse.Namespace(encoder_layers=2, token_dropout=True)
+    path = tmp_path / "lacking.pt"
+    torch.save(data, path)
+    with pytest.raises(CheckpointError) as e:
+        ESM2.from_pretrained(path)
+    assert str(e.value) == f"{path}: cfg.model lacks encoder_embed_dim, encoder_attention_heads"
+
+
+def test_safetensors_file_instead_of_directory(hf_tiny):
+    """Pointing at model.safetensors itself: the message names the file and asks for the directory."""
+    path = os.path.join(hf_tiny, "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        ESM2.from_pretrained(path)
+    assert str(e.value) == f"{path}: give the directory that holds config.json, not the safetensors file"
+
+
+def test_unknown_model_name():
+    """from_name names the bad name and lists the released ones."""
+    with pytest.raises(Esm2liteError) as e:
+        ESM2Config.from_name("facebook/esm2_t7_9M_UR50D")
+    msg = str(e.value)
+    assert "unknown ESM-2 model name 'facebook/esm2_t7_9M_UR50D'" in msg
+    assert "known: esm2_t6_8M_UR50D, " in msg and "esm2_t48_15B_UR50D" in msg
+
+
+def test_hub_download_failure(monkeypatch):
+    """A failing snapshot_download: the message names the repo id and carries the cause."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    def fail(repo_id, **kw):
+        raise OSError("connection refused\n  (offline)")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(CheckpointError) as e:
+        ESM2.from_pretrained("facebook/esm2_t6_8M_UR50D")
+    assert str(e.value) == ("facebook/esm2_t6_8M_UR50D: download from the HuggingFace hub failed "
+                            "(connection refused (offline))")
+
+
+def sharded_dir(hf_tiny, d, weight_map):
+    """A directory with config.json, the weights as one shard, and an index with this weight_map."""
+    d.mkdir()
+    shutil.copy(os.path.join(hf_tiny, "config.json"), d)
+    shutil.copy(os.path.join(hf_tiny, "model.safetensors"), d / "model-00001-of-00001.safetensors")
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(d / "model.safetensors.index.json", "w"))
+    return d / "model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("weight_map", [["model-00001-of-00001.safetensors"], "x", None, 3])
+def test_index_weight_map_not_a_mapping(hf_tiny, tmp_path, weight_map):
+    """A weight_map that is not a {key: file} mapping: the index file is named as invalid."""
+    index = sharded_dir(hf_tiny, tmp_path / "idx", weight_map)
+    with pytest.raises(CheckpointError) as e:
+        ESM2.from_pretrained(tmp_path / "idx")
+    assert str(e.value).startswith(f"{index}: not a valid safetensors index (")
+
+
+def test_index_malformed_or_without_weight_map(hf_tiny, tmp_path):
+    """An index that is not JSON, or has no weight_map, is named as invalid."""
+    index = sharded_dir(hf_tiny, tmp_path / "idx", {})
+    index.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid safetensors index") as e:
+        ESM2.from_pretrained(tmp_path / "idx")
+    assert str(e.value).startswith(f"{index}: ")
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError) as e:
+        ESM2.from_pretrained(tmp_path / "idx")
+    assert str(e.value) == f"{index}: not a valid safetensors index ('weight_map')"
+
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "sub/x.safetensors", "/etc/passwd", "..", ".", "", 7])
+def test_index_shard_outside_the_directory(hf_tiny, tmp_path, shard):
+    """A shard name that is not a plain file name in the directory is refused before any read."""
+    outside = tmp_path / "x.safetensors"  # a real file the escaping name would reach
+    shutil.copy(os.path.join(hf_tiny, "model.safetensors"), outside)
+    index = sharded_dir(hf_tiny, tmp_path / "idx", {"esm.embeddings.word_embeddings.weight": shard})
+    with pytest.raises(CheckpointError) as e:
+        ESM2.from_pretrained(tmp_path / "idx")
+    assert str(e.value) == f"{index}: weight_map names {shard!r}, not a file name in the directory"
+
+
 def test_convert_cli_errors(tmp_path, fair_tiny):
     r = subprocess.run([sys.executable, "-m", "esm2lite.convert", str(tmp_path / "missing.pt"), str(tmp_path / "o")],
                        capture_output=True, text=True)

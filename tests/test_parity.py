@@ -113,10 +113,13 @@ def test_8m_architecture_matches_both_references(tmp_path):
     assert max_diff(out["last_hidden_state"], hidden, tokens) <= TOL
 
     pt = oracles.make_fair_esm_checkpoint(tmp_path / "fair8m.pt", **oracles.ESM2_8M, seed=12, prefix="encoder.")
+    last = oracles.ESM2_8M["layers"]  # fair-esm's final representation: after the final LayerNorm
     with torch.no_grad():
-        expected = oracles.load_fair_esm(pt)(tokens)["logits"]
-        got = ESM2.from_pretrained(pt)(tokens)["logits"]
-    assert max_diff(got, expected, tokens) <= TOL
+        expected = oracles.load_fair_esm(pt)(tokens, repr_layers=[last])
+        got = ESM2.from_pretrained(pt)(tokens, repr_layers=[last])
+    assert max_diff(got["logits"], expected["logits"], tokens) <= TOL
+    assert max_diff(got["hidden_states"][last], expected["representations"][last], tokens) <= TOL
+    assert max_diff(got["last_hidden_state"], expected["representations"][last], tokens) <= TOL
 
 
 def test_bf16_close_to_fp32(hf_tiny, batch):
