@@ -67,6 +67,10 @@ def main(argv):
         parser().error("give --output (predictions) and/or --embeddings")
     if args.base and args.output:
         parser().error("--base has no task head: use --embeddings only")
+    if args.batch_tokens < 1 or args.max_residues < 1:
+        parser().error("--batch-tokens and --max-residues must be positive")
+    if args.layers and min(args.layers) < 0:
+        parser().error("--layers are 0 (input embeddings) .. the number of layers")
     for path in (args.output, args.embeddings):
         if path:
             infer.check_writable(path)
@@ -97,6 +101,9 @@ def predict_and_write(args, d, device, demo):
             raise Esm2liteError(f"{args.run}: no best/ checkpoint in this run directory")
         model = infer.load_for_inference(ckpt, device, merge=not args.no_merge, base_path=args.base_path)
         encoder = model.encoder
+    too_deep = [i for i in args.layers or () if i > encoder.config.num_layers]
+    if args.embeddings and too_deep:
+        raise Esm2liteError(f"--layers {too_deep}: this model has layers 0..{encoder.config.num_layers}")
 
     if args.output:
         outputs, _ = infer.run_batches(model, records, args.batch_tokens, args.precision, desc="predict", d=d)

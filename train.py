@@ -85,7 +85,10 @@ def parser() -> argparse.ArgumentParser:
 def config_from_args(a):
     from esm2lite.train import TrainConfig
 
-    lora = LoRAConfig(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=tuple(a.lora_targets))
+    try:
+        lora = LoRAConfig(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=tuple(a.lora_targets))
+    except ValueError as e:  # "LoRAConfig.rank = 0: must be ..." -> "--lora-rank = 0: must be ..."
+        parser().error(str(e).replace("LoRAConfig.", "--lora-"))
     return TrainConfig(
         task=a.task, train_csv=a.train_csv, valid_csv=a.valid_csv, test_csv=a.test_csv, csv=a.csv,
         split_column=a.split_column, sequence_column=a.sequence_column, target_columns=tuple(a.target_column),

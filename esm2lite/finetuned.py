@@ -208,7 +208,9 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"field head.d_model {head.get('d_model')!r} does not match model_config.d_model {model.d_model}")
     if cfg["lora"] is not None:
         LoRAConfig.from_dict(cfg["lora"])
-    LabelSpace.from_dict(cfg["labels"])
+    labels = LabelSpace.from_dict(cfg["labels"])
+    if labels.num_outputs != head["num_outputs"]:
+        raise ValueError(f"field labels gives {labels.num_outputs} outputs but head.num_outputs is {head['num_outputs']}")
     base = cfg["base"]
     missing = [k for k in ("path", "name", "seed", "sha256") if k not in base]
     if missing:

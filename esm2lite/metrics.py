@@ -26,6 +26,19 @@ METRIC_DIRECTION = {"loss": "min", "mse": "min", "rmse": "min", "pearson": "max"
                     "spearman": "max", "r2": "max", "accuracy": "max", "macro_f1": "max"}
 
 
+TASK_METRICS = {"regression": ("loss", "mse", "rmse", "pearson", "spearman", "r2"),
+                "classification": ("loss", "accuracy", "macro_f1"),
+                "token-classification": ("loss", "accuracy", "macro_f1")}
+
+
+def metric_names(task: str, target_names=()) -> list[str]:
+    """Every metric name evaluation reports for a task (per-target ones with several targets)."""
+    names = list(TASK_METRICS[task])
+    if task == "regression" and len(target_names) > 1:
+        names += [f"{k}_{t}" for k in TASK_METRICS[task][1:] for t in target_names]
+    return names
+
+
 def metric_direction(name: str) -> str:
     """"min" or "max" for a metric name, per-target names included ("spearman_stability")."""
     for key in sorted(METRIC_DIRECTION, key=len, reverse=True):

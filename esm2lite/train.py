@@ -33,7 +33,7 @@ from .errors import Esm2liteError, TrainingInterrupted
 from .finetuned import MODES, BaseRef, FineTuned, amp_dtype_for, run_batches
 from .heads import build_head
 from .lora import LoRAConfig, apply_lora
-from .metrics import compute_metrics, metric_direction
+from .metrics import TASK_METRICS, compute_metrics, metric_direction, metric_names
 
 DEFAULT_METRIC = {"regression": "spearman", "classification": "accuracy", "token-classification": "accuracy"}
 
@@ -85,8 +85,6 @@ class TrainConfig:
     device: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.lora, dict):
-            self.lora = LoRAConfig.from_dict(self.lora)
         self.target_columns = tuple(self.target_columns)
         checks = [
             (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
@@ -100,10 +98,26 @@ class TrainConfig:
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
             (self.eval_every is None or self.eval_every > 0, "--eval-every must be positive"),
             (self.save_every is None or self.save_every > 0, "--save-every must be positive"),
+            (self.task in TASK_METRICS, f"--task must be one of {', '.join(TASK_METRICS)}"),
+            (self.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+            (self.log_every > 0 and self.keep_last > 0, "--log-every and --keep-last must be positive"),
+            (self.clip > 0 and self.weight_decay >= 0, "--clip must be positive and --weight-decay 0 or more"),
+            (self.max_residues > 0, "--max-residues must be positive"),
+            (self.head_hidden > 0, "--head-hidden must be positive"),
+            (0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise Esm2liteError(message)
+        try:
+            self.lora = LoRAConfig.from_dict(self.lora) if isinstance(self.lora, dict) else self.lora
+            self.lora.validate()
+        except ValueError as e:
+            raise Esm2liteError(f"LoRA settings (--lora-*): {e}") from None
+        known = metric_names(self.task, self.target_columns)
+        if self.best_metric is not None and self.best_metric not in known:
+            raise Esm2liteError(f"--best-metric {self.best_metric!r} is not reported for task {self.task}; "
+                                f"choose one of {', '.join(known)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -141,7 +155,9 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> FineTuned:
     torch.manual_seed(cfg.seed)
-    base = BaseRef(path=cfg.checkpoint) if cfg.checkpoint else BaseRef(name=cfg.model, seed=cfg.seed)
+    local = cfg.checkpoint and os.path.exists(cfg.checkpoint)  # stored absolute: found again from any directory
+    base = (BaseRef(path=os.path.abspath(cfg.checkpoint) if local else cfg.checkpoint) if cfg.checkpoint
+            else BaseRef(name=cfg.model, seed=cfg.seed))
     if cfg.model:
         print(f"WARNING: --model {cfg.model}: the encoder is RANDOMLY INITIALISED, not pretrained. "
               "Pass --checkpoint for pretrained ESM-2 weights.", flush=True)
@@ -250,7 +266,7 @@ class RunDir:
 
     def prune(self, keep_last: int, protect: int | None) -> None:
         steps = self.step_dirs()
-        for step, path in steps[:-keep_last] if keep_last > 0 else []:
+        for step, path in steps[:-keep_last]:  # keep_last >= 1 (TrainConfig checks)
             if step != protect:
                 shutil.rmtree(path, ignore_errors=True)
 

@@ -116,6 +116,10 @@ def set_head_hidden(cfg):
     cfg["head"]["hidden"] = 10**12  # 64 * 1e12 floats: must be refused, not allocated
 
 
+def add_target_name(cfg):
+    cfg["labels"]["target_names"].append("extra")  # 2 targets named, the head has 1 output
+
+
 def set_full_huge(cfg):
     cfg["mode"] = "full"
     cfg["model_config"].update(num_layers=10**5, d_model=10**5, ffn_dim=4 * 10**5)
@@ -196,6 +200,16 @@ CASES = [
     Case("split_column_without_train_rows",
          {"all.csv": csv_text("sequence,target,split", "MKV,1,valid", "MKV,2,test")},
          train("--csv", "{d}/all.csv"), ["all.csv", "split 'train' has no rows"], ["{d}/out"]),
+    # ---------------------------------------------------------------- options (train.py)
+    Case("lora_rank_zero", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv", "--lora-rank", "0"),
+         ["--lora-rank = 0", "1..128"], ["{d}/out"]),
+    Case("head_dropout_above_one", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv", "--head-dropout", "2"),
+         ["--head-dropout must be in [0, 1)"], ["{d}/out"]),
+    Case("negative_warmup", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv", "--warmup-steps", "-3"),
+         ["--warmup-steps must be 0 or more"], ["{d}/out"]),
+    Case("best_metric_of_another_task", {"train.csv": TRAIN},
+         train("--train-csv", "{d}/train.csv", "--best-metric", "accuracy"),
+         ["--best-metric 'accuracy'", "task regression", "spearman"], ["{d}/out"]),
     Case("debug_shows_traceback", {"train.csv": csv_text("sequence,target", "MKJL,1")},
          train("--train-csv", "{d}/train.csv", "--debug"), ["Traceback", "DataError", "train.csv, row 2"],
          ["{d}/out"], debug=True),
@@ -257,6 +271,15 @@ CASES = [
          ["{d}/pred.csv"]),
     Case("infer_ckpt_huge_full_model_config", {"in.fasta": FASTA, "ck": best_copy(config=set_full_huge)},
          infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"), ["ck/config.json", "parameters, more than"],
+         ["{d}/pred.csv"]),
+    Case("infer_ckpt_labels_disagree_with_head", {"in.fasta": FASTA, "ck": best_copy(config=add_target_name)},
+         infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"), ["ck/config.json", "head.num_outputs is 1"],
+         ["{d}/pred.csv"]),
+    Case("infer_layers_too_deep", {"in.fasta": FASTA},
+         ["infer", "--run", "{run}", "--input", "{d}/in.fasta", "--embeddings", "{d}/emb.safetensors", "--layers", "9"],
+         ["--layers [9]", "layers 0..2"], ["{d}/emb.safetensors"]),
+    Case("infer_batch_tokens_zero", {"in.fasta": FASTA},
+         infer("--run", "{run}", "--input", "{d}/in.fasta", "--batch-tokens", "0"), ["--batch-tokens", "positive"],
          ["{d}/pred.csv"]),
     Case("infer_base_malicious_pt", {"in.fasta": FASTA, "evil.pt": evil_pt},
          ["infer", "--base", "{d}/evil.pt", "--input", "{d}/in.fasta", "--embeddings", "{d}/emb.safetensors"],

@@ -50,7 +50,8 @@ def assert_equal_weights(a, b):
 
 
 def assert_readable(out):
-    """Whatever a kill left behind: every visible checkpoint is complete, every log line parses."""
+    """Whatever a kill left behind: every visible checkpoint is complete, and every log line
+    parses except perhaps a last one the kill cut short (appends are not atomic; --resume drops it)."""
     ckpts = out / "checkpoints"
     for name in os.listdir(ckpts) if ckpts.exists() else []:
         if name.startswith("."):
@@ -61,6 +62,10 @@ def assert_readable(out):
         json.load(open(ckpts / name / "config.json"))
     if (out / "best").exists():
         load_file(out / "best" / "model.safetensors")
+    if (out / "metrics.jsonl").exists():
+        lines = (out / "metrics.jsonl").read_text().split("\n")
+        for line in lines[:-1]:  # the complete lines (each ends in a newline)
+            json.loads(line)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

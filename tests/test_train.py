@@ -147,6 +147,17 @@ def test_ranks_share_one_stream_every_row_once_per_epoch(splits, world):
     assert all(b.epoch == ranks[0].epoch and b.index == ranks[0].index for b in ranks)  # one resumable position
 
 
+def test_base_model_path_is_stored_absolute(hf_tiny, tmp_path, splits, monkeypatch):
+    from esm2lite.finetuned import FineTuned
+
+    monkeypatch.chdir(os.path.dirname(hf_tiny))  # train with a relative --checkpoint
+    train_model(small_config(os.path.basename(hf_tiny), tmp_path / "run", steps=1, eval_every=1), records=splits)
+    monkeypatch.chdir(tmp_path)  # and predict from somewhere else
+    saved = json.load(open(tmp_path / "run" / "best" / "config.json"))["base"]["path"]
+    assert saved == os.path.abspath(hf_tiny)
+    FineTuned.load(str(tmp_path / "run" / "best"))
+
+
 def test_lr_schedule():
     cfg = TrainConfig(model="esm2_t6_8M_UR50D", steps=110, warmup_steps=10)
     assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
