@@ -131,11 +131,13 @@ def like(param: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return src.to(param.device)
 
 
-def full_state(model) -> dict:
-    """Unsharded model state on CPU (on rank 0 only when distributed)."""
+def trained_full_state(model) -> dict:
+    """The trainable parameters (and buffers), unsharded on CPU, on rank 0 only: for LoRA/head
+    checkpoints. Frozen base weights are never gathered."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
 
 
 def full_optimizer_state(model, optimizer) -> dict:

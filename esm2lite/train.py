@@ -425,7 +425,7 @@ def _train(cfg, records, resume, d: Dist, device, start_time) -> dict:
         """Collective. Full mode: every rank writes its shards of the weights and the optimizer
         state. lora/head: the small trained state is gathered to rank 0, which writes."""
         sharded = cfg.mode == "full"
-        tensors = distributed.full_state(model) if d.enabled and not sharded else None
+        tensors = distributed.trained_full_state(model) if d.enabled and not sharded else None
         extra = training_state_tensors(model, optimizer, d, moments=not sharded)
         state = {"step": step_now, "epoch": batches.epoch, "index": batches.index, "best_value": best_value,
                  "best_step": best_step, "skipped": skipped, "world_size": d.world}

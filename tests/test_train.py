@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import oracles
 from esm2lite.data import records_from_pairs
 from esm2lite.finetuned import read_tensors
-from esm2lite.lora import LoRAConfig
+from esm2lite.lora import LoRAConfig, apply_lora
 from esm2lite.train import Batches, TrainConfig, lr_at, train_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +156,19 @@ def test_base_model_path_is_stored_absolute(hf_tiny, tmp_path, splits, monkeypat
     saved = json.load(open(tmp_path / "run" / "best" / "config.json"))["base"]["path"]
     assert saved == os.path.abspath(hf_tiny)
     FineTuned.load(str(tmp_path / "run" / "best"))
+
+
+def test_lora_checkpoints_never_gather_frozen_weights():
+    """What FSDP gathers to rank 0 for a LoRA checkpoint: adapters (and small buffers), not the base."""
+    from esm2lite.config import ESM2Config
+    from esm2lite.distributed import trained_full_state
+    from esm2lite.model import ESM2
+
+    model = ESM2(ESM2Config.from_name("esm2_t6_8M_UR50D"))
+    apply_lora(model, LoRAConfig(rank=4))
+    params = {k for k, _ in model.named_parameters()}
+    gathered = set(trained_full_state(model)) & params
+    assert gathered == {k for k, p in model.named_parameters() if p.requires_grad} and gathered
 
 
 def test_lr_schedule():
