@@ -134,7 +134,7 @@ class FineTuned(nn.Module):
     def load(cls, ckpt_dir: str, dtype=None, device=None, base_path: str | None = None) -> "FineTuned":
         """Rebuild from a checkpoint directory; base_path overrides where the base model is found."""
         cfg = read_config(ckpt_dir)
-        tensors = read_tensors(ckpt_dir)
+        tensors = read_tensors(ckpt_dir, expected_full_state(cfg) if cfg["mode"] == "full" else None)
         encoder_state = tensors[0]
         b = cfg["base"]
         base = BaseRef(path=base_path or b["path"], name=b["name"], seed=b["seed"], sha256=b["sha256"])
@@ -154,11 +154,20 @@ class FineTuned(nn.Module):
         return model.load_trained(ckpt_dir, tensors).eval()
 
 
-def read_tensors(ckpt_dir: str) -> tuple[dict, dict]:
-    """model.safetensors (or a full fine-tune's dcp/) -> ({encoder key: tensor}, {head key: tensor})."""
+def expected_full_state(cfg: dict) -> dict:
+    """{"encoder.*"/"head.*": meta tensor} that a full fine-tune with this (checked) config holds."""
+    with torch.device("meta"):
+        encoder, head = ESM2(ESM2Config(**cfg["model_config"])), head_from_config(cfg["head"])
+    return {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+            **{f"head.{k}": v for k, v in head.state_dict().items()}}
+
+
+def read_tensors(ckpt_dir: str, expected: dict | None = None) -> tuple[dict, dict]:
+    """model.safetensors (or a full fine-tune's dcp/) -> ({encoder key: tensor}, {head key: tensor}).
+    expected: the shapes a dcp/ checkpoint must hold, checked before anything is allocated."""
     path = os.path.join(ckpt_dir, "model.safetensors")
     try:
-        tensors = read_sharded(ckpt_dir) if has_sharded(ckpt_dir) else load_file(path)
+        tensors = read_sharded(ckpt_dir, expected) if has_sharded(ckpt_dir) else load_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except CheckpointError:

@@ -12,7 +12,8 @@ import pytest
 from safetensors.torch import load_file
 
 import oracles
-from esm2lite.finetuned import read_tensors
+from esm2lite.errors import CheckpointError
+from esm2lite.finetuned import FineTuned, read_tensors
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +120,13 @@ def test_resume_under_two_ranks_and_from_two_onto_one(hf_tiny, data, tmp_path, m
     assert r.returncode == 0, r.stderr[-3000:]
     step_3 = full / "checkpoints" / "step_3"
     if mode == "full":  # sharded: each rank wrote its own shard file, nothing was gathered
-        assert sorted(os.listdir(step_3 / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert len(os.listdir(step_3 / "dcp")) == 2  # one safetensors file per rank, nothing pickled
+        assert all(name.endswith(".safetensors") for name in os.listdir(step_3 / "dcp"))
+        lost = tmp_path / "lost"  # rank 0's shard file lost: a hole, found from the headers alone
+        shutil.copytree(step_3, lost)
+        os.remove(min((lost / "dcp").iterdir()))
+        with pytest.raises(CheckpointError, match=r"lost/dcp: the shards of model\..* do not cover it"):
+            FineTuned.load(str(lost))
         assert not (step_3 / "model.safetensors").exists()
     final = trained(full / "checkpoints" / "step_6")
 

@@ -35,7 +35,10 @@ def test_full_checkpoint_is_sharded_and_loads_the_trained_weights(full_run, hf_t
     from esm2lite import ESM2
 
     best = full_run / "best"
-    assert (best / "dcp" / ".metadata").exists() and not (best / "model.safetensors").exists()
+    shards = os.listdir(best / "dcp")
+    assert any(n.endswith(".safetensors") for n in shards)
+    assert all(n.endswith((".safetensors", ".json")) for n in shards)  # nothing pickled
+    assert not (best / "model.safetensors").exists()
     tuned = FineTuned.load(str(best))
     base = ESM2.from_pretrained(hf_tiny).state_dict()
     got = tuned.encoder.state_dict()
@@ -56,17 +59,29 @@ def damaged(full_run, tmp_path, how):
     return ck
 
 
-def drop_metadata(d):
-    os.remove(d / ".metadata")
+def drop_a_shard(d):  # as if one rank's file were lost: a 1-process checkpoint has one, so split it first
+    from safetensors.torch import load_file, save_file
+
+    (shard,) = [p for p in d.iterdir() if p.suffix == ".safetensors"]
+    tensors = load_file(shard)
+    keys = sorted(tensors)
+    save_file({k: tensors[k] for k in keys[: len(keys) // 2]}, shard)
 
 
 def truncate_shard(d):
-    shard = next(p for p in d.iterdir() if p.suffix == ".distcp")
+    shard = next(p for p in d.iterdir() if p.suffix == ".safetensors")
     shard.write_bytes(shard.read_bytes()[:100])
 
 
-@pytest.mark.parametrize("how, expect", [(drop_metadata, "unreadable torch.distributed.checkpoint"),
-                                         (truncate_shard, "cannot read the checkpoint shards")])
+def corrupt_shard_data(d):  # a valid header whose data section is cut short
+    shard = next(p for p in d.iterdir() if p.suffix == ".safetensors")
+    shard.write_bytes(shard.read_bytes()[:-1000])
+
+
+@pytest.mark.parametrize("how, expect", [
+    (drop_a_shard, "weights do not fit the config.*missing keys"),
+    (truncate_shard, "unreadable sharded checkpoint"),
+    (corrupt_shard_data, "unreadable sharded checkpoint|cannot read the checkpoint shards")])
 def test_damaged_shards_give_one_clear_error(full_run, tmp_path, how, expect):
     ck = damaged(full_run, tmp_path, how)
     with pytest.raises(CheckpointError, match=expect) as e:
@@ -95,7 +110,7 @@ def test_infer_cli_on_damaged_shards_exits_2_with_one_line(full_run, tmp_path):
                         str(tmp_path / "in.fasta"), "--output", str(tmp_path / "pred.csv")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    assert f"{ck / 'dcp'}: cannot read the checkpoint shards" in r.stderr
+    assert f"{ck / 'dcp'}: unreadable sharded checkpoint" in r.stderr
     assert not (tmp_path / "pred.csv").exists()
 
 
