@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import oracles
 from esm2lite.errors import CheckpointError
-from esm2lite.finetuned import FineTuned, read_tensors
+from esm2lite.finetuned import FineTuned
+from test_train import trained
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,12 +100,6 @@ def partial_copy(src, dst, step):
     shutil.copytree(src / "checkpoints" / f"step_{step}", dst / "checkpoints" / f"step_{step}")
     shutil.copytree(src / "checkpoints" / f"step_{step}", dst / "best")
     (dst / "metrics.jsonl").write_text((src / "metrics.jsonl").read_text())
-
-
-def trained(ckpt_dir):
-    """A checkpoint's trained tensors, whichever way they are stored (safetensors or DCP shards)."""
-    encoder, head = read_tensors(str(ckpt_dir))
-    return {**{f"encoder.{k}": v for k, v in encoder.items()}, **{f"head.{k}": v for k, v in head.items()}}
 
 
 def assert_close_weights(a, b, rel=1e-5):
