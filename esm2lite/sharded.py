@@ -38,14 +38,16 @@ def _quiet():
         yield
 
 
-def _states(model, optimizer) -> dict:
-    """This rank's view of the tensors to store: DTensor shards under FSDP2, plain tensors otherwise."""
+def _states(model, optimizer) -> tuple[dict, list | None]:
+    """This rank's view of the tensors to store (DTensor shards under FSDP2, plain tensors
+    otherwise), and the optimizer's param_groups by parameter name (not stored)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(model)}
+    state, groups = {"model": get_model_state_dict(model)}, None
     if optimizer is not None:
-        state["optim"] = {"state": get_optimizer_state_dict(model, optimizer)["state"]}
-    return state
+        optim = get_optimizer_state_dict(model, optimizer)
+        state["optim"], groups = {"state": optim["state"]}, optim["param_groups"]
+    return state, groups
 
 
 def save_sharded(ckpt_dir: str, model, optimizer=None) -> None:
@@ -56,7 +58,7 @@ def save_sharded(ckpt_dir: str, model, optimizer=None) -> None:
 
     writer = HuggingFaceStorageWriter(os.path.join(ckpt_dir, DIRNAME), save_distributed=dist.is_initialized())
     with _quiet():
-        dcp.save(_states(model, optimizer), storage_writer=writer)
+        dcp.save(_states(model, optimizer)[0], storage_writer=writer)
 
 
 def _reader(ckpt_dir: str):
@@ -102,16 +104,14 @@ def _load(state: dict, ckpt_dir: str) -> None:
 def load_sharded(ckpt_dir: str, model, optimizer=None) -> None:
     """Collective under torchrun: read ckpt_dir/dcp into the model (and optimizer) in place,
     resharding to however many ranks hold it now. Keys and shapes must match exactly."""
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    state = _states(model, optimizer)
+    state, groups = _states(model, optimizer)
     stored = stored_tensors(ckpt_dir)
     check_keys(state["model"], stored, sorted(set(stored) - set(state["model"])), os.path.join(ckpt_dir, DIRNAME))
     _load(state, ckpt_dir)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        groups = get_optimizer_state_dict(model, optimizer)["param_groups"]  # this run's, by parameter name
         set_optimizer_state_dict(model, optimizer, {"state": state["optim"]["state"], "param_groups": groups})
 
 
