@@ -7,7 +7,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["esm2lite", "kernels"],
+    # The Triton kernels live in the top-level folder kernels/ (the product's layout) but are installed
+    # as esm2lite.kernels, so the project never claims the top-level name `kernels` (a PyPI distribution).
+    packages=["esm2lite", "esm2lite.kernels"],
+    package_dir={"esm2lite.kernels": "kernels"},
     package_data={"esm2lite": ["demo/*.csv", "demo/*.md", "demo/*.fasta"]},
     install_requires=[
         "torch>=2.4",

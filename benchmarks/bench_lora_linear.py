@@ -69,7 +69,7 @@ def parse_args():
 # ----------------------------------------------------------------------------- the three contenders
 
 def fused(x, W, b, A, B, scale, p):
-    import kernels
+    from esm2lite import kernels
     return kernels.lora_linear(x, W, b, A, B, scale, dropout_p=p, training=True, backend="triton")
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels.lora import MAX_RANK
+from . import kernels
+from .kernels.lora import MAX_RANK
 
 from .errors import CheckpointError
 

@@ -128,7 +128,6 @@ def dropout_keep(seed, rows, cols, n_cols, p_drop):
     return tl.rand(seed, offsets) >= p_drop
 
 
-@autotune(skinny_configs("BP"), key=["M_BUCKET", "P", "R", "DROPOUT"])
 @triton.jit
 def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's (row tile, column tile) in grouped order: GROUP_M row tiles sweep the
@@ -141,6 +140,7 @@ def grouped_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr
     return first_m + (pid % group) % group_m, (pid % group) // group_m
 
 
+@autotune(skinny_configs("BP"), key=["M_BUCKET", "P", "R", "DROPOUT"])
 @triton.jit(do_not_specialize=["seed"])
 def _rank_proj_kernel(
     X_ptr, Y_ptr, out_ptr,            # X: [M, P]  Y: [r, P]  out: [M, r] fp32

@@ -15,8 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
-import kernels
-from kernels.lora import draw_seed
+from esm2lite import kernels
+from esm2lite.kernels.lora import draw_seed
 
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
@@ -92,12 +92,12 @@ def run_and_check(x, W, b, A, B, dY, scale, p, backend, tol, call_seed=0):
 # ----------------------------------------------------------------------------- interpreter worker
 
 def _poison():
-    from kernels import lora_fwd
+    from esm2lite.kernels import lora_fwd
     lora_fwd.POISON_OUTPUTS = True  # every kernel-written buffer starts as NaN
 
 
 def _case_ready():
-    from kernels import lora_fwd
+    from esm2lite.kernels import lora_fwd
     assert lora_fwd.INTERPRET, "worker did not get TRITON_INTERPRET=1 before importing triton"
 
 
@@ -128,8 +128,8 @@ def _case_api(dtype, lead, K, N, r, bias, p, seed):
 
 def _case_strategy(dtype, r, p, in_loop, seed):
     """lora_forward / lora_backward with S and dS forced in-loop or separate (poisoned outputs)."""
-    from kernels.lora_bwd import lora_backward
-    from kernels.lora_fwd import lora_forward
+    from esm2lite.kernels.lora_bwd import lora_backward
+    from esm2lite.kernels.lora_fwd import lora_forward
     _poison()
     M, K, N, s = 37, 29, 45, 0.5
     x, W, b, A, B, dY = make_inputs(seed, (M,), K, N, r, dtype)
@@ -313,7 +313,7 @@ def test_torch_frozen_base_gets_no_grad_and_1d_x():
 # ----------------------------------------------------------------------------- backends and errors
 
 def test_backend_selection(monkeypatch):
-    from kernels.lora import resolve_backend
+    from esm2lite.kernels.lora import resolve_backend
     cpu = torch.device("cpu")
     monkeypatch.delenv("ESM2LITE_KERNELS", raising=False)
     assert resolve_backend("auto", cpu) == "torch"
@@ -383,7 +383,7 @@ def test_bad_inputs_raise_value_error(bad, match):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_gpu_large_vs_float64(dtype, p):
-    from kernels import lora_fwd
+    from esm2lite.kernels import lora_fwd
     lora_fwd.POISON_OUTPUTS = True
     try:
         x, W, b, A, B, dY = make_inputs(0, (8, 2048), 1280, 1280, 16, dtype, device="cuda",
@@ -398,8 +398,8 @@ def test_gpu_large_vs_float64(dtype, p):
 @pytest.mark.parametrize("K,N,r", [(1280, 1280, 16), (640, 2560, 64), (2560, 640, 8), (480, 480, 128)])
 @pytest.mark.parametrize("in_loop", [True, False], ids=["S-in-loop", "S-separate"])
 def test_gpu_s_strategies_bf16(K, N, r, in_loop):
-    from kernels.lora_bwd import lora_backward
-    from kernels.lora_fwd import lora_forward
+    from esm2lite.kernels.lora_bwd import lora_backward
+    from esm2lite.kernels.lora_fwd import lora_forward
     M, s = 4099, 0.5
     x, W, b, A, B, dY = make_inputs(1, (M,), K, N, r, torch.bfloat16, device="cuda")
     y, S = lora_forward(x, W, b, A, B, s, 0.1, 77, need_S=True, in_loop=in_loop)
