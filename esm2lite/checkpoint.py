@@ -1,76 +1,42 @@
-"""ESM-2 weights in the layouts users already have, mapped onto esm2lite's names.
+"""ESM-2 weights in the files users already have, mapped onto esm2lite's names.
 
-- HuggingFace directory: config.json + model.safetensors (or shards + index.json)
+- HuggingFace directory: config.json + model.safetensors (or shards + index.json), saved from
+  EsmForMaskedLM, EsmModel, EsmForSequenceClassification / EsmForTokenClassification, or
+  BioNeMo's NVEsm classes (key layouts: esm2lite.layouts, esm2lite.bionemo)
 - fair-esm .pt: a pickle read with weights_only=True, argparse.Namespace the one allowed class
 - hub id ("facebook/esm2_t33_650M_UR50D"), downloaded with huggingface_hub
 
-Loading is strict (missing, unexpected and mis-shaped keys are one error) and keeps one
+Loading is strict (missing, unexpected and mis-shaped keys are one error; task-head weights
+such as classifier.* are reported once as ignored; the LM head is optional) and keeps one
 copy of the weights: the model is built on the meta device, then the loaded tensors are
 assigned to it.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
 import re
+import sys
 import zipfile
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
-from .config import ESM2Config
+from .config import ESM2Config, read_json_object
 from .errors import CheckpointError
+from .layouts import (FAIR_IGNORED, FAIR_NAMES, FAIR_PREFIX, FAIR_TASK_HEADS, FAIR_TIED, HF_IGNORED, HF_NAMES,
+                      HF_TASK_HEADS, HF_TIED, has_lm_head, normalize_hf, split_task_heads, to_esm2lite_keys)
 from .model import ESM2
+from .names import rename
 from .tokenizer import TOKENS
 
-# (HF name, esm2lite name); {i} = layer index, {p} = weight|bias.
-HF_NAMES = [
-    ("esm.embeddings.word_embeddings.weight", "embed_tokens.weight"),
-    ("esm.encoder.layer.{i}.attention.self.query.{p}", "layers.{i}.attn.query.{p}"),
-    ("esm.encoder.layer.{i}.attention.self.key.{p}", "layers.{i}.attn.key.{p}"),
-    ("esm.encoder.layer.{i}.attention.self.value.{p}", "layers.{i}.attn.value.{p}"),
-    ("esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq", "layers.{i}.attn.inv_freq"),
-    ("esm.encoder.layer.{i}.attention.output.dense.{p}", "layers.{i}.attn.out.{p}"),
-    ("esm.encoder.layer.{i}.attention.LayerNorm.{p}", "layers.{i}.attn_norm.{p}"),
-    ("esm.encoder.layer.{i}.intermediate.dense.{p}", "layers.{i}.fc1.{p}"),
-    ("esm.encoder.layer.{i}.output.dense.{p}", "layers.{i}.fc2.{p}"),
-    ("esm.encoder.layer.{i}.LayerNorm.{p}", "layers.{i}.ffn_norm.{p}"),
-    ("esm.encoder.emb_layer_norm_after.{p}", "final_norm.{p}"),
-    ("lm_head.dense.{p}", "lm_head.dense.{p}"),
-    ("lm_head.layer_norm.{p}", "lm_head.norm.{p}"),
-    ("lm_head.bias", "lm_head.bias"),
-]
-HF_IGNORED = re.compile(
-    r"^esm\.(embeddings\.position_embeddings\.weight|embeddings\.position_ids|contact_head\..*)$")
-# transformers 5.x saves one inv_freq for all layers, under either of these names, and
-# LayerNorm parameters under their legacy gamma/beta names.
-HF_SHARED_INV_FREQ = ("esm.rotary_embeddings.inv_freq", "esm.encoder.layer.*.attention.self.rotary_embeddings.inv_freq")
-HF_LEGACY_LN = re.compile(r"(LayerNorm|layer_norm|emb_layer_norm_after)\.(gamma|beta)$")
-HF_TIED = "lm_head.decoder.weight"
-
-# fair-esm names after stripping "encoder.sentence_encoder." / "encoder.".
-FAIR_NAMES = [
-    ("embed_tokens.weight", "embed_tokens.weight"),
-    ("layers.{i}.self_attn.q_proj.{p}", "layers.{i}.attn.query.{p}"),
-    ("layers.{i}.self_attn.k_proj.{p}", "layers.{i}.attn.key.{p}"),
-    ("layers.{i}.self_attn.v_proj.{p}", "layers.{i}.attn.value.{p}"),
-    ("layers.{i}.self_attn.rot_emb.inv_freq", "layers.{i}.attn.inv_freq"),
-    ("layers.{i}.self_attn.out_proj.{p}", "layers.{i}.attn.out.{p}"),
-    ("layers.{i}.self_attn_layer_norm.{p}", "layers.{i}.attn_norm.{p}"),
-    ("layers.{i}.fc1.{p}", "layers.{i}.fc1.{p}"),
-    ("layers.{i}.fc2.{p}", "layers.{i}.fc2.{p}"),
-    ("layers.{i}.final_layer_norm.{p}", "layers.{i}.ffn_norm.{p}"),
-    ("emb_layer_norm_after.{p}", "final_norm.{p}"),
-    ("lm_head.dense.{p}", "lm_head.dense.{p}"),
-    ("lm_head.layer_norm.{p}", "lm_head.norm.{p}"),
-    ("lm_head.bias", "lm_head.bias"),
-]
-FAIR_IGNORED = re.compile(r"^contact_head\..*$")
-FAIR_TIED = "lm_head.weight"
-FAIR_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
+__all__ = ["HF_NAMES", "FAIR_NAMES", "rename", "load_pretrained", "load_base", "random_base", "build_model",
+           "check_keys", "read_checkpoint", "save_hf_dir", "resolve_dtype", "weights_sha256"]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -86,21 +52,6 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise CheckpointError(f"unsupported dtype {dtype!r}; use fp32, bf16 or fp16")
 
 
-def _compile(template: str) -> re.Pattern:
-    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-    return re.compile(f"^{pattern}$")
-
-
-def rename(key: str, table, reverse: bool = False) -> str | None:
-    """Map one key through a (theirs, ours) table; None when no rule matches."""
-    for theirs, ours in table:
-        src, dst = (ours, theirs) if reverse else (theirs, ours)
-        m = _compile(src).match(key)
-        if m:
-            return dst.format(**m.groupdict())
-    return None
-
-
 # ---------------------------------------------------------------- reading files
 
 
@@ -114,9 +65,11 @@ def _read_safetensors(path: str) -> dict:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
 
 
-def read_hf_dir(path: str) -> tuple[ESM2Config, dict]:
-    """HF directory -> (config, {HF key: tensor})."""
-    config = ESM2Config.from_json_file(os.path.join(path, "config.json"))
+def read_hf_dir(path: str) -> tuple[dict, ESM2Config, dict]:
+    """HF directory -> (config.json's fields, config, {file key: tensor})."""
+    config_json = os.path.join(path, "config.json")
+    hf_config = read_json_object(config_json)
+    config = ESM2Config.from_hf_config(hf_config, source=config_json)
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
@@ -133,9 +86,9 @@ def read_hf_dir(path: str) -> tuple[ESM2Config, dict]:
         for name in files:
             shard = _read_safetensors(os.path.join(path, name))
             tensors.update(shard)
-        return config, tensors
+        return hf_config, config, tensors
     if os.path.exists(single):
-        return config, _read_safetensors(single)
+        return hf_config, config, _read_safetensors(single)
     if os.path.exists(os.path.join(path, "pytorch_model.bin")):
         raise CheckpointError(
             f"{path}: has pytorch_model.bin but no model.safetensors; esm2lite reads safetensors "
@@ -205,28 +158,6 @@ def download_from_hub(repo_id: str) -> str:
 # ---------------------------------------------------------------- mapping and building
 
 
-def to_esm2lite_keys(tensors: dict, table, ignored: re.Pattern, tied: str, num_layers: int,
-                     source: str) -> tuple[dict, list]:
-    """{their key: tensor} -> ({our key: tensor}, [unexpected keys])."""
-    ours, unexpected = {}, []
-    shared = [tensors.pop(k) for k in HF_SHARED_INV_FREQ if k in tensors]
-    tied_weight = tensors.pop(tied, None)
-    for key, value in tensors.items():
-        key = HF_LEGACY_LN.sub(lambda m: f"{m.group(1)}.{'weight' if m.group(2) == 'gamma' else 'bias'}", key)
-        name = rename(key, table)
-        if name is not None:
-            ours[name] = value
-        elif not ignored.match(key):
-            unexpected.append(key)
-    if shared:
-        for i in range(num_layers):
-            ours.setdefault(f"layers.{i}.attn.inv_freq", shared[0].clone())  # one buffer per layer
-    if tied_weight is not None and "embed_tokens.weight" in ours:
-        if not torch.equal(tied_weight, ours["embed_tokens.weight"]):
-            raise CheckpointError(f"{source}: {tied} differs from the token embedding; ESM-2's LM head is tied")
-    return ours, unexpected
-
-
 def check_keys(expected: dict, got: dict, unexpected: list, source: str) -> None:
     """One error listing every missing, unexpected and mis-shaped key."""
     missing = sorted(set(expected) - set(got))
@@ -245,7 +176,7 @@ def check_keys(expected: dict, got: dict, unexpected: list, source: str) -> None
 
 def build_model(config: ESM2Config, state: dict, unexpected: list, source: str, dtype, device) -> ESM2:
     with torch.device("meta"):
-        model = ESM2(config)
+        model = ESM2(config, source=source)
     check_keys(model.state_dict(), state, unexpected, source)
     for k in list(state):  # convert one tensor at a time: never two full copies
         keep_fp32 = k.endswith("inv_freq")  # rotary stays fp32 whatever the model dtype
@@ -254,44 +185,68 @@ def build_model(config: ESM2Config, state: dict, unexpected: list, source: str, 
     return model.eval()
 
 
-def read_checkpoint(path: str) -> tuple[ESM2Config, dict, list]:
-    """Any supported path -> (config, {our key: tensor}, [unexpected keys])."""
+class Loaded(NamedTuple):
+    config: ESM2Config  # lm_head False when the file holds none
+    state: dict  # {our key: tensor}
+    unexpected: list  # the file's keys that no rule maps (an error)
+    ignored: list  # the file's task-head keys (reported, not loaded)
+
+
+def read_checkpoint(path: str) -> Loaded:
+    """Any supported path -> its tensors under our names."""
     path = str(path)
     if os.path.isdir(path):
-        config, tensors = read_hf_dir(path)
-        return config, *to_esm2lite_keys(tensors, HF_NAMES, HF_IGNORED, HF_TIED, config.num_layers, path)
-    if os.path.isfile(path):
+        hf_config, config, tensors = read_hf_dir(path)
+        tensors, ignored = split_task_heads(tensors, HF_TASK_HEADS)
+        tensors, origin = normalize_hf(tensors, hf_config, config.num_heads, config.head_dim, path)
+        state, unexpected = to_esm2lite_keys(tensors, HF_NAMES, HF_IGNORED, HF_TIED, config.num_layers, path)
+        unexpected = [origin.get(k, k) for k in unexpected]
+    elif os.path.isfile(path):
         if path.endswith(".safetensors"):
             raise CheckpointError(f"{path}: give the directory that holds config.json, not the safetensors file")
         config, tensors = read_fair_esm(path)
-        return config, *to_esm2lite_keys(tensors, FAIR_NAMES, FAIR_IGNORED, FAIR_TIED, config.num_layers, path)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
+        tensors, ignored = split_task_heads(tensors, FAIR_TASK_HEADS)
+        state, unexpected = to_esm2lite_keys(tensors, FAIR_NAMES, FAIR_IGNORED, FAIR_TIED, config.num_layers, path)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
         return read_checkpoint(download_from_hub(path))
-    raise CheckpointError(f"{path}: no such file or directory")
+    else:
+        raise CheckpointError(f"{path}: no such file or directory")
+    return Loaded(dataclasses.replace(config, lm_head=has_lm_head(state)), state, unexpected, ignored)
+
+
+def report_ignored(source: str, ignored: list) -> None:
+    """One line on stdout, as the CLIs' other notices (stderr is for errors), rank 0 only under
+    torchrun, written at once: the task-head weights that were not loaded."""
+    if ignored and os.environ.get("RANK", "0") == "0":
+        shown = ", ".join(ignored[:8]) + (f", ... ({len(ignored) - 8} more)" if len(ignored) > 8 else "")
+        sys.stdout.write(f"warning: {source}: ignored {len(ignored)} task-head weights that are not part of "
+                         f"the ESM-2 encoder: {shown}\n")
+        sys.stdout.flush()
 
 
 def load_pretrained(path: str, dtype=None, device=None) -> ESM2:
-    dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
-    config, state, unexpected = read_checkpoint(path)
-    return build_model(config, state, unexpected, str(path), dtype, device)
+    """An HF directory (any layout above), a fair-esm .pt or a hub id -> ESM2 in eval mode."""
+    return load_base(path, dtype, device, hash_weights=False)[0]
 
 
 # ---------------------------------------------------------------- writing HF directories
 
 
 def hf_state_dict(model: ESM2) -> dict:
-    """Our state dict under HF EsmForMaskedLM names (per-layer inv_freq, as the hub files)."""
+    """Our state dict under HF names (per-layer inv_freq, as the hub files): EsmForMaskedLM's,
+    or EsmModel's (no "esm." prefix) for a model without an LM head, as transformers saves them."""
     out = {}
     for k, v in model.state_dict().items():
         name = rename(k, HF_NAMES, reverse=True)
         if name is None:
             raise ValueError(f"no HF name for {k}")
-        out[name] = v.detach().to("cpu").contiguous()
+        out[name if model.config.lm_head else name.removeprefix("esm.")] = v.detach().to("cpu").contiguous()
     return out
 
 
 def save_hf_dir(model: ESM2, out_dir: str, overwrite: bool = False) -> None:
-    """Write an HF-layout directory (config, safetensors, tokenizer files) atomically."""
+    """Write an HF-layout directory (config, safetensors, tokenizer files) atomically: an
+    EsmForMaskedLM directory, or an EsmModel one for a model without an LM head."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         config = model.config.to_hf_config()
         config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -325,14 +280,17 @@ def weights_sha256(state: dict) -> str:
     return h.hexdigest()
 
 
-def load_base(path: str, dtype=None, device=None) -> tuple[ESM2, str]:
-    """load_pretrained plus the weights' sha256 (taken from the file's values, before any cast)."""
+def load_base(path: str, dtype=None, device=None, hash_weights: bool = True) -> tuple[ESM2, str]:
+    """load_pretrained plus the weights' sha256 (taken from the file's values, before any cast;
+    "" with hash_weights=False)."""
     dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
-    config, state, unexpected = read_checkpoint(path)
+    loaded = read_checkpoint(path)
     with torch.device("meta"):
-        check_keys(ESM2(config).state_dict(), state, unexpected, str(path))
-    sha = weights_sha256(state)
-    return build_model(config, state, unexpected, str(path), dtype, device), sha
+        check_keys(ESM2(loaded.config).state_dict(), loaded.state, loaded.unexpected, str(path))
+    sha = weights_sha256(loaded.state) if hash_weights else ""
+    model = build_model(loaded.config, loaded.state, loaded.unexpected, str(path), dtype, device)
+    report_ignored(str(path), loaded.ignored)
+    return model, sha
 
 
 def random_base(name: str, seed: int, dtype=None, device=None) -> tuple[ESM2, str]:

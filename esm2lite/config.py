@@ -26,12 +26,15 @@ class ESM2Config:
     vocab_size: int = 33
     layer_norm_eps: float = 1e-5
     token_dropout: bool = True
+    lm_head: bool = True  # False: the checkpoint holds the encoder only (EsmModel, EsmFor*Classification)
 
     def __post_init__(self):
         for name in ("num_layers", "d_model", "num_heads", "ffn_dim", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise Esm2liteError(f"config field {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lm_head, bool):
+            raise Esm2liteError(f"config field lm_head must be true or false, got {self.lm_head!r}")
         if self.vocab_size != 33:
             raise Esm2liteError(f"config field vocab_size must be 33 (the ESM-2 alphabet), got {self.vocab_size}")
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
@@ -52,7 +55,7 @@ class ESM2Config:
     def num_parameters(self) -> int:
         d, f = self.d_model, self.ffn_dim
         per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d  # q,k,v,out; fc1, fc2; two LNs
-        lm_head = d * d + d + 2 * d + self.vocab_size
+        lm_head = (d * d + d + 2 * d + self.vocab_size) if self.lm_head else 0
         return self.vocab_size * d + self.num_layers * per_layer + 2 * d + lm_head
 
     @classmethod
@@ -96,23 +99,12 @@ class ESM2Config:
 
     @classmethod
     def from_json_file(cls, path: str) -> "ESM2Config":
-        try:
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
-        except OSError as e:  # a directory, no permission, an I/O error
-            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-        return cls.from_hf_config(hf, source=path)
+        return cls.from_hf_config(read_json_object(path), source=path)
 
     def to_hf_config(self) -> dict:
-        """The config.json transformers needs for EsmForMaskedLM with these sizes."""
+        """The config.json transformers needs for EsmForMaskedLM (EsmModel without an LM head)."""
         return {
-            "architectures": ["EsmForMaskedLM"],
+            "architectures": ["EsmForMaskedLM" if self.lm_head else "EsmModel"],
             "model_type": "esm",
             "vocab_size": self.vocab_size,
             "hidden_size": self.d_model,
@@ -137,3 +129,18 @@ class ESM2Config:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+def read_json_object(path: str) -> dict:
+    """A JSON file holding one object (a config.json), or a one-line CheckpointError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return obj

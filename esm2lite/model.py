@@ -16,9 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ESM2Config
+from .errors import Esm2liteError
 from .tokenizer import MASK, PAD
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 saw as <mask> in training
+
+
+def rotary_inv_freq(head_dim: int) -> torch.Tensor:
+    """[hd/2] fp32 rotary frequencies from the formula (checkpoints that store none: random
+    init, BioNeMo's TransformerEngine files, whose RotaryPositionEmbedding computes these)."""
+    return 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
 def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
@@ -52,8 +59,7 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
         # Loaded from the checkpoint: ESM-2's stored values carry fp16 rounding.
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        self.register_buffer("inv_freq", inv_freq)
+        self.register_buffer("inv_freq", rotary_inv_freq(self.head_dim))
 
     def forward(self, x, positions, attn_mask):
         B, T, d = x.shape  # x: [B, T, d]
@@ -91,14 +97,33 @@ class LMHead(nn.Module):
         return F.linear(self.norm(F.gelu(self.dense(h))), embedding) + self.bias
 
 
+class NoLMHead(nn.Module):
+    """Stands in for the LM head of a checkpoint saved without one (EsmModel, EsmFor*Classification):
+    no parameters; asking it for logits is a one-line error naming the checkpoint."""
+
+    def __init__(self, source: str | None = None):
+        super().__init__()
+        self.source = source
+
+    def error(self) -> Esm2liteError:
+        where = f"{self.source}: " if self.source else ""
+        return Esm2liteError(
+            f"{where}this checkpoint has no LM head (saved from EsmModel or a task model such as "
+            "EsmForSequenceClassification), so it gives no logits; use hidden states (logits=False)")
+
+    def forward(self, h, embedding):
+        raise self.error()
+
+
 class ESM2(nn.Module):
-    def __init__(self, config: ESM2Config):
+    def __init__(self, config: ESM2Config, source: str | None = None):
+        """source: where the weights come from, named by errors (the model does not load it)."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=PAD)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.lm_head = LMHead(config)
+        self.lm_head = LMHead(config) if config.lm_head else NoLMHead(source)
         self.activation_checkpointing = False
 
     def embed(self, tokens):
@@ -116,13 +141,15 @@ class ESM2(nn.Module):
         """tokens: [B, T] right-padded with <pad>.
 
         Returns "last_hidden_state" [B, T, d] (after the final LayerNorm), "logits"
-        [B, T, 33] unless logits=False, and with repr_layers (fair-esm's convention:
+        [B, T, 33] unless logits=False (an error when config.lm_head is False), and with repr_layers (fair-esm's convention:
         0 = embeddings, i = output of block i, L = after the final LayerNorm)
         "hidden_states" {layer: [B, T, d]}. Rows at padding positions are garbage."""
         repr_layers = set(repr_layers)
         bad = [i for i in repr_layers if not 0 <= i <= self.config.num_layers]
         if bad:
             raise ValueError(f"repr_layers {bad} out of range 0..{self.config.num_layers}")
+        if logits and isinstance(self.lm_head, NoLMHead):
+            raise self.lm_head.error()  # before any work
         B, T = tokens.shape
         is_pad = tokens.eq(PAD)
         positions = torch.arange(T, device=tokens.device).expand(B, T)  # <cls> at 0

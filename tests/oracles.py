@@ -2,6 +2,9 @@
 checkpoint layouts. No download: both libraries construct models from a config."""
 
 import argparse
+import json
+import os
+import tempfile
 
 import torch
 
@@ -54,10 +57,141 @@ def make_hf_checkpoint(out_dir, layers, d, heads, seed=0, inv_freq=None):
     return str(out_dir)
 
 
-def load_hf(path, **kw):
-    from transformers import EsmForMaskedLM
+def hf_class(name):
+    import transformers
 
-    return EsmForMaskedLM.from_pretrained(path, **kw).eval()
+    return getattr(transformers, name)
+
+
+def resave_as(masked_lm_dir, out_dir, cls_name, seed=0, num_labels=3):
+    """What users do: load an EsmForMaskedLM directory into another transformers class
+    (AutoModel -> EsmModel, EsmForSequenceClassification, ...), then save_pretrained. The
+    encoder keeps the directory's weights; task heads (pooler, classifier) are new, randomised."""
+    kw = {} if cls_name == "EsmModel" else {"num_labels": num_labels}
+    torch.manual_seed(seed)
+    model = hf_class(cls_name).from_pretrained(masked_lm_dir, **kw)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("pooler.", "classifier.")):
+                p.copy_(torch.randn(p.shape) * 0.1)
+    model.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def load_hf(path, cls_name="EsmForMaskedLM", **kw):
+    return hf_class(cls_name).from_pretrained(path, **kw).eval()
+
+
+def hf_encoder(model):
+    """The EsmModel inside any transformers ESM class (EsmModel itself included)."""
+    return getattr(model, "esm", model)
+
+
+# ---------------------------------------------------------------- BioNeMo's layout
+# Written independently of esm2lite's reader, from BioNeMo's converter (NVIDIA/bionemo-framework
+# bionemo-recipes/models/esm2/convert.py: mapping, _pack_qkv_weight/_bias, _pad_weights, _pad_bias)
+# and NVEsmConfig (modeling_esm_te.py beside it).
+
+BIONEMO_MAPPING = {  # convert.py's `mapping`, with "{P}" for the base-model prefix
+    "esm.encoder.layer.*.attention.output.dense.weight": "{P}encoder.layers.*.self_attention.proj.weight",
+    "esm.encoder.layer.*.attention.output.dense.bias": "{P}encoder.layers.*.self_attention.proj.bias",
+    "esm.encoder.layer.*.attention.LayerNorm.weight": "{P}encoder.layers.*.self_attention.layernorm_qkv.layer_norm_weight",
+    "esm.encoder.layer.*.attention.LayerNorm.bias": "{P}encoder.layers.*.self_attention.layernorm_qkv.layer_norm_bias",
+    "esm.encoder.layer.*.intermediate.dense.weight": "{P}encoder.layers.*.layernorm_mlp.fc1_weight",
+    "esm.encoder.layer.*.intermediate.dense.bias": "{P}encoder.layers.*.layernorm_mlp.fc1_bias",
+    "esm.encoder.layer.*.output.dense.weight": "{P}encoder.layers.*.layernorm_mlp.fc2_weight",
+    "esm.encoder.layer.*.output.dense.bias": "{P}encoder.layers.*.layernorm_mlp.fc2_bias",
+    "esm.encoder.layer.*.LayerNorm.weight": "{P}encoder.layers.*.layernorm_mlp.layer_norm_weight",
+    "esm.encoder.layer.*.LayerNorm.bias": "{P}encoder.layers.*.layernorm_mlp.layer_norm_bias",
+    "esm.encoder.emb_layer_norm_after.weight": "{P}encoder.emb_layer_norm_after.weight",
+    "esm.encoder.emb_layer_norm_after.bias": "{P}encoder.emb_layer_norm_after.bias",
+    "lm_head.dense.weight": "lm_head.dense.weight",
+    "lm_head.dense.bias": "lm_head.dense.bias",
+    "lm_head.layer_norm.weight": "lm_head.decoder.layer_norm_weight",
+    "lm_head.layer_norm.bias": "lm_head.decoder.layer_norm_bias",
+}
+
+
+def bionemo_pack_qkv(q, k, v, num_heads, interleaved=True):
+    """_pack_qkv_weight / _pack_qkv_bias: cat along rows, then [3, H, hd, ...] -> [H, 3, hd, ...]."""
+    fused = torch.cat((q, k, v), dim=0)
+    if not interleaved:  # TransformerEngine's qkv_weight_interleaved=False reading: plain concatenation
+        return fused
+    return fused.view(3, num_heads, -1, *q.shape[1:]).transpose(0, 1).contiguous().view(*fused.shape)
+
+
+def bionemo_pad_rows(t, rows, fill=0.0):
+    """_pad_weights (zeros) / _pad_bias (finfo.min) up to padded_vocab_size rows."""
+    pad = torch.full((rows - t.shape[0], *t.shape[1:]), fill, dtype=t.dtype)
+    return torch.cat((t, pad), dim=0)
+
+
+def bionemo_state_dict(hf_model, prefix="model.", interleaved=True, padded=64, lm_head=True, tied_copy=False):
+    """BioNeMo's HF -> TE transform of a transformers EsmForMaskedLM's weights."""
+    sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+    heads, out = hf_model.config.num_attention_heads, {}
+    for src, dst in BIONEMO_MAPPING.items():
+        if src.startswith("lm_head.") and not lm_head:
+            continue
+        for i in range(hf_model.config.num_hidden_layers) if "*" in src else [None]:
+            key = src.replace("*", str(i))
+            out[dst.replace("*", str(i)).replace("{P}", prefix)] = sd[key]
+    for i in range(hf_model.config.num_hidden_layers):
+        for p in ("weight", "bias"):
+            q, k, v = (sd[f"esm.encoder.layer.{i}.attention.self.{n}.{p}"] for n in ("query", "key", "value"))
+            out[f"{prefix}encoder.layers.{i}.self_attention.layernorm_qkv.{p}"] = bionemo_pack_qkv(q, k, v, heads, interleaved)
+    out[f"{prefix}embeddings.word_embeddings.weight"] = bionemo_pad_rows(sd["esm.embeddings.word_embeddings.weight"], padded)
+    if lm_head:
+        out["lm_head.decoder.bias"] = bionemo_pad_rows(sd["lm_head.bias"], padded, torch.finfo(sd["lm_head.bias"].dtype).min)
+        if tied_copy:  # transformers' save_pretrained drops tied weights; a copy may still be found
+            out["lm_head.decoder.weight"] = out[f"{prefix}embeddings.word_embeddings.weight"].clone()
+    return out
+
+
+def bionemo_config(hf_model, architecture="NVEsmForMaskedLM", **te_fields):
+    """config.json as BioNeMo's export writes it: NVEsmConfig(**EsmConfig.to_dict()) saved by
+    save_pretrained, then auto_map added (esm/export.py: export_hf_checkpoint)."""
+    from transformers import EsmConfig
+
+    class NVEsmConfig(EsmConfig):  # BioNeMo's fields and defaults (modeling_esm_te.NVEsmConfig)
+        model_type = "nv_esm"
+
+        def __init__(self, qkv_weight_interleaved=True, encoder_activation="gelu", attn_input_format="bshd",
+                     fuse_qkv_params=True, micro_batch_size=None, max_seq_length=None, padded_vocab_size=64,
+                     attn_mask_type="padding", add_pooling_layer=True, **kwargs):
+            super().__init__(**kwargs)
+            self.qkv_weight_interleaved, self.encoder_activation = qkv_weight_interleaved, encoder_activation
+            self.attn_input_format, self.fuse_qkv_params = attn_input_format, fuse_qkv_params
+            self.micro_batch_size, self.max_seq_length = micro_batch_size, max_seq_length
+            self.attn_mask_type, self.add_pooling_layer = attn_mask_type, add_pooling_layer
+            self.padded_vocab_size = padded_vocab_size if padded_vocab_size is not None else self.vocab_size
+
+    fields = {k: v for k, v in hf_model.config.to_dict().items() if k not in ("model_type", "architectures")}
+    config = NVEsmConfig(**fields, **te_fields)
+    config.architectures = [architecture]
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        out = json.load(open(os.path.join(tmp, "config.json")))
+    out["auto_map"] = {"AutoConfig": "esm_nv.NVEsmConfig", "AutoModel": "esm_nv.NVEsmModel",
+                       "AutoModelForMaskedLM": "esm_nv.NVEsmForMaskedLM"}
+    return out
+
+
+def make_bionemo_checkpoint(out_dir, masked_lm_dir, prefix="model.", architecture="NVEsmForMaskedLM",
+                            extra=None, state_kw=None, **te_fields):
+    """A BioNeMo-layout directory holding the weights of a transformers EsmForMaskedLM directory."""
+    from safetensors.torch import save_file
+
+    hf = load_hf(masked_lm_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    config = bionemo_config(hf, architecture, **te_fields)
+    interleaved = config["qkv_weight_interleaved"]
+    state = bionemo_state_dict(hf, prefix, interleaved, config["padded_vocab_size"], **(state_kw or {}))
+    state.update(extra or {})
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return str(out_dir)
 
 
 def make_fair_esm_checkpoint(path, layers, d, heads, seed=0, inv_freq=None, prefix="encoder.sentence_encoder."):
