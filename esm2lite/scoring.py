@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import _parse_float, _read_csv, _require_columns, _where
-from .errors import DataError
+from .data import _where
+from .errors import CheckpointError, DataError
 from .metrics import spearman
 from .tokenizer import TOKENS
 from .windows import Rows, encode_protein, optimal_window, run_rows, window_size
@@ -54,6 +54,11 @@ class Substitution:
         return f"{self.wt}{self.position}{self.mt}"
 
 
+def _show(text: str, limit: int = 40) -> str:
+    """repr(text) for an error line, cut short: a huge cell must not become a huge message."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 def parse_mutant(code, wildtype: str | None = None, where: str = "mutant", offset: int = 1) -> tuple:
     """'A24G:K46R' -> (Substitution, ...) sorted by position; () for "WT" / "_wt". With the
     wild type, every position must exist and hold the named wild-type letter."""
@@ -66,17 +71,17 @@ def parse_mutant(code, wildtype: str | None = None, where: str = "mutant", offse
     for part in code.split(":"):
         m = _SUBSTITUTION.fullmatch(part.strip())
         if m is None:
-            raise DataError(f"{where}: {part.strip()!r} in {code!r} is not a substitution like A24G "
+            raise DataError(f"{where}: {_show(part.strip())} in {_show(code)} is not a substitution like A24G "
                             f"(wild-type letter, position, new letter; ':' between substitutions)")
         sub = Substitution(m.group(1).upper(), int(m.group(2)), m.group(3).upper())
         bad = next((c for c in (sub.wt, sub.mt) if c not in LETTERS), None)
         if bad is not None:
-            raise DataError(f"{where}: {part.strip()!r}: {bad!r} is not an amino-acid letter")
+            raise DataError(f"{where}: {_show(part.strip())}: {bad!r} is not an amino-acid letter")
         subs.append(sub)
     positions = [s.position for s in subs]
     dup = next((p for i, p in enumerate(positions) if p in positions[:i]), None)
     if dup is not None:
-        raise DataError(f"{where}: {code!r} substitutes position {dup} twice")
+        raise DataError(f"{where}: {_show(code)} substitutes position {dup} twice")
     subs = tuple(sorted(subs, key=lambda s: s.position))
     if wildtype is not None:
         check_mutant(subs, wildtype, where, offset)
@@ -234,7 +239,10 @@ def _as_model(model):
     if isinstance(model, (str, os.PathLike)):
         from .model import ESM2
 
-        return ESM2.from_pretrained(str(model))
+        model = ESM2.from_pretrained(str(model))
+    if not getattr(getattr(model, "config", None), "lm_head", True):
+        raise CheckpointError("scoring needs the masked-LM head, and this model has none (a checkpoint "
+                              "saved without it: EsmModel or a task model)")
     return model
 
 
@@ -250,12 +258,76 @@ def _checked(mutant, wildtype, where, offset) -> tuple:
     return parse_mutant(mutant, wildtype, where, offset)
 
 
-def _result(method, scores, rows, n_batches, W, lengths, dms_scores):
-    T = max(lengths) if lengths else 0
+@dataclass
+class Plan:
+    """The work for one call, before any forward: `rows` to run, `reads` to add up into
+    n_slots scores, and which slot each input takes its score from."""
+
+    method: str
+    rows: Rows
+    reads: _Reads
+    n_slots: int
+    slot_of: list[int]  # input k's score is slot slot_of[k]
+    lengths: list[int]  # tokens of each input's whole protein (pseudo-perplexity divides by len - 2)
+    window_tokens: int | None
+
+    @property
+    def forwards(self) -> int:
+        return len(self.rows)
+
+    @property
+    def window(self) -> str:
+        W = self.window_tokens
+        return "optimal" if W is not None and max(self.lengths) > W else "none"
+
+
+def plan_sequences(sequences, max_residues: int | None = 1022, source: str = "<memory>") -> Plan:
+    """pll of whole sequences; identical sequences share one slot (and so every row)."""
+    tokens = [encode_protein(s, _where(source, k, None, "item")) for k, s in enumerate(sequences)]
+    if not tokens:
+        raise DataError(f"{source}: no sequences to score")
+    distinct, slot_of = {}, []
+    for t in tokens:
+        slot_of.append(distinct.setdefault(tuple(t.tolist()), len(distinct)))
+    W = window_size(max_residues)
+    rows, reads = _pll_plan([torch.tensor(k, dtype=torch.long) for k in distinct], W)
+    return Plan("pll", rows, reads, len(distinct), slot_of, [len(t) for t in tokens], W)
+
+
+def plan_mutants(wildtype: str, mutants, method: str = "masked-marginal", max_residues: int | None = 1022,
+                 offset: int = 1, source: str = "<memory>") -> Plan:
+    """The plan for mutants of one wild type (codes like "A24G:K46R", or Substitution tuples;
+    errors name `source` and the 0-based item)."""
+    _check_options(method, 1)
+    wt_tokens = encode_protein(wildtype, "wild type")
+    wildtype = _clean(wildtype)
+    mutants = [_checked(m, wildtype, _where(source, k, None, "item"), offset) for k, m in enumerate(mutants)]
+    if not mutants:
+        raise DataError(f"{source}: no mutants to score")
+    if method == "pll":
+        return plan_sequences([mutate(wildtype, subs, offset) for subs in mutants], max_residues, source)
+    W = window_size(max_residues)
+    rows, reads = _marginal_plan(wt_tokens, mutants, method == "masked-marginal", W, offset)
+    return Plan(method, rows, reads, len(mutants), list(range(len(mutants))), [len(wt_tokens)] * len(mutants), W)
+
+
+def run_plan(model, plan: Plan, batch_tokens: int = 8192, precision: str = "auto", dms_scores=None) -> ScoreResult:
+    """Run a plan: scores in input order, with the forwards, batches and tokens it took."""
+    _check_options(plan.method, batch_tokens)
+    model = _as_model(model)
+    per_slot, n_batches = (_execute(model, plan.rows, plan.reads, plan.n_slots, batch_tokens, precision)
+                           if len(plan.rows) else (torch.zeros(plan.n_slots, dtype=torch.float64), 0))
+    scores = per_slot[torch.as_tensor(plan.slot_of)]
+    if dms_scores is not None and len(dms_scores) != len(scores):
+        raise DataError(f"{len(dms_scores)} DMS scores for {len(scores)} variants")
+    rows = plan.rows
+    ppl = None
+    if plan.method == "pll":
+        ppl = [math.exp(-float(x) / (n - 2)) for x, n in zip(scores, plan.lengths)]
     return ScoreResult(
-        method=method, scores=[float(x) for x in scores], pseudo_perplexity=None, forwards=len(rows),
-        batches=n_batches, tokens=int(sum(e - s for s, e in zip(rows.start, rows.end))),
-        window="optimal" if W is not None and T > W else "none", window_tokens=W,
+        method=plan.method, scores=scores.tolist(), pseudo_perplexity=ppl, forwards=len(rows), batches=n_batches,
+        tokens=int(sum(e - s for s, e in zip(rows.start, rows.end))), window=plan.window,
+        window_tokens=plan.window_tokens,
         spearman=spearman(scores.numpy(), dms_scores) if dms_scores is not None else None)
 
 
@@ -263,124 +335,13 @@ def score_sequences(model, sequences, batch_tokens: int = 8192, max_residues: in
                     precision: str = "auto", dms_scores=None, source: str = "<memory>") -> ScoreResult:
     """pll and pseudo-perplexity of whole sequences (any lengths), in input order."""
     _check_options("pll", batch_tokens)
-    model = _as_model(model)
-    W = window_size(max_residues)
-    tokens = [encode_protein(s, _where(source, k, None, "item")) for k, s in enumerate(sequences)]
-    if not tokens:
-        raise DataError(f"{source}: no sequences to score")
-    distinct, base_of = {}, []
-    for t in tokens:  # identical sequences are scored once
-        base_of.append(distinct.setdefault(tuple(t.tolist()), len(distinct)))
-    bases = [torch.tensor(k, dtype=torch.long) for k in distinct]
-    rows, reads = _pll_plan(bases, W)
-    per_base, n_batches = _execute(model, rows, reads, len(bases), batch_tokens, precision)
-    pll = per_base[torch.as_tensor(base_of)]
-    result = _result("pll", pll, rows, n_batches, W, [len(t) for t in tokens], dms_scores)
-    result.pseudo_perplexity = [math.exp(-x / (len(t) - 2)) for x, t in zip(result.scores, tokens)]
-    return result
+    return run_plan(model, plan_sequences(sequences, max_residues, source), batch_tokens, precision, dms_scores)
 
 
 def score_mutants(model, wildtype: str, mutants, method: str = "masked-marginal", batch_tokens: int = 8192,
                   max_residues: int | None = 1022, precision: str = "auto", offset: int = 1, dms_scores=None,
                   source: str = "<memory>") -> ScoreResult:
-    """Scores of mutants of one wild type, in input order. `mutants`: codes like "A24G:K46R"
-    (errors name `source` and the 0-based item) or tuples of Substitutions (read_dms's)."""
+    """Scores of mutants of one wild type, in input order (see plan_mutants for `mutants`)."""
     _check_options(method, batch_tokens)
-    model = _as_model(model)
-    wt_tokens = encode_protein(wildtype, "wild type")
-    wildtype = _clean(wildtype)
-    mutants = [_checked(m, wildtype, _where(source, k, None, "item"), offset) for k, m in enumerate(mutants)]
-    if not mutants:
-        raise DataError(f"{source}: no mutants to score")
-    if method == "pll":
-        return score_sequences(model, [mutate(wildtype, subs, offset) for subs in mutants], batch_tokens,
-                               max_residues, precision, dms_scores, source)
-    W = window_size(max_residues)
-    rows, reads = _marginal_plan(wt_tokens, mutants, method == "masked-marginal", W, offset)
-    scores, n_batches = (_execute(model, rows, reads, len(mutants), batch_tokens, precision) if len(rows)
-                         else (torch.zeros(len(mutants), dtype=torch.float64), 0))
-    return _result(method, scores, rows, n_batches, W, [len(wt_tokens)], dms_scores)
-
-
-# ----------------------------------------------------------------------------- DMS files
-
-@dataclass
-class DMS:
-    """A deep mutational scan read from a ProteinGym-style CSV."""
-
-    source: str
-    header: list[str]
-    rows: list[dict]  # every input column, as read
-    row_numbers: list[int]  # spreadsheet rows (header = 1)
-    wildtype: str
-    mutants: list[tuple]  # Substitutions per row, checked against the wild type
-    dms_scores: list[float] | None  # the score column, when the file has it
-    offset: int = 1
-
-    def with_scores(self, result: ScoreResult, column: str | None = None) -> list[dict]:
-        """The input rows with the score added (column default: the method name), plus
-        'pseudo_perplexity' for pll."""
-        column = column or result.method
-        extra = [column] + (["pseudo_perplexity"] if result.pseudo_perplexity is not None else [])
-        clash = next((c for c in extra if c in self.header), None)
-        if clash is not None:
-            raise DataError(f"{self.source}: already has a column {clash!r}; choose another name")
-        out = []
-        for k, row in enumerate(self.rows):
-            values = [result.scores[k]] + ([result.pseudo_perplexity[k]] if len(extra) > 1 else [])
-            out.append({**row, **dict(zip(extra, values))})
-        return out
-
-
-def _derive_wildtype(name, rows, mutant_column, sequence_column, offset) -> str:
-    """The wild type from the first row: its mutated sequence with the substitutions undone."""
-    rownum, values = rows[0]
-    subs = parse_mutant(values[mutant_column], None, _where(name, rownum, mutant_column), offset)
-    seq = list(_clean(values[sequence_column]))
-    for s in subs:
-        if not 0 <= s.position - offset < len(seq):
-            raise DataError(f"{_where(name, rownum, mutant_column)}: {s} is outside the mutated "
-                            f"sequence (positions {offset}..{offset + len(seq) - 1})")
-        seq[s.position - offset] = s.wt
-    return "".join(seq)
-
-
-def read_dms(path, wildtype: str | None = None, mutant_column: str = "mutant", score_column: str = "DMS_score",
-             sequence_column: str = "mutated_sequence", offset: int = 1) -> DMS:
-    """Read and check a ProteinGym-style CSV: a mutant column ("A24G:K46R"), optionally the
-    mutated sequence and the measured score. Without `wildtype` it is derived from the first
-    row's mutated sequence. Every row is checked against the wild type (letters, positions,
-    mutated sequence); errors name the file, row and column."""
-    name = str(path)
-    header, rows = _read_csv(path)
-    _require_columns(name, header, [mutant_column])
-    if not rows:
-        raise DataError(f"{name}: no data rows")
-    has_seq, given = sequence_column in header, wildtype is not None
-    if wildtype is None:
-        if not has_seq:
-            raise DataError(f"{name}: no wild type given, and no column {sequence_column!r} to derive it from")
-        wildtype = _derive_wildtype(name, rows, mutant_column, sequence_column, offset)
-    encode_protein(wildtype, "wild type" if given else _where(name, rows[0][0], sequence_column))
-    wildtype = _clean(wildtype)
-    mutants = []
-    for rownum, values in rows:
-        subs = parse_mutant(values[mutant_column], wildtype, _where(name, rownum, mutant_column), offset)
-        if has_seq and _clean(values[sequence_column]) != mutate(wildtype, subs, offset):
-            raise DataError(f"{_where(name, rownum, sequence_column)}: not the wild type with "
-                            f"{values[mutant_column]!r} applied")
-        mutants.append(subs)
-    dms = None
-    if score_column in header:
-        dms = [_parse_float(v[score_column], _where(name, n, score_column)) for n, v in rows]
-    return DMS(name, header, [v for _, v in rows], [n for n, _ in rows], wildtype, mutants, dms, offset)
-
-
-def score_dms(model, path, method: str = "masked-marginal", wildtype: str | None = None, batch_tokens: int = 8192,
-              max_residues: int | None = 1022, precision: str = "auto", **columns) -> tuple[DMS, ScoreResult]:
-    """One call: read a DMS CSV (read_dms; `columns` = its column-name options) and score every
-    row; the result carries the Spearman correlation with the DMS score when the file has one."""
-    dms = read_dms(path, wildtype, **columns)
-    result = score_mutants(model, dms.wildtype, dms.mutants, method, batch_tokens, max_residues, precision,
-                           dms.offset, dms.dms_scores, dms.source)
-    return dms, result
+    plan = plan_mutants(wildtype, mutants, method, max_residues, offset, source)
+    return run_plan(model, plan, batch_tokens, precision, dms_scores)

@@ -17,9 +17,9 @@ from scipy.stats import spearmanr
 
 import oracles
 from esm2lite import ESM2
-from esm2lite.errors import DataError
-from esm2lite.scoring import (Substitution, mutate, parse_mutant, read_dms, score_dms, score_mutants,
-                              score_sequences)
+from esm2lite.errors import CheckpointError, DataError
+from esm2lite.dms import read_dms, score_dms
+from esm2lite.scoring import Substitution, mutate, parse_mutant, plan_mutants, score_mutants, score_sequences
 from test_windows import proteingym_optimal_window, protein
 
 TOL = 2e-5  # a score is a sum of a few fp32 log-probabilities, each within ~1e-6 of the reference
@@ -414,3 +414,31 @@ def test_bad_dms_files(tmp_path, fair):
     dms, result = score_dms(ours, write_dms(tmp_path / "f.csv", dms_rows(WT, ["WT"])))
     with pytest.raises(DataError, match="already has a column 'DMS_score'"):
         dms.with_scores(result, column="DMS_score")
+
+
+def test_plan_counts_forwards_without_running():
+    # pll of a full scan of 12 residues (228 single mutants): masking the mutated position gives
+    # the wild type masked there (one row per position, 12), every other position is the
+    # variant's own (228 * 11)
+    wt = WT[:12]
+    scan = [f"{a}{i + 1}{b}" for i, a in enumerate(wt) for b in AA if b != a]
+    assert plan_mutants(wt, scan, "pll").forwards == 12 + 228 * 11
+    assert plan_mutants(wt, scan, "masked-marginal").forwards == 12
+    assert plan_mutants(wt, scan, "wt-marginal").forwards == 1
+    assert plan_mutants(wt, ["WT"], "masked-marginal").forwards == 0
+
+
+def test_model_without_lm_head_is_refused():
+    from esm2lite import ESM2Config
+
+    if "lm_head" not in getattr(ESM2Config, "__dataclass_fields__", {}):
+        pytest.skip("this ESM2Config has no lm_head option")
+    headless = ESM2(ESM2Config(num_layers=1, d_model=64, num_heads=4, ffn_dim=256, lm_head=False))
+    with pytest.raises(CheckpointError, match="^scoring needs the masked-LM head"):
+        score_mutants(headless, WT, [f"{WT[0]}1A"])
+
+
+def test_huge_cells_make_short_messages():
+    with pytest.raises(DataError) as e:
+        parse_mutant("A1G:" + "x" * 100_000)
+    assert len(str(e.value)) < 300
