@@ -113,6 +113,13 @@ def test_masked_lm_layout_reports_only_its_contact_head(hf_tiny, capsys):
                                        "ESM-2 encoder: esm.contact_head.regression.bias, esm.contact_head.regression.weight\n")
 
 
+def test_ignored_weights_reported_by_rank_zero_only(resaved, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    capsys.readouterr()
+    ESM2.from_pretrained(resaved["EsmModel"])
+    assert capsys.readouterr() == ("", "")
+
+
 def test_logits_without_lm_head_is_a_one_line_error(resaved, batch):
     model = ESM2.from_pretrained(resaved["EsmForSequenceClassification"])
     with pytest.raises(Esm2liteError) as e:
@@ -348,6 +355,14 @@ def test_fine_tune_esm_model_directory(resaved, tmp_path, batch):
     assert not torch.equal(before["layers.0.fc1.weight"], after["layers.0.fc1.weight"])  # it trained
     with torch.no_grad():
         assert torch.isfinite(tuned(batch)).all()
+        want = tuned.encoder(batch, logits=False)["last_hidden_state"]
+    # Its export is an EsmModel directory that transformers reads with the fine-tuned encoder.
+    r = subprocess.run([sys.executable, "-m", "esm2lite.export", "--run", str(tmp_path / "run"), "--merged",
+                        str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "merged" / "config.json"))["architectures"] == ["EsmModel"]
+    last, _ = hf_hidden(oracles.load_hf(tmp_path / "merged", "EsmModel", add_pooling_layer=False), batch)
+    assert max_diff(want, last, batch) <= TOL
 
 
 @pytest.mark.slow
