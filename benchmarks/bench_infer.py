@@ -4,7 +4,7 @@ The same random-weight ESM-2 architecture (8M by default) is built with transfor
 save_pretrained and loaded by both libraries: transformers.EsmModel (no pooler, no LM head) and
 esm2lite.ESM2 (logits=False), so both compute the final hidden states and nothing else. The
 sequences (random residues, lengths uniform in [min-len, max-len]) are cut into the same
-length-sorted token-budget batches (esm2lite.data.make_batches), right-padded; transformers gets
+length-sorted token-budget batches (esm2lite.batching.make_batches), right-padded; transformers gets
 attention_mask = tokens != <pad>. Every repeat times one pass over all batches per
 implementation (implementations interleaved, so load drift hits all alike); medians are reported,
 with ratios against transformers-sdpa from the same run.
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
-from esm2lite.data import make_batches  # noqa: E402
+from esm2lite.batching import make_batches  # noqa: E402
 from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
 
 IMPLS = ("esm2lite", "transformers-eager", "transformers-sdpa")

@@ -3,7 +3,7 @@ transformers.EsmForSequenceClassification + peft, in one run.
 
 Same random-weight ESM-2 checkpoint (transformers save_pretrained), same data (random residues,
 lengths uniform in [min-len, max-len], random regression targets), same token-budget batches
-(esm2lite.data.make_batches, padded; transformers gets attention_mask), LoRA r=16, alpha=32,
+(esm2lite.batching.make_batches, padded; transformers gets attention_mask), LoRA r=16, alpha=32,
 dropout 0 on query, key, value, attention.output.dense, intermediate.dense, output.dense (esm2lite:
 all six targets), AdamW, same number of steps. Only the step is timed: forward, MSE loss,
 backward, optimizer step (+ zero_grad). After warm-up steps, the median step time is reported.
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import make_checkpoint, rss_bytes, run_info, saved_bytes, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
 from esm2lite.config import ESM2Config  # noqa: E402
-from esm2lite.data import make_batches  # noqa: E402
+from esm2lite.batching import make_batches  # noqa: E402
 from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
 
 IMPLS = ("esm2lite", "transformers+peft")

@@ -27,3 +27,12 @@ class TrainingInterrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def quoted(value, limit: int = 60) -> str:
+    """repr(value) for an error line, cut to about `limit` characters: a 10 MB FASTA id or cell
+    must not become a 10 MB message."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(str(value))} characters)"

@@ -5,7 +5,7 @@
     ClassificationHead        the same MLP with one output per class; cross-entropy
     TokenClassificationHead   non-residue rows zeroed -> Conv1d(d, hidden, 7, pad 3) -> ReLU
                               -> Dropout -> Conv1d(hidden, n_classes, 7, pad 3); cross-entropy
-                              over labelled residues only (ignore index -100)
+                              over labelled residues only (IGNORE_INDEX)
 
 Heads and losses run in fp32 whatever the hidden states' dtype and even under autocast
 (a head kept in another dtype computes in that dtype). `config` holds all that is needed
@@ -16,16 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tokenizer import CLS, EOS, PAD
-
-IGNORE_INDEX = -100
-KINDS = ("regression", "classification", "token-classification")
-
-
-def residue_mask(tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [B, T] -> bool [B, T], True on residues (not <cls>, <eos>, <pad>); <mask>
-    counts as a residue."""
-    return ~(tokens.eq(CLS) | tokens.eq(EOS) | tokens.eq(PAD))
+from .constants import IGNORE_INDEX
+from .tokenizer import residue_mask
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +109,7 @@ class TokenClassificationHead(_Head):
             return x.transpose(1, 2)  # [B, T, C]
 
     def loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy over positions with target != -100; 0 (with a graph) if none."""
+        """Cross-entropy over positions with target != IGNORE_INDEX; 0 (with a graph) if none."""
         with self._no_autocast(outputs):
             logits = outputs.float().reshape(-1, outputs.shape[-1])
             target = target.long().reshape(-1)
@@ -126,8 +118,7 @@ class TokenClassificationHead(_Head):
             return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
 
 
-_HEADS = {"regression": RegressionHead, "classification": ClassificationHead,
-          "token-classification": TokenClassificationHead}
+_HEADS = {head.kind: head for head in (RegressionHead, ClassificationHead, TokenClassificationHead)}
 
 
 def build_head(task: str, d_model: int, num_outputs: int, hidden: int = 256,

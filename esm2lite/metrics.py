@@ -4,7 +4,7 @@
                              with several targets each is the mean over targets, and
                              `<metric>_<target name>` gives each target's own value
     classification           accuracy, macro_f1
-    token-classification     accuracy, macro_f1 over labelled residues (target != -100)
+    token-classification     accuracy, macro_f1 over labelled residues (target != IGNORE_INDEX)
 
 Conventions for degenerate input (they never raise):
 - pearson / spearman are 0.0 when predictions or targets are constant, or there are fewer
@@ -21,14 +21,15 @@ import math
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from .constants import IGNORE_INDEX, TASKS
+
 METRIC_DIRECTION = {"loss": "min", "mse": "min", "rmse": "min", "pearson": "max",
                     "spearman": "max", "r2": "max", "accuracy": "max", "macro_f1": "max"}
 
 
-TASK_METRICS = {"regression": ("loss", "mse", "rmse", "pearson", "spearman", "r2"),
-                "classification": ("loss", "accuracy", "macro_f1"),
-                "token-classification": ("loss", "accuracy", "macro_f1")}
+TASK_METRICS = dict(zip(TASKS, (("loss", "mse", "rmse", "pearson", "spearman", "r2"),
+                                 ("loss", "accuracy", "macro_f1"), ("loss", "accuracy", "macro_f1"))))
+DEFAULT_METRIC = dict(zip(TASKS, ("spearman", "accuracy", "accuracy")))  # chooses best/ unless told
 
 
 def metric_names(task: str, target_names=()) -> list[str]:
@@ -153,7 +154,7 @@ def compute_metrics(task: str, outputs, targets, label_space=None) -> dict:
     scale, as LabelSpace.encode gives them; they are put back on the original scale with
     `label_space` (None = use as they are).
     classification: logits [N, C] (or predicted indices [N]), targets [N].
-    token-classification: logits [N, T, C] (or indices [N, T]), targets [N, T] with -100 =
+    token-classification: logits [N, T, C] (or indices [N, T]), targets [N, T] with IGNORE_INDEX =
     no label; lists of per-batch tensors (different T) are accepted too.
     """
     if task == "regression":
@@ -161,7 +162,7 @@ def compute_metrics(task: str, outputs, targets, label_space=None) -> dict:
             outputs = torch.cat([torch.as_tensor(o).reshape(len(o), -1) for o in outputs])
             targets = torch.cat([torch.as_tensor(t).reshape(len(t), -1) for t in targets])
         return _regression(outputs, targets, label_space)
-    if task not in ("classification", "token-classification"):
+    if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
     pred, tgt = _classes(outputs, targets)
     if len(tgt) == 0:

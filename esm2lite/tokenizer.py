@@ -88,13 +88,24 @@ class Tokenizer:
         """
         if len(seqs) == 0:
             raise TokenizerError("no sequences to encode")
-        encoded = [self.encode(s, i, max_residues, truncate) for i, s in enumerate(seqs)]
-        tokens = torch.full((len(encoded), max(map(len, encoded))), PAD, dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return tokens
+        return pad_tokens([self.encode(s, i, max_residues, truncate) for i, s in enumerate(seqs)])
 
     def decode(self, ids) -> str:
         """Token ids -> residue string (special tokens other than <mask> dropped)."""
         keep = {CLS, PAD, EOS}
         return "".join(TOKENS[i] for i in (int(x) for x in ids) if i not in keep)
+
+
+def pad_tokens(encoded: list[list[int]]) -> torch.Tensor:
+    """B token lists -> LongTensor [B, T], right-padded with <pad> (T = the longest). The one
+    padding function: batches for training, scoring and embedding are all made here."""
+    tokens = torch.full((len(encoded), max(map(len, encoded))), PAD, dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return tokens
+
+
+def residue_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [B, T] -> bool [B, T], True on residues (not <cls>, <eos>, <pad>); <mask> counts as
+    a residue."""
+    return ~(tokens.eq(CLS) | tokens.eq(EOS) | tokens.eq(PAD))

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from esm2lite.data import (DataSpec, LabelSpace, collate, load_splits, make_batches,
-                           read_fasta, read_sequences, records_from_pairs)
+from esm2lite.batching import collate, make_batches
+from esm2lite.labels import LabelSpace
+from esm2lite.reading import load_splits, read_fasta, read_sequences
+from esm2lite.records import DataSpec, records_from_pairs
 from esm2lite.errors import DataError
 
 DEMO = Path(__file__).resolve().parent.parent / "esm2lite" / "demo"

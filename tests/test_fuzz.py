@@ -9,7 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esm2lite.data import TASKS, DataSpec, LabelSpace, collate, load_splits, read_fasta, read_sequences
+from esm2lite.batching import collate
+from esm2lite.constants import TASKS
+from esm2lite.labels import LabelSpace
+from esm2lite.reading import load_splits, read_fasta, read_sequences
+from esm2lite.records import DataSpec
 from esm2lite.errors import Esm2liteError
 from esm2lite.tokenizer import RESIDUES, Tokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats  # oracle (the "test" extra installs scipy)
 
-from esm2lite.data import LabelSpace
+from esm2lite.labels import LabelSpace
 from esm2lite.metrics import METRIC_DIRECTION, compute_metrics, metric_direction, rankdata
 
 

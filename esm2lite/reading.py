@@ -1,0 +1,280 @@
+"""Reading the files users give: labelled CSVs for training, CSV or FASTA sequences to score.
+
+Conventions chosen here:
+- CSV files: UTF-8 (a byte-order mark is fine), LF or CRLF line ends, comma-separated
+  (`.tsv` / `.tab` files are tab-separated). Values are stripped of surrounding spaces.
+  Blank lines count as rows (as an editor shows them) and are skipped.
+- Split column values (case-insensitive): `train`; `valid`, `validation`, `val` or `dev`
+  (all mean the validation split, key "valid"); `test`. Anything else is an error.
+- CSV ids for inference without an id column: "row2", "row3", ... (the spreadsheet row).
+- FASTA: id = first word of the header; lines starting with ';' are comments.
+
+Files are read whole (textfiles.py caps the size) and every row of every split is checked
+before anything is returned.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+from .errors import DataError, TokenizerError, quoted
+from .records import DataSpec, Record, check_length, encode_sequence, make_record, where
+from .textfiles import read_text
+from .tokenizer import Tokenizer
+
+SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid",
+                 "dev": "valid", "test": "test"}
+FASTA_SUFFIXES = (".fa", ".fasta", ".faa", ".fas")
+
+
+# ----------------------------------------------------------------------------- CSV
+
+def _text(path) -> str:
+    text = read_text(path, DataError)
+    if not text.strip():
+        raise DataError(f"{path}: empty file")
+    return text
+
+
+def _check_header(header: list[str], name: str, rownum: int) -> None:
+    if "" in header:
+        raise DataError(f"{where(name, rownum)}: the header has an empty column name "
+                        f"(column {header.index('') + 1})")
+    dup = next((c for i, c in enumerate(header) if c in header[:i]), None)
+    if dup is not None:
+        raise DataError(f"{where(name, rownum)}: column {quoted(dup)} appears more than once in the header")
+
+
+def _check_width(fields: list[str], header: list[str], name: str, rownum: int, header_row: int) -> None:
+    if len(fields) > len(header) and any(fields[len(header):]):
+        raise DataError(f"{where(name, rownum)}: {len(fields)} fields, but the header "
+                        f"(row {header_row}) has {len(header)} columns")
+    if len(fields) < len(header):
+        raise DataError(f"{where(name, rownum)}: {len(fields)} fields, but the header "
+                        f"(row {header_row}) has {len(header)} columns "
+                        f"(missing: {', '.join(quoted(c) for c in header[len(fields):])})")
+
+
+def read_csv(path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """-> (header, [(row number, {column: stripped value})]) with blank rows skipped."""
+    name = str(path)
+    delimiter = "\t" if name.lower().endswith((".tsv", ".tab")) else ","
+    reader = csv.reader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
+    header, header_row, rows = None, None, []
+    try:
+        for rownum, fields in enumerate(reader, start=1):
+            fields = [f.strip() for f in fields]
+            if not any(fields):
+                continue  # blank line (or a row of empty cells)
+            if header is None:
+                _check_header(fields, name, rownum)
+                header, header_row = fields, rownum
+                continue
+            _check_width(fields, header, name, rownum, header_row)
+            rows.append((rownum, dict(zip(header, fields))))
+    except csv.Error as e:
+        raise DataError(f"{where(name, reader.line_num)}: malformed CSV ({e})") from None
+    if header is None:
+        raise DataError(f"{name}: empty file")
+    return header, rows
+
+
+def require_columns(name, header, columns) -> None:
+    for c in columns:
+        if c not in header:
+            raise DataError(f"{name}: no column {quoted(c)}; the columns are: "
+                            f"{', '.join(quoted(h) for h in header)}")
+
+
+def parse_float(value: str, here: str) -> float:
+    if value == "":
+        raise DataError(f"{here}: empty value, expected a number")
+    try:
+        x = float(value)
+    except ValueError:
+        raise DataError(f"{here}: {quoted(value)} is not a number") from None
+    if not math.isfinite(x):
+        raise DataError(f"{here}: {quoted(value)} is not a finite number")
+    return x
+
+
+def _records_from_rows(spec: DataSpec, name: str, rows) -> list[Record]:
+    out = []
+    for rownum, values in rows:
+        if spec.task == "regression":
+            target = tuple(parse_float(values[c], where(name, rownum, c)) for c in spec.target_columns)
+        else:
+            target = values[spec.target_columns[0]]
+            if target == "":
+                raise DataError(f"{where(name, rownum, spec.target_columns[0])}: empty label")
+        mask = values[spec.mask_column] if spec.mask_column is not None else None
+        out.append(make_record(spec.task, values[spec.sequence_column], target, mask, name, rownum, "row",
+                               spec.columns, spec.max_residues, spec.truncate))
+    return out
+
+
+def _rows_of(spec: DataSpec, path, split_column=None) -> tuple[str, list]:
+    header, rows = read_csv(path)
+    needed = [spec.sequence_column, *spec.target_columns]
+    needed += [c for c in (spec.mask_column, split_column) if c is not None]
+    require_columns(str(path), header, needed)
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    return str(path), rows
+
+
+def _split_rows(spec: DataSpec, csv_path) -> tuple[str, dict]:
+    """One CSV with a split column -> (name, {split: [(row number, values)]})."""
+    name, rows = _rows_of(spec, csv_path, spec.split_column)
+    by_split = {"train": [], "valid": [], "test": []}
+    for rownum, values in rows:
+        raw = values[spec.split_column]
+        split = SPLIT_ALIASES.get(raw.lower())
+        if split is None:
+            raise DataError(f"{where(name, rownum, spec.split_column)}: split {quoted(raw)} is "
+                            f"not one of train, valid (or validation/val/dev), test")
+        by_split[split].append((rownum, values))
+    if not by_split["train"]:
+        raise DataError(f"{name}: split 'train' has no rows")
+    return name, {s: r for s, r in by_split.items() if r}
+
+
+def load_splits(spec: DataSpec, train=None, valid=None, test=None, csv=None) -> dict[str, list[Record]]:
+    """Labelled records per split: {"train": [...], "valid": [...], "test": [...]}.
+
+    Either per-split files (`train` required, `valid` / `test` optional), or one `csv`
+    whose `spec.split_column` says train / valid / test for each row (aliases: see the
+    module docstring). Only splits that are present get a key; a file without data rows,
+    or a single CSV without train rows, is an error.
+    """
+    if csv is not None:
+        if any(p is not None for p in (train, valid, test)):
+            raise DataError("give either one csv with a split column, or train/valid/test files, not both")
+        if spec.split_column is None:
+            raise DataError(f"{csv}: a single CSV needs a split column (train/valid/test)")
+        name, by_split = _split_rows(spec, csv)
+        return {s: _records_from_rows(spec, name, r) for s, r in by_split.items()}
+    if train is None:
+        raise DataError("no training data given (a train file, or one csv with a split column)")
+    if spec.split_column is not None:
+        raise DataError("a split column is only used with one csv holding all splits; "
+                        "with separate train/valid/test files leave it unset")
+    loaded = {s: _rows_of(spec, p) for s, p in (("train", train), ("valid", valid), ("test", test)) if p is not None}
+    return {s: _records_from_rows(spec, name, rows) for s, (name, rows) in loaded.items()}
+
+
+# ----------------------------------------------------------------------------- sequences to score
+
+def _looks_like_fasta(path) -> bool:
+    if str(path).lower().endswith(FASTA_SUFFIXES):
+        return True
+    if str(path).lower().endswith((".csv", ".tsv", ".tab")):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b">")
+
+
+def _csv_id(values: dict, id_column, rownum: int, name: str, seen: dict) -> str:
+    if id_column is None:
+        return f"row{rownum}"
+    sid = values[id_column]
+    if sid == "":
+        raise DataError(f"{where(name, rownum, id_column)}: empty id")
+    if sid in seen:
+        raise DataError(f"{where(name, rownum, id_column)}: duplicate id {quoted(sid)} (also on row {seen[sid]})")
+    seen[sid] = rownum
+    return sid
+
+
+def read_sequences(path, sequence_column="sequence", id_column=None, max_residues: int | None = None,
+                   truncate: bool = False) -> list[tuple[str, str]]:
+    """Sequences to score -> [(id, sequence)] in input order.
+
+    FASTA (by suffix .fa/.fasta/.faa/.fas, or content starting with '>'), otherwise CSV
+    (.tsv/.tab: tab-separated). CSV ids come from `id_column`, or are "row<N>" with N the
+    spreadsheet row (header = 1). Every sequence is checked with the tokenizer (and against
+    max_residues unless truncate); ids must be unique.
+    """
+    if _looks_like_fasta(path):
+        return read_fasta(path, max_residues, truncate)
+    name = str(path)
+    header, rows = read_csv(path)
+    require_columns(name, header, [sequence_column] + ([id_column] if id_column else []))
+    if not rows:
+        raise DataError(f"{name}: no data rows")
+    out, seen = [], {}
+    for rownum, values in rows:
+        sid = _csv_id(values, id_column, rownum, name, seen)
+        here = where(name, rownum, sequence_column)
+        check_length(encode_sequence(values[sequence_column], here), here, max_residues, truncate)
+        out.append((sid, values[sequence_column]))
+    return out
+
+
+def _fasta_records(text: str, name: str) -> list:
+    """-> [[id, header line, [(line number, residues of the line)]]]."""
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith(";"):
+            continue
+        if s.startswith(">"):
+            words = s[1:].split()
+            if not words:
+                raise DataError(f"{name}, line {lineno}, record {len(records) + 1}: header without an id")
+            records.append([words[0], lineno, []])
+        elif not records:
+            raise DataError(f"{name}, line {lineno}: sequence line before the first '>' header; is this a FASTA file?")
+        else:
+            records[-1][2].append((lineno, "".join(s.split())))
+    if not records:
+        raise DataError(f"{name}: no FASTA records")
+    return records
+
+
+def _bad_residue_line(msg: str, lines: list) -> int:
+    """The file line holding the residue a tokenizer message points at ("... at position N")."""
+    if "at position " not in msg:
+        return lines[0][0]
+    pos, start = int(msg.rsplit("at position ", 1)[1]), 0
+    for ln, piece in lines:
+        if pos <= start + len(piece):
+            return ln
+        start += len(piece)
+    return lines[0][0]
+
+
+def read_fasta(path, max_residues: int | None = None, truncate: bool = False) -> list[tuple[str, str]]:
+    """FASTA -> [(id, sequence)] in file order.
+
+    Multi-line records, lowercase, blank lines, CRLF and a BOM are fine; id = first word of
+    the header; lines starting with ';' are comments. Errors name the record (1-based), its
+    id and the line: sequence lines before the first header, an empty header or record,
+    duplicate ids, unknown residues.
+    """
+    name = str(path)
+    out, seen = [], {}
+    for k, (sid, header_line, lines) in enumerate(_fasta_records(_text(path), name), start=1):
+        if sid in seen:
+            j, first_line = seen[sid]
+            raise DataError(f"{name}: duplicate id {quoted(sid)} in record {j} (line {first_line}) "
+                            f"and record {k} (line {header_line})")
+        seen[sid] = (k, header_line)
+        seq = "".join(piece for _, piece in lines)
+        if not seq:
+            raise DataError(f"{name}, record {k} ({quoted(sid)}, line {header_line}): empty sequence")
+        try:
+            tokens = Tokenizer().encode(seq)
+        except TokenizerError as e:
+            msg = str(e).split(": ", 1)[1]
+            raise DataError(f"{name}, record {k} ({quoted(sid)}), line {_bad_residue_line(msg, lines)}: "
+                            f"{msg}") from None
+        check_length(tokens, f"{name}, record {k} ({quoted(sid)}, line {header_line})", max_residues, truncate)
+        out.append((sid, seq))
+    return out
