@@ -71,9 +71,11 @@ def main(argv):
         parser().error("--batch-tokens and --max-residues must be positive")
     if args.layers and min(args.layers) < 0:
         parser().error("--layers are 0 (input embeddings) .. the number of layers")
+    if args.output and args.embeddings and os.path.realpath(args.output) == os.path.realpath(args.embeddings):
+        parser().error("--output and --embeddings need different files")
     for path in (args.output, args.embeddings):
         if path:
-            infer.check_writable(path)
+            infer.check_writable(path, inputs=[args.input])
     d, device = distributed.setup(args.device)  # under torchrun: data-parallel, rank 0 writes
     try:
         predict_and_write(args, d, device, demo)
@@ -84,14 +86,15 @@ def main(argv):
 def predict_and_write(args, d, device, demo):
     from esm2lite import distributed, infer
     from esm2lite.checkpoint import load_pretrained
-    from esm2lite.data import read_sequences
+    from esm2lite.ckpt_dir import load_model
     from esm2lite.errors import Esm2liteError
+    from esm2lite.evaluate import run_batches
+    from esm2lite.reading import read_sequences
+    from esm2lite.records import unlabelled_records
 
-    def read():
+    with distributed.same_error(d):  # every rank reads and checks every record; errors agree
         pairs = read_sequences(args.input, args.sequence_column, args.id_column, args.max_residues, args.truncate)
-        return pairs, infer.to_records(pairs, args.input, args.max_residues, args.truncate)
-
-    pairs, records = distributed.agree(d, read)
+        records = unlabelled_records(pairs, args.input, args.max_residues, args.truncate)
     ids = [sid for sid, _ in pairs]
     if args.base:
         encoder, model = load_pretrained(args.base, device=device), None
@@ -99,14 +102,14 @@ def predict_and_write(args, d, device, demo):
         ckpt = os.path.join(args.run, "best") if args.run else args.checkpoint
         if args.run and not os.path.isdir(ckpt):
             raise Esm2liteError(f"{args.run}: no best/ checkpoint in this run directory")
-        model = infer.load_for_inference(ckpt, device, merge=not args.no_merge, base_path=args.base_path)
+        model = load_model(ckpt, device=device, base_path=args.base_path, merge=not args.no_merge)
         encoder = model.encoder
     too_deep = [i for i in args.layers or () if i > encoder.config.num_layers]
     if args.embeddings and too_deep:
         raise Esm2liteError(f"--layers {too_deep}: this model has layers 0..{encoder.config.num_layers}")
 
     if args.output:
-        outputs, _ = infer.run_batches(model, records, args.batch_tokens, args.precision, desc="predict", d=d)
+        outputs, _ = run_batches(model, records, args.batch_tokens, args.precision, desc="predict", d=d)
         rows = [{"id": sid, "sequence": r.sequence, **p}
                 for sid, r, p in zip(ids, records, infer.decode_predictions(model, outputs))]
     if args.embeddings:

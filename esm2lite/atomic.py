@@ -1,4 +1,10 @@
-"""Atomic writes: a reader sees the old file/directory or the new one, never half of one."""
+"""Atomic writes: a reader sees the old file/directory or the new one, never half of one.
+
+Results get the permissions a plain open() / mkdir() would give them under the caller's umask
+(mkstemp and mkdtemp create 0600 / 0700 temporaries, which a colleague could not read). A write
+that fails (disk full, file too large, no permission) is one Esm2liteError naming the file, and
+leaves nothing behind.
+"""
 
 import contextlib
 import json
@@ -6,19 +12,49 @@ import os
 import shutil
 import tempfile
 
+from .errors import Esm2liteError
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else by setting
+    and restoring it."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: str, e: Exception) -> Esm2liteError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+    return Esm2liteError(f"{path}: cannot write ({reason})")
+
+
+def _is_write_error(e: Exception) -> bool:
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"  # safetensors' I/O errors
+
 
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    os.close(fd)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if _is_write_error(e):
+            raise _write_error(path, e) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -35,24 +71,48 @@ def write_json(path: str, obj) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False):
-    """Yield a temporary directory; on success it replaces `path` in (nearly) one rename.
+    """Yield a temporary directory; on success it replaces `path` in (nearly) one rename: an old
+    `path` is first moved aside into a hidden `.NAME.*.old` (what a kill between the two renames
+    leaves; the caller's cleanup removes it).
 
     With overwrite=False an existing non-empty `path` is an error raised before any work."""
     path = os.path.abspath(path)
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(f"{path}: output directory exists and is not empty")
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         yield tmp
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.chmod(tmp, 0o777 & ~umask())
+        _replace_dir(tmp, path)
+    except Exception as e:
+        if _is_write_error(e):
+            raise _write_error(path, e) from None
+        raise
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    if not os.path.exists(path):
+        os.replace(tmp, path)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=os.path.dirname(path))
+    os.replace(path, os.path.join(old, "x"))
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dir(path: str) -> None:
+    """Delete a directory so that no reader ever sees it half deleted: hide it by one rename
+    (`.NAME.*.old`), then remove it."""
+    if not os.path.isdir(path):
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=os.path.dirname(path))
+    os.replace(path, os.path.join(old, "x"))
+    shutil.rmtree(old, ignore_errors=True)

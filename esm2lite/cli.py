@@ -1,7 +1,9 @@
 """Shared command-line plumbing: one-line errors, non-zero exits, --debug for tracebacks."""
 
 import argparse
+import dataclasses
 import sys
+import typing
 
 from .errors import Esm2liteError, TrainingInterrupted
 
@@ -42,3 +44,65 @@ def run_main(main, argv=None) -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+
+
+# ---------------------------------------------------------------- options from a config dataclass
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One option per field of the dataclass `cls` whose metadata names a group (see
+    train_config.opt): --field-name (or metadata "flag"), help, choices and default from the field.
+    A nested dataclass field lists the sub-fields it offers, as `prefix` + sub-field name."""
+    groups, hints = {}, typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "group" not in f.metadata:
+            continue
+        group = groups.get(f.metadata["group"]) or groups.setdefault(
+            f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        if "fields" in f.metadata:  # a nested config: its own fields' defaults and help
+            sub = {s.name: s for s in dataclasses.fields(hints[f.name])}
+            sub_hints = typing.get_type_hints(hints[f.name])
+            for name in f.metadata["fields"]:
+                _add(group, f.metadata["prefix"] + name.replace("_", "-"), f"{f.name}.{name}", sub_hints[name],
+                     sub[name].default, sub[name].metadata)
+        else:
+            _add(group, f.metadata.get("flag", "--" + f.name.replace("_", "-")), f.name, hints[f.name],
+                 f.default, f.metadata)
+
+
+def _add(group, flag: str, dest: str, hint, default, meta) -> None:
+    kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # int | None -> int
+    kw = {"dest": dest, "help": meta.get("help"), "default": default}
+    if kind is bool:
+        kw["action"] = "store_true"
+    elif kind is tuple:
+        kw.update(nargs="+", default=list(default), type=str)
+    else:
+        kw["type"] = kind
+    if "choices" in meta:
+        kw["choices"] = list(meta["choices"])
+    elif kind is not bool:
+        kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+    group.add_argument(flag, **kw)
+
+
+def options_to_config(cls, args: argparse.Namespace):
+    """The dataclass `cls` from parsed options (nested configs built from their sub-options).
+    A nested config's ValueError ("LoRAConfig.rank = 0: ...") names the option ("--lora-rank = 0")."""
+    hints, kwargs = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if "fields" in f.metadata:
+            sub = {name: getattr(args, f"{f.name}.{name}") for name in f.metadata["fields"]}
+            sub = {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+            try:
+                kwargs[f.name] = hints[f.name](**sub)
+            except ValueError as e:
+                raise UsageError(str(e).replace(f"{hints[f.name].__name__}.", f.metadata["prefix"])) from None
+        elif "group" in f.metadata:
+            value = getattr(args, f.name)
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+class UsageError(ValueError):
+    """A bad option value found while building a config: the parser reports it (exit 2)."""

@@ -8,12 +8,14 @@ micro-batches (one per rank) of one global batch stream, so N ranks with --grad-
 follow the same trajectory as one process with --grad-accum N*G.
 """
 
+import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from .device import check_device, pick_device
 from .errors import Esm2liteError
 
 
@@ -22,21 +24,19 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    main: bool = field(init=False)  # rank 0: the one that writes files
+    enabled: bool = field(init=False)  # several processes
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
+    def __post_init__(self):
+        self.main, self.enabled = self.rank == 0, self.world > 1
 
 
 def setup(device: str | None) -> tuple[Dist, torch.device]:
     """Join the process group when started by torchrun; pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(), pick_device(device)
+    check_device(device)
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if use_cuda:
@@ -52,23 +52,24 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def agree(d: Dist, fn):
-    """Run fn() on every rank. If it raises an esm2lite error on any rank, every rank raises
-    the lowest failing rank's error: one clear message everywhere, and no rank left hanging."""
+@contextlib.contextmanager
+def same_error(d: Dist):
+    """Every rank leaves the block alike: if it raises an esm2lite error on any rank, every rank
+    raises the lowest failing rank's error (one clear message everywhere, no rank left waiting in
+    a collective)."""
+    error = None
     try:
-        result, error = fn(), None
+        yield
     except Esm2liteError as e:
-        result, error = None, e
+        error = e
     if not d.enabled:
-        if error:
+        if error is not None:
             raise error
-        return result
-    errors = [None] * d.world
-    dist.all_gather_object(errors, str(error) if error else None)
+        return
+    errors = gather(d, str(error) if error else None)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise type(error)(first) if error else Esm2liteError(first)
-    return result
 
 
 def mean(d: Dist, value: float) -> float:

@@ -12,20 +12,19 @@ import sys
 import torch
 
 from .checkpoint import save_hf_dir
+from .ckpt_dir import load_model, read_spec
 from .cli import OneLineParser, run_main
 from .errors import Esm2liteError
-from .finetuned import FineTuned
 from .lora import merge_lora
 from .model import ESM2
 
 
-def merged_encoder(model: FineTuned) -> ESM2:
-    """A plain ESM2 whose weights include the merged adapters."""
-    if model.mode == "lora":
-        merge_lora(model.encoder)
-    state = {k: v for k, v in model.encoder.state_dict().items() if "lora_" not in k}
+def merged_encoder(encoder: ESM2) -> ESM2:
+    """A plain ESM2 whose weights include the merged adapters (if any)."""
+    merge_lora(encoder)
+    state = {k: v for k, v in encoder.state_dict().items() if "lora_" not in k}
     with torch.device("meta"):
-        plain = ESM2(model.encoder.config)
+        plain = ESM2(encoder.config)
     plain.load_state_dict(state, strict=True, assign=True)
     return plain.eval()
 
@@ -60,17 +59,18 @@ def main(argv=None):
     ckpt = os.path.join(args.run, "best") if args.run else args.checkpoint
     if args.run and not os.path.isdir(ckpt):
         raise Esm2liteError(f"{args.run}: no best/ checkpoint in this run directory")
-    model = FineTuned.load(ckpt, base_path=args.base_path)
-    if args.peft and model.mode != "lora":
-        raise Esm2liteError(f"{ckpt}: --peft needs a LoRA checkpoint (this one is mode {model.mode!r})")
+    spec = read_spec(ckpt)
+    if args.peft and spec.lora is None:
+        raise Esm2liteError(f"{ckpt}: --peft needs a LoRA checkpoint (this one is mode {spec.mode!r})")
+    model = load_model(ckpt, base_path=args.base_path)
     if args.peft:
         from .peft_io import save_peft_adapter
 
-        save_peft_adapter(model.encoder, args.peft, base_model_name_or_path=model.base.path,
+        save_peft_adapter(model.encoder, args.peft, base_model_name_or_path=args.base_path or spec.base.path,
                           overwrite=args.overwrite)
         print(f"wrote peft adapter to {args.peft}")
     if args.merged:
-        save_hf_dir(merged_encoder(model), args.merged, overwrite=args.overwrite)
+        save_hf_dir(merged_encoder(model.encoder), args.merged, overwrite=args.overwrite)
         print(f"wrote merged model to {args.merged}")
 
 

@@ -13,36 +13,20 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .atomic import atomic_path, write_text
-from .data import Record, make_batches
-from .errors import DataError, TokenizerError
+from .batching import make_batches
+from .ckpt_dir import load_model
+from .device import amp_dtype_for
 from .distributed import Dist, gather
-from .finetuned import FineTuned, amp_dtype_for, run_batches
+from .errors import DataError
+from .evaluate import run_batches
 from .heads import mean_pool
-from .lora import merge_lora
 from .model import ESM2
-from .tokenizer import PAD, Tokenizer
+from .records import unlabelled_records
+from .task_model import TaskModel
+from .tokenizer import pad_tokens
 
 
-def to_records(pairs, source: str = "<memory>", max_residues: int | None = 1022, truncate: bool = False) -> list[Record]:
-    """[(id, sequence)] -> Records without targets (tokenised, length-checked)."""
-    tok, records = Tokenizer(), []
-    for i, (sid, seq) in enumerate(pairs):
-        try:
-            tokens = tok.encode(seq, i, max_residues, truncate)
-        except TokenizerError as e:
-            raise DataError(f"{source}, record {i + 1} ({sid!r}): {str(e).split(': ', 1)[1]}") from None
-        records.append(Record(sequence=seq, tokens=tokens, target=None, mask=None, source=source, row=i + 1))
-    return records
-
-
-def load_for_inference(checkpoint: str, device=None, merge: bool = True, base_path: str | None = None) -> FineTuned:
-    model = FineTuned.load(checkpoint, device=device, base_path=base_path)
-    if merge and model.mode == "lora":
-        merge_lora(model.encoder)
-    return model
-
-
-def decode_predictions(model: FineTuned, outputs: list) -> list[dict]:
+def decode_predictions(model: TaskModel, outputs: list) -> list[dict]:
     """Per-record head outputs -> one dict of prediction columns per record."""
     labels = model.labels
     if labels.task == "regression":
@@ -61,10 +45,11 @@ def decode_predictions(model: FineTuned, outputs: list) -> list[dict]:
 
 def predict(checkpoint, sequences, ids=None, batch_tokens: int = 8192, precision: str = "auto", device=None,
             merge: bool = True, max_residues: int | None = 1022, truncate: bool = False) -> list[dict]:
-    """Notebook API: checkpoint dir (or a loaded FineTuned) + sequences -> [{"id", "sequence", prediction...}]."""
+    """Notebook API: checkpoint dir (or a loaded TaskModel, used as it is) + sequences ->
+    [{"id", "sequence", prediction columns...}]."""
     ids = list(ids) if ids is not None else [str(i) for i in range(len(sequences))]
-    model = checkpoint if isinstance(checkpoint, FineTuned) else load_for_inference(checkpoint, device, merge)
-    records = to_records(list(zip(ids, sequences)), max_residues=max_residues, truncate=truncate)
+    model = checkpoint if isinstance(checkpoint, TaskModel) else load_model(checkpoint, device=device, merge=merge)
+    records = unlabelled_records(list(zip(ids, sequences)), max_residues=max_residues, truncate=truncate)
     outputs, _ = run_batches(model, records, batch_tokens, precision, desc="predict")
     return [{"id": i, "sequence": r.sequence, **p} for i, r, p in zip(ids, records, decode_predictions(model, outputs))]
 
@@ -83,11 +68,7 @@ def embed(encoder: ESM2, records, ids, batch_tokens: int = 8192, precision: str 
     out = {}
     batches = make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False)[d.rank::d.world]
     for idx in tqdm(batches, desc="embed", disable=not d.main):
-        T = max(len(records[i].tokens) for i in idx)
-        tokens = torch.full((len(idx), T), PAD, dtype=torch.long)
-        for row, i in enumerate(idx):
-            tokens[row, : len(records[i].tokens)] = torch.tensor(records[i].tokens)
-        tokens = tokens.to(device)
+        tokens = pad_tokens([records[i].tokens for i in idx]).to(device)  # [B, T]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             hidden = encoder(tokens, repr_layers=layers, logits=False)["hidden_states"]
         for layer in layers:
@@ -115,11 +96,14 @@ def write_predictions_csv(path: str, rows: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def check_writable(path: str) -> None:
-    """Fail before any work if an output cannot be written."""
+def check_writable(path: str, inputs=()) -> None:
+    """Fail before any work if an output cannot be written, or would overwrite an input."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, not an output file")
+    for src in inputs:
+        if src and (os.path.realpath(src) == os.path.realpath(path)):
+            raise DataError(f"{path}: is also the input; write the output to another file")
     probe = parent
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)

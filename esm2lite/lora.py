@@ -6,7 +6,7 @@
     model = ESM2.from_pretrained(path)
     apply_lora(model, LoRAConfig(rank=16, alpha=32))   # only lora_a / lora_b train
     ...train...
-    torch.save(lora_state_dict(model), "adapters.pt")   # adapters only
+    save_file(lora_state_dict(model), "adapters.safetensors")   # adapters only
     merge_lora(model)                                    # W += scale · B A, plain F.linear
 
 Targets name our modules: query, key, value, out (model.layers[i].attn.*) and fc1, fc2
@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .kernels.lora import MAX_RANK
-
 from .errors import CheckpointError
+from .kernels.lora import MAX_RANK
 
 TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
 INITS = ("xavier", "kaiming", "normal", "zero")
@@ -44,10 +43,11 @@ class LoRAConfig:
     kaiming = kaiming_uniform_(a=sqrt(5)) (peft's default for A), xavier = xavier_normal_,
     normal = N(0, 0.2^2), zero = 0. BioNeMo's ESM-2 LoRA is init_a="xavier", init_b="zero"."""
 
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: tuple = TARGETS
+    rank: int = dataclasses.field(default=16, metadata={"help": "adapter rank r (size of the low-rank update)"})
+    alpha: float = dataclasses.field(default=32.0, metadata={"help": "adapter scale = alpha / rank"})
+    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    targets: tuple = dataclasses.field(default=TARGETS, metadata={
+        "help": "which linears get adapters: query key value out fc1 fc2"})
     layers: tuple | None = None
     init_a: str = "kaiming"
     init_b: str = "zero"

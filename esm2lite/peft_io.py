@@ -21,22 +21,21 @@ import re
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
-from .checkpoint import _read_safetensors
-from .checkpoint import HF_NAMES, rename
+from .checkpoint import HF_NAMES, _read_safetensors, rename
 from .errors import CheckpointError
 from .lora import (TARGETS, LoRAConfig, apply_lora, check_adapter_keys, expected_shapes, load_lora_state_dict,
                    lora_modules, module_name)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
-def _hf_module(target: str) -> str:
+def _hf_template(target: str) -> str:
     """HF EsmModel module path of a target in block {i}, from checkpoint.HF_NAMES:
     "query" -> "encoder.layer.{i}.attention.self.query"."""
     hf = rename(f"{module_name(0, target)}.weight", HF_NAMES, reverse=True)  # esm.encoder.layer.0....weight
     return hf.removeprefix("esm.").removesuffix(".weight").replace(".0.", ".{i}.", 1)
 
 
-HF_MODULES = {t: _hf_module(t) for t in TARGETS}  # our target -> HF module path (relative to EsmModel)
+HF_MODULES = {t: _hf_template(t) for t in TARGETS}  # our target -> HF module path (relative to EsmModel)
 _HF_TARGET = {path.split("{i}.")[1]: t for t, path in HF_MODULES.items()}  # "attention.self.query" -> "query"
 ADAPTER_KEY = re.compile(
     r"^base_model\.model\.(?:esm\.)?encoder\.layer\.(?P<i>\d+)\.(?P<module>"
@@ -64,7 +63,7 @@ def save_peft_adapter(model, path: str, base_model_name_or_path: str | None = No
     config = model.lora_config
     tensors, target_modules = {}, []
     for name, m in modules.items():
-        hf = _hf_module(name)
+        hf = hf_module_path(name)
         target_modules.append(hf)
         # copies: safetensors refuses tensors that share memory (tied adapters)
         tensors[f"base_model.model.{hf}.lora_A.weight"] = m.lora_a.detach().to("cpu", copy=True)  # [r, K]
@@ -83,7 +82,7 @@ def save_peft_adapter(model, path: str, base_model_name_or_path: str | None = No
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def _hf_module(name: str) -> str:
+def hf_module_path(name: str) -> str:
     """"layers.3.attn.query" -> "encoder.layer.3.attention.self.query"."""
     parts = name.split(".")
     return HF_MODULES[parts[-1]].format(i=int(parts[1]))

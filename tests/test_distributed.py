@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import oracles
 from esm2lite.errors import CheckpointError
-from esm2lite.finetuned import FineTuned
+from esm2lite.ckpt_dir import load_model
 from test_train import trained
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_resume_under_two_ranks_and_from_two_onto_one(hf_tiny, data, tmp_path, m
         shutil.copytree(step_3, lost)
         os.remove(min((lost / "dcp").iterdir()))
         with pytest.raises(CheckpointError, match=r"lost/dcp: the shards of model\..* do not cover it"):
-            FineTuned.load(str(lost))
+            load_model(str(lost))
         assert not (step_3 / "model.safetensors").exists()
     final = trained(full / "checkpoints" / "step_6")
 

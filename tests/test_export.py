@@ -9,7 +9,7 @@ import torch
 import oracles
 from esm2lite.cli import run_main
 from esm2lite.export import main as export_main
-from esm2lite.finetuned import FineTuned
+from esm2lite.ckpt_dir import load_model
 from esm2lite.model import ESM2
 from esm2lite.tokenizer import Tokenizer
 from esm2lite.train import TrainConfig, train_model
@@ -23,7 +23,7 @@ def run(tmp_path_factory, hf_tiny):
 
 @pytest.fixture(scope="module")
 def tuned(run):
-    return FineTuned.load(os.path.join(run["run"], "best"))
+    return load_model(os.path.join(run["run"], "best"))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_export_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
 
 
 def test_peft_export_needs_a_lora_checkpoint(hf_tiny, tmp_path, capsys):
-    from esm2lite.data import records_from_pairs
+    from esm2lite.records import records_from_pairs
 
     records = {"train": records_from_pairs([("MKTAYIAKQR", 0.1), ("GSHMLEDPVDAFQ", 0.7)])}
     train_model(TrainConfig(checkpoint=hf_tiny, mode="head", steps=1, out=str(tmp_path / "run"), log_every=1),

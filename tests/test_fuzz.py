@@ -221,7 +221,7 @@ def test_fair_esm_file(obj, legacy_format):
                            st.integers(0, 300), st.text(max_size=120).map(str.encode), st.binary(max_size=64))))
 def test_safetensors_file(data):
     from esm2lite.checkpoint import _read_safetensors
-    from esm2lite.finetuned import read_tensors
+    from esm2lite.ckpt_dir import read_tensors
 
     d = tempfile.mkdtemp()
     path = os.path.join(d, "model.safetensors")

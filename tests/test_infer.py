@@ -18,11 +18,11 @@ from safetensors import safe_open
 
 import oracles
 from esm2lite.cli import run_main
-from esm2lite.data import read_sequences
-from esm2lite.finetuned import FineTuned
+from esm2lite.ckpt_dir import load_model
 from esm2lite.heads import mean_pool
 from esm2lite.infer import predict
 from esm2lite.lora import LoRAConfig, lora_modules
+from esm2lite.reading import read_sequences
 from esm2lite.tokenizer import Tokenizer
 from esm2lite.train import TrainConfig, train_model
 
@@ -78,7 +78,7 @@ def ckpt(run):
 @pytest.fixture(scope="module")
 def tuned(ckpt):
     """The run's best checkpoint, adapters NOT merged (as the training loop scored it)."""
-    return FineTuned.load(ckpt)
+    return load_model(ckpt)
 
 
 def load_cli():

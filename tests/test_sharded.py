@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import oracles
-from esm2lite.data import records_from_pairs
+from esm2lite.ckpt_dir import load_model, load_weights
 from esm2lite.errors import CheckpointError
-from esm2lite.finetuned import FineTuned
+from esm2lite.records import records_from_pairs
 from esm2lite.train import TrainConfig, train_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,14 +39,14 @@ def test_full_checkpoint_is_sharded_and_loads_the_trained_weights(full_run, hf_t
     assert any(n.endswith(".safetensors") for n in shards)
     assert all(n.endswith((".safetensors", ".json")) for n in shards)  # nothing pickled
     assert not (best / "model.safetensors").exists()
-    tuned = FineTuned.load(str(best))
+    tuned = load_model(str(best))
     base = ESM2.from_pretrained(hf_tiny).state_dict()
     got = tuned.encoder.state_dict()
     assert got.keys() == base.keys()
     moved = [k for k in base if not torch.equal(got[k], base[k])]
     assert any(".attn." in k for k in moved)  # trained: the encoder moved off the pretrained weights
     assert not any(k.startswith("lm_head.") for k in moved)  # the unused masked-LM head stays as loaded
-    bf16 = FineTuned.load(str(best), dtype="bf16")
+    bf16 = load_model(str(best), dtype="bf16")
     for k, v in bf16.encoder.state_dict().items():
         assert v.dtype == (torch.float32 if k.endswith("inv_freq") else torch.bfloat16), k
         assert torch.equal(v, got[k].to(v.dtype)), k
@@ -85,7 +85,7 @@ def corrupt_shard_data(d):  # a valid header whose data section is cut short
 def test_damaged_shards_give_one_clear_error(full_run, tmp_path, how, expect):
     ck = damaged(full_run, tmp_path, how)
     with pytest.raises(CheckpointError, match=expect) as e:
-        FineTuned.load(str(ck))
+        load_model(str(ck))
     assert str(ck / "dcp") in str(e.value)
 
 
@@ -97,9 +97,9 @@ def test_shards_of_another_architecture_are_refused(full_run, tmp_path, hf_tiny)
     shutil.copytree(full_run / "best", ck)
     shutil.rmtree(ck / "dcp")
     shutil.copytree(other / "best" / "dcp", ck / "dcp")
-    model = FineTuned.load(str(full_run / "best"))
+    model = load_model(str(full_run / "best"))
     with pytest.raises(CheckpointError, match="weights do not fit the config.*shape mismatches"):
-        model.load_trained(str(ck))
+        load_weights(model, str(ck))
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_full_fine_tune_exports_to_a_directory_transformers_loads(full_run, tmp_
 
     export_main(["--run", str(full_run), "--merged", str(tmp_path / "hf")])
     hf = EsmModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
-    tuned = FineTuned.load(str(full_run / "best"))
+    tuned = load_model(str(full_run / "best"))
     tokens = Tokenizer().batch_encode(oracles.random_sequences(4, 5, 40, seed=8))
     with torch.no_grad():
         got = hf(input_ids=tokens, attention_mask=tokens.ne(1)).last_hidden_state

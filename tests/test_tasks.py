@@ -24,9 +24,9 @@ import torch
 
 import oracles
 from esm2lite.cli import run_main
-from esm2lite.data import records_from_pairs
 from esm2lite.infer import predict
 from esm2lite.lora import LoRAConfig
+from esm2lite.records import records_from_pairs
 from esm2lite.train import TrainConfig, train_model
 from test_train import read_jsonl, small_config, synthetic, trained
 

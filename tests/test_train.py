@@ -12,10 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 import oracles
-from esm2lite.data import records_from_pairs
-from esm2lite.finetuned import read_tensors
+from esm2lite.batching import Batches
+from esm2lite.ckpt_dir import read_tensors
 from esm2lite.lora import LoRAConfig, apply_lora
-from esm2lite.train import Batches, TrainConfig, lr_at, train_model
+from esm2lite.optim import lr_at
+from esm2lite.records import records_from_pairs
+from esm2lite.train import TrainConfig, train_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,9 +82,9 @@ def test_lora_mode_changes_only_adapters_and_head(hf_tiny, tmp_path, splits):
     enc = {k for k in saved if k.startswith("encoder.")}
     assert enc and all(k.endswith(("lora_a", "lora_b")) for k in enc)  # only adapters + head saved
     assert any(k.startswith("head.") for k in saved)
-    from esm2lite.finetuned import FineTuned
+    from esm2lite.ckpt_dir import load_model
 
-    tuned = FineTuned.load(str(tmp_path / "run" / "best"))
+    tuned = load_model(str(tmp_path / "run" / "best"))
     base = ESM2.from_pretrained(hf_tiny).state_dict()
     for k, v in tuned.encoder.state_dict().items():
         if "lora_" not in k:
@@ -129,7 +131,7 @@ def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(hf_tiny, tmp_p
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_ranks_share_one_stream_every_row_once_per_epoch(splits, world):
-    from esm2lite.data import LabelSpace
+    from esm2lite.labels import LabelSpace
 
     train = splits["train"]
     cfg = TrainConfig(model="esm2_t6_8M_UR50D", steps=1, batch_tokens=200, seed=4)
@@ -148,14 +150,14 @@ def test_ranks_share_one_stream_every_row_once_per_epoch(splits, world):
 
 
 def test_base_model_path_is_stored_absolute(hf_tiny, tmp_path, splits, monkeypatch):
-    from esm2lite.finetuned import FineTuned
+    from esm2lite.ckpt_dir import load_model
 
     monkeypatch.chdir(os.path.dirname(hf_tiny))  # train with a relative --checkpoint
     train_model(small_config(os.path.basename(hf_tiny), tmp_path / "run", steps=1, eval_every=1), records=splits)
     monkeypatch.chdir(tmp_path)  # and predict from somewhere else
     saved = json.load(open(tmp_path / "run" / "best" / "config.json"))["base"]["path"]
     assert saved == os.path.abspath(hf_tiny)
-    FineTuned.load(str(tmp_path / "run" / "best"))
+    load_model(str(tmp_path / "run" / "best"))
 
 
 def test_lora_checkpoints_never_gather_frozen_weights():

@@ -1,0 +1,211 @@
+"""The run directory (train.py --out): the one module that writes and reads the files in it.
+
+    .lock                 an OS lock held while a run works here (released when it ends or dies);
+                          it names the holder, for the error a second run on the same --out gets
+    config.json           the run's settings and number of ranks: --resume must match them
+    metrics.jsonl         one JSON line per train log and per evaluation
+    summary.json          at the end: best step, the valid and test metrics of best/, wall time
+    checkpoints/step_N/   step checkpoints: weights, optimizer, RNG, data position (ckpt_dir.py)
+    best/                 the best step's weights, for prediction (ckpt_dir.py)
+
+Every file is written under a temporary name and renamed into place. Writes come in this order,
+so that a kill at any instant leaves a state --resume completes to exactly the uninterrupted result:
+
+    1. step N's lines in metrics.jsonl (train, valid), appended
+    2. checkpoints/step_N/: its trainer_state names the best step so far
+    3. best/, when step N is the best (its config.json says step N)
+    4. older step checkpoints pruned (hidden by one rename, then deleted; the best one stays)
+    5. at the end: the test line, then summary.json
+
+--resume takes the last step checkpoint, drops log lines written after it (and a line cut short),
+rebuilds best/ from the best step's checkpoint when best/ is missing or holds another step, and
+removes what writes cut short by a kill left. A directory that never reached its first checkpoint
+is started afresh.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import time
+
+from . import ckpt_dir, distributed
+from .atomic import remove_dir, write_json, write_text
+from .distributed import Dist
+from .errors import Esm2liteError
+from .textfiles import read_json
+
+UNCHECKED = ("out", "device", "grad_accum")  # may change on --resume (grad_accum x ranks may not)
+
+
+class Checkpointer:
+    def __init__(self, out: str, d: Dist):
+        self.out, self.d = out, d
+        self.checkpoints = os.path.join(out, "checkpoints")
+        self.best = os.path.join(out, "best")
+        self.metrics = os.path.join(out, "metrics.jsonl")
+        self.config = os.path.join(out, "config.json")
+        self.summary = os.path.join(out, "summary.json")
+        self._lock = None
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.checkpoints, f"step_{step}")
+
+    def step_dirs(self) -> list[tuple[int, str]]:
+        if not os.path.isdir(self.checkpoints):
+            return []
+        found = [(int(m.group(1)), os.path.join(self.checkpoints, n))
+                 for n in os.listdir(self.checkpoints) if (m := re.fullmatch(r"step_(\d+)", n))]
+        return sorted(found)
+
+    # ------------------------------------------------------------ before any work (every rank, read-only)
+
+    def check(self, settings: dict, resume: bool, note: bool = True) -> bool:
+        """Can this run start here? True when it continues from a checkpoint."""
+        _check_creatable(self.out)
+        started = bool(self.step_dirs())
+        if started and not resume:
+            raise Esm2liteError(f"{self.out}: already holds a run; pass --resume to continue it or choose another --out")
+        if started:
+            self._check_same_settings(settings)
+        elif resume and note and self.d.main:
+            print(f"{self.out}: no checkpoint yet; starting from the beginning", flush=True)
+        return started
+
+    def _check_same_settings(self, settings: dict) -> None:
+        saved = read_json(self.config)
+        if not isinstance(saved, dict) or not isinstance(saved.get("grad_accum"), int):
+            raise Esm2liteError(f"{self.config}: damaged (not the settings of a run)")
+        changed = [k for k, v in settings.items() if saved.get(k) != v and k not in UNCHECKED + ("world_size",)]
+        ranks = saved.get("world_size", 1)
+        if saved["grad_accum"] * ranks != settings["grad_accum"] * settings["world_size"]:
+            changed.append(f"grad_accum x ranks (was {saved['grad_accum']} x {ranks})")
+        if changed:
+            raise Esm2liteError(f"{self.config}: --resume needs the same settings; changed: {', '.join(changed)}")
+
+    # ------------------------------------------------------------ claiming the directory (rank 0)
+
+    def claim(self, settings: dict, resume: bool) -> None:
+        """Lock the directory, check again under the lock, and set it up: a fresh run writes its
+        settings and an empty log; a resumed one loses the leftovers of writes a kill cut short."""
+        if not self.d.main:
+            return
+        self._take_lock()
+        if self.check(settings, resume, note=False):
+            self._remove_leftovers()
+            return
+        remove_dir(self.best)  # what a start that never reached a checkpoint left
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.summary)
+        write_json(self.config, settings)
+        write_text(self.metrics, "")
+
+    def _take_lock(self) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        fd = os.open(os.path.join(self.out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another run"
+            os.close(fd)
+            raise Esm2liteError(f"{self.out}: in use by {holder}; two runs cannot share one --out "
+                                "(wait for it to end, or choose another --out)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"train.py (pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+        self._lock = fd
+
+    def close(self) -> None:
+        """Release the lock (a process that dies releases it too)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _remove_leftovers(self) -> None:
+        """Hidden temporaries of writes a kill cut short (never read: their names start with '.')."""
+        for parent in (self.out, self.checkpoints):
+            for name in os.listdir(parent) if os.path.isdir(parent) else ():
+                path = os.path.join(parent, name)
+                if name.startswith(".") and name.endswith((".tmp", ".old")):
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+    # ------------------------------------------------------------ resuming (collective)
+
+    def resume(self, model, spec, optimizer) -> dict:
+        """Load the last step checkpoint into the model and optimizer (RNG too) and return its
+        trainer state; bring best/ and metrics.jsonl back to that step first."""
+        _, last = self.step_dirs()[-1]
+        best_step = ckpt_dir.read_trainer_state(last)["best_step"]
+        if best_step is not None and ckpt_dir.saved_step(self.best) != best_step:
+            self._rebuild_best(model, spec, best_step)
+        ckpt_dir.load_weights(model, last, optimizer)  # a sharded checkpoint holds the moments too
+        state = ckpt_dir.load_trainer_state(last, model, optimizer, self.d)
+        ckpt_dir.verify(last, self.d)
+        if self.d.main:
+            self._truncate_log(state["step"])
+            print(f"resumed from {last} at step {state['step']}", flush=True)
+        return state
+
+    def _rebuild_best(self, model, spec, step: int) -> None:
+        """best/ from checkpoints/step_<step> (a kill came between writing that and best/)."""
+        source = self.step_dir(step)
+        if not os.path.isdir(source):
+            raise Esm2liteError(f"{self.best}: does not hold the best step {step}, and {source} is gone")
+        ckpt_dir.load_weights(model, source)
+        ckpt_dir.verify(source, self.d)
+        ckpt_dir.save(self.best, model, spec, step, self.d)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop records written after `step` (and a line cut short by a kill), and test results."""
+        keep = []
+        with open(self.metrics, encoding="utf-8", errors="replace") if os.path.exists(self.metrics) \
+                else contextlib.nullcontext([]) as f:
+            for line in f:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    record = json.loads(line)
+                    if record["step"] <= step and record["split"] != "test":
+                        keep.append(json.dumps(record) + "\n")
+        write_text(self.metrics, "".join(keep))
+
+    # ------------------------------------------------------------ during the run
+
+    def log(self, record: dict) -> None:
+        if self.d.main:
+            with open(self.metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self, model, spec, optimizer, state: dict, is_best: bool, keep_last: int) -> None:
+        """Collective: checkpoints/step_N/, then best/ when step N is the best, then pruning."""
+        step = state["step"]
+        ckpt_dir.save(self.step_dir(step), model, spec, step, self.d, optimizer, state)
+        if is_best:
+            ckpt_dir.save(self.best, model, spec, step, self.d)
+        if self.d.main:
+            for old, path in self.step_dirs()[:-keep_last]:
+                if old != state["best_step"]:
+                    remove_dir(path)
+        distributed.barrier(self.d)
+
+    # ------------------------------------------------------------ the end
+
+    def load_best(self, model) -> None:
+        ckpt_dir.load_weights(model, self.best)
+        ckpt_dir.verify(self.best, self.d)
+
+    def write_summary(self, summary: dict) -> None:
+        if self.d.main:
+            write_json(self.summary, summary)
+
+
+def _check_creatable(path: str) -> None:
+    """Esm2liteError before any work if the directory `path` cannot be made and written."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise Esm2liteError(f"{path}: cannot create the output directory ({probe} is a file)")
+    if not os.access(probe, os.W_OK):
+        raise Esm2liteError(f"{path}: cannot write the output directory ({probe} is not writable)")

@@ -1,0 +1,281 @@
+"""A fine-tuning checkpoint directory (RUN/best, RUN/checkpoints/step_N): the one module that
+writes and reads the files in it.
+
+    config.json                 spec.CheckpointSpec: mode, labels, head and LoRA configs, the
+                                encoder's architecture, the base model (path or architecture +
+                                seed, and the sha256 of its weights); and the step it was taken at
+    model.safetensors           lora / head: the trained tensors, "head.*" and (lora) the adapters
+                                "encoder.*.lora_a|lora_b"; small, so gathered to rank 0, which writes
+    dcp/                        full: "encoder.*" and "head.*" (step checkpoints: and AdamW's moments)
+                                as torch.distributed.checkpoint shards, every rank writing its own;
+                                sharded.py writes and reads them
+    trainer_state.json          step checkpoints: step, data position, best so far, skipped steps
+    trainer_state.safetensors   step checkpoints: every rank's RNG state; lora / head: AdamW's moments
+                                by parameter name, unsharded (full: in dcp/)
+    SHA256SUMS                  the sha256 of every other file (`sha256sum -c SHA256SUMS` checks them);
+                                verified, with every weight finite, whenever the checkpoint is loaded
+
+A directory is written under a temporary name and renamed into place once complete (atomic.py).
+Under torchrun saving is collective; RUN must be on a filesystem every node sees.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import distributed
+from .atomic import atomic_dir
+from .distributed import Dist
+from .errors import CheckpointError, Esm2liteError
+from .heads import head_from_config
+from .modes import MODE
+from .sharded import DIRNAME, has_sharded, load_sharded, read_sharded, save_sharded
+from .checkpoint import check_keys
+from .spec import FORMAT, CheckpointSpec
+from .task_model import TaskModel
+from .textfiles import read_json
+
+CONFIG, WEIGHTS, STATE, SUMS = "config.json", "model.safetensors", "trainer_state", "SHA256SUMS"
+STATE_FIELDS = {"step": int, "epoch": int, "index": int, "skipped": int, "world_size": int}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save(ckpt_dir: str, model: TaskModel, spec: CheckpointSpec, step: int, d: Dist, optimizer=None,
+         state: dict | None = None) -> None:
+    """Write the checkpoint directory atomically; collective under torchrun. With `state` (step,
+    data position, best so far...) it is a step checkpoint and holds the optimizer and RNG too."""
+    mode = MODE[spec.mode]
+    tensors = None if mode.sharded else _gathered(model, mode, d)
+    extra = None if state is None else _trainer_tensors(model, optimizer, d, moments=not mode.sharded)
+    with atomic_dir(ckpt_dir, overwrite=True) if d.main else contextlib.nullcontext() as tmp:
+        tmp = distributed.gather(d, tmp)[0]  # rank 0's temporary directory, for everyone
+        if mode.sharded:
+            save_sharded(tmp, model, optimizer if state is not None else None)
+        if d.main:
+            if tensors is not None:
+                save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
+            _write_json(os.path.join(tmp, CONFIG), {**spec.to_dict(), "step": step})
+            if state is not None:
+                save_file(extra, os.path.join(tmp, STATE + ".safetensors"))
+                _write_json(os.path.join(tmp, STATE + ".json"), state)
+        distributed.barrier(d)  # every shard is on disk before the sums and the rename
+        _write_sums(tmp, d)
+        distributed.barrier(d)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _gathered(model: TaskModel, mode, d: Dist) -> dict:
+    """The trained tensors on CPU (rank 0; collective under FSDP, which gathers only those)."""
+    state = mode.trained_state(model)
+    if d.enabled:
+        full = distributed.trained_full_state(model)
+        state = {k: full[k] for k in state} if d.main else {}
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _trainer_tensors(model, optimizer, d: Dist, moments: bool) -> dict:
+    """Every rank's RNG state and (with moments) the optimizer moments keyed by parameter name,
+    unsharded, so resumable on any number of ranks. Collective; complete on rank 0 only."""
+    tensors = {}
+    for name, st in distributed.full_optimizer_state(model, optimizer).items() if moments else ():
+        for k, v in st.items():
+            tensors[f"{name}.{k}"] = v.detach().to("cpu").contiguous()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    for rank, (cpu, gpu) in enumerate(distributed.gather(d, (torch.get_rng_state(), cuda))):
+        tensors[f"rng.cpu.{rank}"] = cpu
+        if gpu is not None:
+            tensors[f"rng.cuda.{rank}"] = gpu
+    return tensors
+
+
+# ---------------------------------------------------------------- hashes
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _listed(ckpt_dir: str) -> list[str]:
+    out = []
+    for root, _, files in os.walk(ckpt_dir):
+        out += [os.path.relpath(os.path.join(root, f), ckpt_dir) for f in files]
+    return sorted(n for n in out if n != SUMS)
+
+
+def _write_sums(tmp: str, d: Dist) -> None:
+    """SHA256SUMS for every file in tmp; each rank hashes its share (the shards are big)."""
+    names = distributed.gather(d, _listed(tmp) if d.main else None)[0]
+    mine = {n: _sha256(os.path.join(tmp, n)) for n in names[d.rank::d.world]}
+    sums = {k: v for part in distributed.gather(d, mine) for k, v in part.items()}
+    if d.main:
+        with open(os.path.join(tmp, SUMS), "w", encoding="utf-8") as f:
+            f.writelines(f"{sums[n]}  {n}\n" for n in names)
+
+
+def read_sums(ckpt_dir: str) -> dict[str, str] | None:
+    """{file: sha256} from SHA256SUMS; None for a checkpoint written before it existed."""
+    path = os.path.join(ckpt_dir, SUMS)
+    if not os.path.exists(path):
+        return None
+    sums = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            digest, _, name = line.rstrip("\n").partition("  ")
+            if len(digest) != 64 or not name or os.path.isabs(name) or ".." in name.split("/"):
+                raise CheckpointError(f"{path}: damaged (a line is not '<sha256>  <file name>')")
+            sums[name] = digest
+    return sums
+
+
+def verify(ckpt_dir: str, d: Dist | None = None) -> None:
+    """CheckpointError naming the first file whose sha256 is not the one recorded when it was
+    written. Under torchrun each rank checks its share and every rank raises the same error."""
+    d = d or Dist()
+    sums = read_sums(ckpt_dir) or {}
+    with distributed.same_error(d):
+        for name in sorted(sums)[d.rank::d.world]:
+            path = os.path.join(ckpt_dir, name)
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path}: file not found (listed in {SUMS})")
+            if _sha256(path) != sums[name]:
+                raise CheckpointError(f"{path}: corrupt: its sha256 differs from the one recorded in {SUMS} "
+                                      "when the checkpoint was written (the file was changed or damaged)")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_spec(ckpt_dir: str) -> CheckpointSpec:
+    """config.json, every field checked before anything is built or allocated."""
+    path = os.path.join(ckpt_dir, CONFIG)
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found (not an esm2lite checkpoint directory?)")
+    return CheckpointSpec.from_dict(read_json(path, CheckpointError), path)
+
+
+def saved_step(ckpt_dir: str) -> int | None:
+    """The optimizer step a checkpoint was taken at (None: unknown, unreadable or absent)."""
+    with contextlib.suppress(Esm2liteError):
+        step = read_json(os.path.join(ckpt_dir, CONFIG), CheckpointError).get("step")
+        return step if isinstance(step, int) else None
+    return None
+
+
+def _check_finite(tensors: dict, source: str) -> None:
+    for k, v in tensors.items():
+        v = v.to_local() if hasattr(v, "to_local") else v
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: tensor {k} holds NaN or infinite values")
+
+
+def read_tensors(ckpt_dir: str, expected: dict | None = None) -> tuple[dict, dict]:
+    """model.safetensors (or a full fine-tune's dcp/) -> ({encoder key: tensor}, {head key: tensor}).
+    expected: the shapes a dcp/ checkpoint must hold, checked before anything is allocated."""
+    path = os.path.join(ckpt_dir, DIRNAME if has_sharded(ckpt_dir) else WEIGHTS)
+    try:
+        tensors = read_sharded(ckpt_dir, expected) if has_sharded(ckpt_dir) else load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:200]})") from None
+    _check_finite(tensors, path)
+    encoder = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+    head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    return encoder, head
+
+
+def load_model(ckpt_dir: str, dtype=None, device=None, base_path: str | None = None, merge: bool = False) -> TaskModel:
+    """Rebuild the task model a checkpoint holds (eval mode); base_path: where its base model is now.
+    merge: ready for prediction (LoRA adapters merged into the weights; the numbers are the same)."""
+    spec = read_spec(ckpt_dir)
+    mode = MODE[spec.mode]
+    tensors = read_tensors(ckpt_dir, mode.stored_shapes(spec))
+    verify(ckpt_dir)
+    if base_path:
+        spec.base.path = base_path
+    encoder = mode.load_encoder(spec, tensors[0], dtype, device, ckpt_dir)
+    try:
+        head = head_from_config(spec.head).to(device or "cpu")
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, CONFIG)}: bad head config ({e})") from None
+    model = load_weights(TaskModel(encoder, head, spec.labels, mode.frozen_encoder), ckpt_dir, tensors=tensors)
+    mode.for_inference(model.encoder, merge)
+    return model.eval()
+
+
+def load_weights(model: TaskModel, ckpt_dir: str, optimizer=None, tensors: tuple[dict, dict] | None = None) -> TaskModel:
+    """Copy a checkpoint's trained tensors into a model, plain or FSDP-sharded, by name. A full
+    fine-tune's dcp/ is read shard by shard (with the optimizer's state when one is given: resuming);
+    otherwise `tensors` (read_tensors(ckpt_dir) unless given). Collective under torchrun."""
+    mode = MODE[read_spec(ckpt_dir).mode]
+    if tensors is None and mode.sharded and has_sharded(ckpt_dir):
+        load_sharded(ckpt_dir, model, optimizer)
+        _check_finite(mode.trained_state(model), os.path.join(ckpt_dir, DIRNAME))
+        return model
+    encoder_state, head_state = tensors or read_tensors(ckpt_dir)
+    got = {**{f"encoder.{k}": v for k, v in encoder_state.items()}, **{f"head.{k}": v for k, v in head_state.items()}}
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    expected = set(mode.trained_state(model))
+    check_keys({k: targets[k] for k in expected}, got, sorted(set(got) - expected), os.path.join(ckpt_dir, WEIGHTS))
+    for k in sorted(expected):  # the same order on every rank: sharded copies are collective
+        if targets[k].data_ptr() != got[k].data_ptr():  # full-mode loads already hold these
+            distributed.copy_into(targets[k], got[k])
+    return model
+
+
+def read_trainer_state(ckpt_dir: str) -> dict:
+    """trainer_state.json: step, data position (epoch, index), best so far, skipped steps, ranks."""
+    path = os.path.join(ckpt_dir, STATE + ".json")
+    return _checked_state(read_json(path, CheckpointError), path)
+
+
+def load_trainer_state(ckpt_dir: str, model, optimizer, d: Dist) -> dict:
+    """read_trainer_state; and the optimizer moments (lora / head) and this rank's RNG state
+    restored from trainer_state.safetensors."""
+    path = os.path.join(ckpt_dir, STATE)
+    state = read_trainer_state(ckpt_dir)
+    try:
+        tensors = load_file(path + ".safetensors")
+    except Exception as e:
+        raise CheckpointError(f"{path}.safetensors: corrupt, truncated or missing ({' '.join(str(e).split())[:200]})") from None
+    _check_finite(tensors, path + ".safetensors")
+    for name, p in model.named_parameters():
+        if p.requires_grad and f"{name}.exp_avg" in tensors:
+            optimizer.state[p] = {"step": tensors[f"{name}.step"].clone(),
+                                  "exp_avg": distributed.like(p, tensors[f"{name}.exp_avg"]),
+                                  "exp_avg_sq": distributed.like(p, tensors[f"{name}.exp_avg_sq"])}
+    if f"rng.cpu.{d.rank}" in tensors and f"rng.cpu.{d.world}" not in tensors:  # same number of ranks
+        torch.set_rng_state(tensors[f"rng.cpu.{d.rank}"])
+        if f"rng.cuda.{d.rank}" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{d.rank}"])
+    else:  # another number of ranks: a fresh, still deterministic stream per rank
+        torch.manual_seed(state["step"] * 1000 + d.rank)
+    return state
+
+
+def _checked_state(state, source: str) -> dict:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: expected a JSON object")
+    for key, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool) or state[key] < 0:
+            raise CheckpointError(f"{source}: field {key} must be a non-negative integer")
+    if state.get("best_step") is not None and not isinstance(state["best_step"], int):
+        raise CheckpointError(f"{source}: field best_step must be an integer or null")
+    if state.get("best_value") is not None and not isinstance(state["best_value"], (int, float)):
+        raise CheckpointError(f"{source}: field best_value must be a number or null")
+    return state

@@ -1,0 +1,101 @@
+"""What a fine-tuning checkpoint is: the fields of its config.json, checked before anything is
+built or allocated, and the base model its weights apply to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .checkpoint import load_base, random_base
+from .config import ESM2Config
+from .constants import MODES
+from .errors import CheckpointError, Esm2liteError, quoted
+from .labels import LabelSpace
+from .lora import LoRAConfig
+from .model import ESM2
+
+FORMAT = "esm2lite-finetuned"
+FIELDS = ("mode", "labels", "head", "lora", "model_config", "base")
+HEAD_LIMITS = {"hidden": 65536, "num_outputs": 100_000}  # larger is a corrupt file, not a model
+
+
+@dataclass
+class BaseRef:
+    """Where the encoder's starting weights come from, and their sha256 (the identity adapters
+    and heads are trained against)."""
+
+    path: str | None = None  # pretrained checkpoint (HF dir, .pt, hub id)
+    name: str | None = None  # or: architecture name, randomly initialised from seed
+    seed: int = 0
+    sha256: str = ""
+
+    def load(self, dtype=None, device=None) -> ESM2:
+        """The base encoder; CheckpointError when its weights are not the recorded ones."""
+        model, sha = load_base(self.path, dtype, device) if self.path else random_base(self.name, self.seed, dtype, device)
+        if self.sha256 and sha != self.sha256:
+            where = self.path or f"random {self.name} seed {self.seed}"
+            raise CheckpointError(
+                f"{where}: base model weights differ from the ones the checkpoint was trained on "
+                f"(sha256 {sha[:12]}... vs {self.sha256[:12]}...); adapters are made for another base model")
+        self.sha256 = sha
+        return model
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "name": self.name, "seed": self.seed, "sha256": self.sha256}
+
+
+@dataclass
+class CheckpointSpec:
+    """A checkpoint's config.json: mode, label space, head and LoRA configs, encoder architecture
+    and base model."""
+
+    mode: str
+    labels: LabelSpace
+    head: dict  # heads.head_from_config(head) rebuilds the head
+    lora: LoRAConfig | None
+    model_config: ESM2Config
+    base: BaseRef
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "mode": self.mode, "task": self.labels.task,
+                "labels": self.labels.to_dict(), "head": self.head,
+                "lora": self.lora.to_dict() if self.lora else None,
+                "model_config": self.model_config.to_dict(), "base": self.base.to_dict()}
+
+    @classmethod
+    def from_dict(cls, cfg, source: str) -> "CheckpointSpec":
+        """Every field checked (sizes included) before anything is built; CheckpointError names `source`."""
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            raise CheckpointError(f"{source}: not an esm2lite fine-tuning checkpoint (format field missing)")
+        missing = [k for k in FIELDS if k not in cfg]
+        if missing:
+            raise CheckpointError(f"{source}: missing field(s) {', '.join(missing)}")
+        try:
+            return cls._checked(cfg)
+        except (Esm2liteError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{source}: {' '.join(str(e).split())[:300]}") from None
+
+    @classmethod
+    def _checked(cls, cfg: dict) -> "CheckpointSpec":
+        if cfg["mode"] not in MODES:
+            raise ValueError(f"field mode must be one of {', '.join(MODES)}")
+        model = ESM2Config(**cfg["model_config"])  # checks sizes (parameter budget) itself
+        head = cfg["head"]
+        for key, limit in HEAD_LIMITS.items():
+            value = head.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                raise ValueError(f"field head.{key} must be an integer in 1..{limit}, got {quoted(value)}")
+        if head.get("d_model") != model.d_model:
+            raise ValueError(f"field head.d_model {quoted(head.get('d_model'))} does not match "
+                             f"model_config.d_model {model.d_model}")
+        labels = LabelSpace.from_dict(cfg["labels"])
+        if labels.num_outputs != head["num_outputs"]:
+            raise ValueError(f"field labels gives {labels.num_outputs} outputs but head.num_outputs is "
+                             f"{head['num_outputs']}")
+        base = cfg["base"]
+        missing = [k for k in ("path", "name", "seed", "sha256") if k not in base]
+        if missing:
+            raise ValueError(f"field base lacks {', '.join(missing)}")
+        if not (base["path"] or base["name"]):
+            raise ValueError("field base names neither a path nor an architecture")
+        lora = LoRAConfig.from_dict(cfg["lora"]) if cfg["lora"] is not None else None
+        return cls(cfg["mode"], labels, head, lora, model, BaseRef(**{k: base[k] for k in ("path", "name", "seed", "sha256")}))
