@@ -5,7 +5,7 @@ token count M, time forward and forward+backward (grads for x, A, B; W, b frozen
   (a) kernels.lora_linear, backend="triton"
   (b) peft-style unfused LoRA: F.linear(x, W, b) + B(A(dropout(x))) * scale, separate ops
   (c) the frozen base linear alone: F.linear, and its dX backward
-and report a/c (cost of LoRA over the base; ideal ≈ 1 + the FLOP fraction in lora-kernels.md)
+and report a/c (cost of LoRA over the base; ideal ≈ 1 + the FLOP fraction in docs/kernels.md)
 and b/a (speed-up over peft). Medians from triton.testing.do_bench.
 
 Without CUDA it runs a quick CPU comparison of (b) and (c) only (fp32, small token counts,

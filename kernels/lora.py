@@ -2,7 +2,7 @@
 
     x: [..., K]   W: [N, K] frozen   b: [N] frozen or None   A: [r, K]   B: [N, r]   s = scale
 
-Backends compute the same maths (docs: lora-kernels.md):
+Backends compute the same maths (docs/kernels.md):
   "triton": fused Triton kernels (lora_fwd.py, lora_bwd.py): CUDA tensors, or CPU tensors under
             TRITON_INTERPRET=1 (how the tests run them).
   "torch":  plain PyTorch (CPU path and reference).

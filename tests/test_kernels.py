@@ -92,13 +92,13 @@ def run_and_check(x, W, b, A, B, dY, scale, p, backend, tol, call_seed=0):
 # ----------------------------------------------------------------------------- interpreter worker
 
 def _poison():
-    from esm2lite.kernels import lora_fwd
-    lora_fwd.POISON_OUTPUTS = True  # every kernel-written buffer starts as NaN
+    from esm2lite.kernels import tiles
+    tiles.POISON_OUTPUTS = True  # every kernel-written buffer starts as NaN
 
 
 def _case_ready():
-    from esm2lite.kernels import lora_fwd
-    assert lora_fwd.INTERPRET, "worker did not get TRITON_INTERPRET=1 before importing triton"
+    from esm2lite.kernels import tiles
+    assert tiles.INTERPRET, "worker did not get TRITON_INTERPRET=1 before importing triton"
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +140,18 @@ def _case_strategy(dtype, r, p, in_loop, seed):
     tol = TOL[dtype]
     for name, out, ref in [("y", y, y_ref), ("dX", dX, dX_ref), ("dA", dA, dA_ref), ("dB", dB, dB_ref)]:
         assert_close(f"{name} (in_loop={in_loop})", out, ref, tol)
+
+
+def _case_in_loop_ignored_with_dropout():
+    from esm2lite.kernels.lora_bwd import lora_backward
+    from esm2lite.kernels.lora_fwd import lora_forward
+    x, W, b, A, B, dY = make_inputs(3, (37,), 29, 45, 8, torch.float32)
+    outs = []
+    for in_loop in (True, False):
+        y, S = lora_forward(x, W, b, A, B, 0.5, 0.3, 99, need_S=True, in_loop=in_loop)
+        outs.append((y, S, *lora_backward(dY, x, W, A, B, S, 0.5, 0.3, 99, True, True, True, in_loop=in_loop)))
+    for name, a, b_ in zip(("y", "S", "dX", "dA", "dB"), *outs):
+        assert torch.equal(a, b_), f"{name} differs between in_loop=True and False with dropout"
 
 
 def _case_noncontiguous(kind, seed):
@@ -219,11 +231,18 @@ def test_triton_matches_float64(interp, dtype, r, bias, p):
     interp(_case_api, dtype, lead, 29, 45, r, bias, p, 1000 * r + 10 * bias + int(100 * p))
 
 
-@pytest.mark.parametrize("in_loop", [True, False], ids=["S-in-loop", "S-separate"])
-@pytest.mark.parametrize("dtype,r,p", [(torch.float32, 33, 0.0), (torch.float32, 8, 0.3),
-                                       (torch.float16, 16, 0.3), (torch.float16, 128, 0.0)])
+@pytest.mark.parametrize("in_loop,dtype,r,p", [
+    (True, torch.float32, 33, 0.0), (True, torch.float16, 128, 0.0), (True, torch.float16, 8, 0.0),
+    (False, torch.float32, 33, 0.0), (False, torch.float32, 8, 0.3), (False, torch.float16, 16, 0.3),
+    (False, torch.float16, 128, 0.0)])
 def test_triton_s_strategies(interp, in_loop, dtype, r, p):
     interp(_case_strategy, dtype, r, p, in_loop, 7 + r)
+
+
+def test_triton_dropout_always_computes_s_separately(interp):
+    """With p > 0 the launchers compute S and dS in their own kernels even when asked for the
+    in-loop strategy (the mask is drawn once per element): the results are the same, bit for bit."""
+    interp(_case_in_loop_ignored_with_dropout)
 
 
 @pytest.mark.parametrize("kind", ["transposed", "row-sliced", "col-strided"])
@@ -383,14 +402,14 @@ def test_bad_inputs_raise_value_error(bad, match):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_gpu_large_vs_float64(dtype, p):
-    from esm2lite.kernels import lora_fwd
-    lora_fwd.POISON_OUTPUTS = True
+    from esm2lite.kernels import tiles
+    tiles.POISON_OUTPUTS = True
     try:
         x, W, b, A, B, dY = make_inputs(0, (8, 2048), 1280, 1280, 16, dtype, device="cuda",
                                         ab_dtype=torch.float32)
         run_and_check(x, W, b, A, B, dY, 2.0, p, "triton", TOL[dtype] if dtype != torch.float32 else 1e-5)
     finally:
-        lora_fwd.POISON_OUTPUTS = False
+        tiles.POISON_OUTPUTS = False
 
 
 @gpu
