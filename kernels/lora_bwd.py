@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .lora_fwd import rank_proj
 from .tiles import (GRAD_ROW_ALIGN, autotune, dropout_keep, empty, gemm_configs, grad_configs, grouped_tile,
-                    m_bucket, r_pad, s_in_loop)
+                    m_bucket, r_pad, rank_in_loop)
 
 __all__ = ["lora_backward", "rank_grad"]
 
@@ -146,12 +146,12 @@ def rank_grad(X, Y, c, p_drop, seed):
 
 def lora_backward(dY, x, W, A, B, S, scale, p_drop, seed, need_dX, need_dA, need_dB, in_loop=None):
     """dY: [M, N], x: [M, K], S = s · xd A^T: [M, r] (needed for dB) -> (dX, dA fp32, dB fp32),
-    None where not needed. in_loop: where dS is computed when p = 0 (None: the cost model
-    `s_in_loop`; the tests force both); with dropout dS is always computed first."""
+    None where not needed. in_loop: where dS is computed (None: the cost model `s_in_loop`; the
+    tests force each strategy); with dropout, or above r_pad = 32, dS is always computed first."""
     M, N = dY.shape
     K = x.shape[1]
     r = A.shape[0]
-    in_loop = (s_in_loop(r, K, N) if in_loop is None else in_loop) and p_drop == 0
+    in_loop = rank_in_loop(r, K, N, p_drop, prefer=in_loop)
     dX = dS = dA = dB = None
     if need_dX:
         if in_loop:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (autotune, dropout_keep, empty, gemm_configs, grouped_tile, m_bucket, proj_configs, r_pad,
-                    s_in_loop)
+                    rank_in_loop, s_in_loop)
 
 __all__ = ["lora_forward", "rank_proj", "dropout_mask", "s_in_loop"]
 
@@ -142,11 +142,11 @@ def rank_proj(X, Yt, c, p_drop, seed):
 def lora_forward(x, W, b, A, B, scale, p_drop, seed, need_S, in_loop=None):
     """y = x W^T + b + s · xd A^T B^T.  x: [M, K] -> (y: [M, N], S = s · xd A^T: [M, r] or None).
 
-    in_loop: where S is computed when p = 0 (None: the cost model `s_in_loop`; the tests force
-    both). With dropout S is always computed separately (see the module docstring)."""
+    in_loop: where S is computed (None: the cost model `s_in_loop`; the tests force each strategy).
+    With dropout, or above r_pad = 32, S is always computed separately (tiles.rank_in_loop)."""
     M, K = x.shape
     N, r = B.shape
-    in_loop = (s_in_loop(r, N, K) if in_loop is None else in_loop) and p_drop == 0
+    in_loop = rank_in_loop(r, N, K, p_drop, prefer=in_loop)
     if in_loop:
         S = empty((M, r), x.dtype, x.device) if need_S else None
     else:

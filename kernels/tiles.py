@@ -77,6 +77,15 @@ def s_in_loop(r, n_out, n_red):
     return memory_bound or r_pad(r) * n_out <= _RIDGE * _BN_MODEL
 
 
+def rank_in_loop(r, n_out, n_red, p_drop, prefer=None) -> bool:
+    """The launchers' choice: never with dropout (the mask is drawn once per element, in its own
+    kernel) nor above MAX_R_IN_LOOP; otherwise `prefer` (tests force each strategy) or the cost
+    model."""
+    if p_drop > 0 or r_pad(r) > MAX_R_IN_LOOP:
+        return False
+    return s_in_loop(r, n_out, n_red) if prefer is None else prefer
+
+
 # ----------------------------------------------------------------------------- configs
 
 def gemm_configs(out_block, red_block):
@@ -93,9 +102,13 @@ def grad_configs():
 
 
 def target_arch() -> int:
-    """Compute capability of the device triton compiles for (90: H100/H200, 80: A100)."""
+    """Compute capability of the device triton compiles for (90: H100/H200, 80: A100). Without a
+    driver (compiling ahead of time on a machine with no GPU) the stricter rules of sm_80 apply."""
     from triton.runtime import driver
-    return driver.active.get_current_target().arch
+    try:
+        return driver.active.get_current_target().arch
+    except RuntimeError:  # "0 active drivers"
+        return 80
 
 
 def tile_fits(bm: int, out: int, R: int, dropout: bool, arch: int) -> bool:

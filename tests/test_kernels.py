@@ -142,16 +142,16 @@ def _case_strategy(dtype, r, p, in_loop, seed):
         assert_close(f"{name} (in_loop={in_loop})", out, ref, tol)
 
 
-def _case_in_loop_ignored_with_dropout():
+def _case_in_loop_not_taken(r, p):
     from esm2lite.kernels.lora_bwd import lora_backward
     from esm2lite.kernels.lora_fwd import lora_forward
-    x, W, b, A, B, dY = make_inputs(3, (37,), 29, 45, 8, torch.float32)
+    x, W, b, A, B, dY = make_inputs(3, (37,), 29, 45, r, torch.float32)
     outs = []
     for in_loop in (True, False):
-        y, S = lora_forward(x, W, b, A, B, 0.5, 0.3, 99, need_S=True, in_loop=in_loop)
-        outs.append((y, S, *lora_backward(dY, x, W, A, B, S, 0.5, 0.3, 99, True, True, True, in_loop=in_loop)))
+        y, S = lora_forward(x, W, b, A, B, 0.5, p, 99, need_S=True, in_loop=in_loop)
+        outs.append((y, S, *lora_backward(dY, x, W, A, B, S, 0.5, p, 99, True, True, True, in_loop=in_loop)))
     for name, a, b_ in zip(("y", "S", "dX", "dA", "dB"), *outs):
-        assert torch.equal(a, b_), f"{name} differs between in_loop=True and False with dropout"
+        assert torch.equal(a, b_), f"{name} differs between in_loop=True and False (r={r}, p={p})"
 
 
 def _case_noncontiguous(kind, seed):
@@ -232,17 +232,18 @@ def test_triton_matches_float64(interp, dtype, r, bias, p):
 
 
 @pytest.mark.parametrize("in_loop,dtype,r,p", [
-    (True, torch.float32, 33, 0.0), (True, torch.float16, 128, 0.0), (True, torch.float16, 8, 0.0),
+    (True, torch.float32, 31, 0.0), (True, torch.float16, 32, 0.0), (True, torch.float16, 8, 0.0),
     (False, torch.float32, 33, 0.0), (False, torch.float32, 8, 0.3), (False, torch.float16, 16, 0.3),
     (False, torch.float16, 128, 0.0)])
 def test_triton_s_strategies(interp, in_loop, dtype, r, p):
     interp(_case_strategy, dtype, r, p, in_loop, 7 + r)
 
 
-def test_triton_dropout_always_computes_s_separately(interp):
-    """With p > 0 the launchers compute S and dS in their own kernels even when asked for the
-    in-loop strategy (the mask is drawn once per element): the results are the same, bit for bit."""
-    interp(_case_in_loop_ignored_with_dropout)
+@pytest.mark.parametrize("r,p", [(8, 0.3), (33, 0.0)], ids=["dropout", "rank-above-32"])
+def test_triton_rank_projection_leaves_the_loop(interp, r, p):
+    """With dropout or r_pad > 32 the launchers compute S and dS in their own kernels even when
+    the in-loop strategy is preferred: the results are the same, bit for bit."""
+    interp(_case_in_loop_not_taken, r, p)
 
 
 @pytest.mark.parametrize("kind", ["transposed", "row-sliced", "col-strided"])
@@ -415,18 +416,40 @@ def test_gpu_large_vs_float64(dtype, p):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,N,r", [(1280, 1280, 16), (640, 2560, 64), (2560, 640, 8), (480, 480, 128)])
-@pytest.mark.parametrize("in_loop", [True, False], ids=["S-in-loop", "S-separate"])
-def test_gpu_s_strategies_bf16(K, N, r, in_loop):
+@pytest.mark.parametrize("in_loop,p", [(True, 0.0), (False, 0.0), (False, 0.1)],
+                         ids=["S-in-loop", "S-separate", "S-separate-dropout"])
+def test_gpu_s_strategies_bf16(K, N, r, in_loop, p):
     from esm2lite.kernels.lora_bwd import lora_backward
     from esm2lite.kernels.lora_fwd import lora_forward
     M, s = 4099, 0.5
     x, W, b, A, B, dY = make_inputs(1, (M,), K, N, r, torch.bfloat16, device="cuda")
-    y, S = lora_forward(x, W, b, A, B, s, 0.1, 77, need_S=True, in_loop=in_loop)
-    dX, dA, dB = lora_backward(dY, x, W, A, B, S, s, 0.1, 77, True, True, True, in_loop=in_loop)
-    keep = kernels.dropout_mask(77, M, K, 0.1, "cuda", "triton")
-    refs = reference(x, W, b, A, B, s, keep, 0.1, dY)
+    y, S = lora_forward(x, W, b, A, B, s, p, 77, need_S=True, in_loop=in_loop)
+    dX, dA, dB = lora_backward(dY, x, W, A, B, S, s, p, 77, True, True, True, in_loop=in_loop)
+    keep = kernels.dropout_mask(77, M, K, p, "cuda", "triton") if p > 0 else None
+    refs = reference(x, W, b, A, B, s, keep, p, dY)
     for name, out, ref in zip(("y", "dX", "dA", "dB"), (y, dX, dA, dB), refs):
         assert_close(name, out, ref, TOL[torch.bfloat16])
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_compiled_kernels_do_not_spill():
+    """What the compile check says without a GPU, read from the loaded kernels on this one."""
+    from triton.runtime.jit import JITFunction
+
+    from esm2lite.kernels import lora_bwd, lora_fwd
+    for K, N, r, p in [(1280, 1280, 16, 0.0), (320, 320, 32, 0.0), (1280, 5120, 64, 0.1), (5120, 1280, 128, 0.1)]:
+        x, W, b, A, B, dY = make_inputs(2, (4096,), K, N, r, torch.bfloat16, device="cuda")
+        run_and_check(x, W, b, A, B, dY, 2.0, p, "triton", TOL[torch.bfloat16])
+    loaded = []
+    for module in (lora_fwd, lora_bwd):
+        for obj in vars(module).values():
+            fn = getattr(obj, "fn", obj)
+            if isinstance(fn, JITFunction):
+                loaded += [k for cache in fn.device_caches.values() for k in cache[0].values()]
+    assert loaded
+    spills = [(k.name, k.n_regs, k.n_spills) for k in loaded if k.n_spills]
+    assert not spills, spills
 
 
 @gpu
