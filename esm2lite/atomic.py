@@ -87,7 +87,7 @@ def atomic_dir(path: str, overwrite: bool = False):
         raise _write_error(path, e) from None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~umask())
+        _plain_permissions(tmp)
         _replace_dir(tmp, path)
     except Exception as e:
         if _is_write_error(e):
@@ -96,6 +96,18 @@ def atomic_dir(path: str, overwrite: bool = False):
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain_permissions(top: str) -> None:
+    """What open() / mkdir() give under the umask, for the directory and everything in it
+    (safetensors, like mkdtemp, creates its files 0600)."""
+    mask = umask()
+    os.chmod(top, 0o777 & ~mask)
+    for root, dirs, files in os.walk(top):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _replace_dir(tmp: str, path: str) -> None:

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 
 from . import ckpt_dir, distributed
@@ -66,6 +67,8 @@ class Checkpointer:
     def check(self, settings: dict, resume: bool, note: bool = True) -> bool:
         """Can this run start here? True when it continues from a checkpoint."""
         _check_creatable(self.out)
+        if self._lock is None:
+            self._take_lock(probe=True)  # another run working here: say so, whatever else holds
         started = bool(self.step_dirs())
         if started and not resume:
             raise Esm2liteError(f"{self.out}: already holds a run; pass --resume to continue it or choose another --out")
@@ -97,15 +100,21 @@ class Checkpointer:
         if self.check(settings, resume, note=False):
             self._remove_leftovers()
             return
-        remove_dir(self.best)  # what a start that never reached a checkpoint left
+        self._remove_leftovers()  # what a start that never reached a checkpoint left
+        remove_dir(self.best)
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.summary)
         write_json(self.config, settings)
         write_text(self.metrics, "")
 
-    def _take_lock(self) -> None:
+    def _take_lock(self, probe: bool = False) -> None:
+        """Hold OUT/.lock (flock: released by the OS when the process ends, however it ends). probe:
+        only check that nobody holds it (nothing is created)."""
+        path = os.path.join(self.out, ".lock")
+        if probe and not os.path.exists(path):
+            return
         os.makedirs(self.out, exist_ok=True)
-        fd = os.open(os.path.join(self.out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -113,8 +122,12 @@ class Checkpointer:
             os.close(fd)
             raise Esm2liteError(f"{self.out}: in use by {holder}; two runs cannot share one --out "
                                 "(wait for it to end, or choose another --out)") from None
+        if probe:
+            os.close(fd)
+            return
         os.ftruncate(fd, 0)
-        os.write(fd, f"train.py (pid {os.getpid()} on {socket.gethostname()}, since "
+        program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+        os.write(fd, f"{program} (pid {os.getpid()} on {socket.gethostname()}, since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
         self._lock = fd
 
@@ -134,13 +147,14 @@ class Checkpointer:
 
     # ------------------------------------------------------------ resuming (collective)
 
-    def resume(self, model, spec, optimizer) -> dict:
+    def resume(self, model, spec, optimizer, keep_last: int) -> dict:
         """Load the last step checkpoint into the model and optimizer (RNG too) and return its
-        trainer state; bring best/ and metrics.jsonl back to that step first."""
+        trainer state; first bring best/, the step checkpoints and metrics.jsonl to that step."""
         _, last = self.step_dirs()[-1]
         best_step = ckpt_dir.read_trainer_state(last)["best_step"]
         if best_step is not None and ckpt_dir.saved_step(self.best) != best_step:
             self._rebuild_best(model, spec, best_step)
+        self._prune(keep_last, best_step)
         ckpt_dir.load_weights(model, last, optimizer)  # a sharded checkpoint holds the moments too
         state = ckpt_dir.load_trainer_state(last, model, optimizer, self.d)
         ckpt_dir.verify(last, self.d)
@@ -173,9 +187,13 @@ class Checkpointer:
     # ------------------------------------------------------------ during the run
 
     def log(self, record: dict) -> None:
-        if self.d.main:
+        if not self.d.main:
+            return
+        try:
             with open(self.metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        except OSError as e:  # disk full: name the file
+            raise Esm2liteError(f"{self.metrics}: cannot write ({e.strerror or e})") from None
 
     def save(self, model, spec, optimizer, state: dict, is_best: bool, keep_last: int) -> None:
         """Collective: checkpoints/step_N/, then best/ when step N is the best, then pruning."""
@@ -183,11 +201,15 @@ class Checkpointer:
         ckpt_dir.save(self.step_dir(step), model, spec, step, self.d, optimizer, state)
         if is_best:
             ckpt_dir.save(self.best, model, spec, step, self.d)
+        self._prune(keep_last, state["best_step"])
+        distributed.barrier(self.d)
+
+    def _prune(self, keep_last: int, best_step: int | None) -> None:
+        """Keep the last `keep_last` step checkpoints and the best one."""
         if self.d.main:
             for old, path in self.step_dirs()[:-keep_last]:
-                if old != state["best_step"]:
+                if old != best_step:
                     remove_dir(path)
-        distributed.barrier(self.d)
 
     # ------------------------------------------------------------ the end
 

@@ -18,7 +18,8 @@ def _forward_mine(model: TaskModel, records, batches, d: Dist, precision: str, w
     mine = batches[d.rank::d.world]
     rounds = -(-len(batches) // d.world)  # every rank runs as many forwards: FSDP gathers are collective
     local = []
-    for j in tqdm(range(rounds), desc=desc, disable=desc is None or not d.main, leave=False):
+    quiet = True if desc is None or not d.main else None  # None: shown on a terminal only
+    for j in tqdm(range(rounds), desc=desc, disable=quiet, leave=False):
         idx = mine[j] if j < len(mine) else batches[0]  # a spare rank repeats a batch and drops it
         batch = collate([records[i] for i in idx], model.labels if with_loss else None)
         tokens = batch["tokens"].to(device)  # [B, T]

@@ -67,7 +67,7 @@ def embed(encoder: ESM2, records, ids, batch_tokens: int = 8192, precision: str 
     layers = list(layers) if layers else [encoder.config.num_layers]
     out = {}
     batches = make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False)[d.rank::d.world]
-    for idx in tqdm(batches, desc="embed", disable=not d.main):
+    for idx in tqdm(batches, desc="embed", disable=None if d.main else True):  # None: on a terminal only
         tokens = pad_tokens([records[i].tokens for i in idx]).to(device)  # [B, T]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             hidden = encoder(tokens, repr_layers=layers, logits=False)["hidden_states"]

@@ -55,10 +55,15 @@ def save_sharded(ckpt_dir: str, model, optimizer=None) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-    writer = HuggingFaceStorageWriter(os.path.join(ckpt_dir, DIRNAME), save_distributed=dist.is_initialized())
-    with _quiet():
-        dcp.save(_states(model, optimizer)[0], storage_writer=writer)
+    path = os.path.join(ckpt_dir, DIRNAME)
+    writer = HuggingFaceStorageWriter(path, save_distributed=dist.is_initialized())
+    try:
+        with _quiet():
+            dcp.save(_states(model, optimizer)[0], storage_writer=writer)
+    except (Exception, CheckpointException) as e:  # disk full, no permission, ...
+        raise CheckpointError(f"{path}: cannot write the checkpoint shards ({_first_cause(e)})") from None
 
 
 def _reader(ckpt_dir: str):
@@ -86,6 +91,12 @@ def stored_tensors(ckpt_dir: str) -> dict:
             for k, md in metadata.state_dict_metadata.items() if k.startswith("model.")}
 
 
+def _first_cause(e: BaseException) -> str:
+    if hasattr(e, "failures"):  # DCP's CheckpointException: per-rank (exception, traceback); the first cause
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+
+
 def _load(state: dict, ckpt_dir: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
@@ -95,10 +106,7 @@ def _load(state: dict, ckpt_dir: str) -> None:
         with _quiet():
             dcp.load(state, storage_reader=_reader(ckpt_dir))
     except (Exception, CheckpointException) as e:
-        if isinstance(e, CheckpointException):  # per-rank (exception, traceback): keep the first cause only
-            e = next(iter(e.failures.values()))[0]
-        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
-        raise CheckpointError(f"{path}: cannot read the checkpoint shards ({reason})") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint shards ({_first_cause(e)})") from None
 
 
 def load_sharded(ckpt_dir: str, model, optimizer=None) -> None:

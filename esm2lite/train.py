@@ -165,7 +165,7 @@ def setup(cfg, records, resume: bool, d: Dist, device, checkpointer: Checkpointe
         checkpointer.claim(settings, resume)
     state = TrainState()
     if resume:
-        saved = checkpointer.resume(model, spec, optimizer)
+        saved = checkpointer.resume(model, spec, optimizer, cfg.keep_last)
         state, batches.epoch, batches.index = TrainState.from_dict(saved), saved["epoch"], saved["index"]
     elif d.rank > 0:  # identical initial weights on every rank, then each its own dropout stream
         torch.manual_seed(cfg.seed * 1000 + d.rank)
@@ -180,7 +180,8 @@ def fit(run: Run, state: TrainState, start_time: float) -> dict:
     best/ on the valid and test splits and write the summary."""
     cfg, d = run.cfg, run.d
     run.model.train()
-    bar = tqdm(total=run.total, initial=state.step, desc="train", dynamic_ncols=True, disable=not d.main)
+    bar = tqdm(total=run.total, initial=state.step, desc="train", dynamic_ncols=True,
+               disable=None if d.main else True)  # None: shown on a terminal only (stderr is for errors)
     try:
         with stop_on_signals() as stop:
             while state.step < run.total:

@@ -1,6 +1,7 @@
 """Interrupted training: SIGKILL at random moments, SIGTERM/SIGINT; resume gives exactly the
 weights of an uninterrupted run, and no reader sees a half-written checkpoint."""
 
+import concurrent.futures
 import json
 import os
 import random
@@ -39,8 +40,8 @@ def setup(tmp_path_factory, hf_tiny):
     return args, ref, time.time() - t0
 
 
-def final_weights(out):
-    return load_file(out / "checkpoints" / f"step_{STEPS}" / "model.safetensors")
+def final_weights(out, steps=STEPS):
+    return load_file(out / "checkpoints" / f"step_{steps}" / "model.safetensors")
 
 
 def assert_equal_weights(a, b):
@@ -102,3 +103,151 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(setup, tmp_path, 
     r = subprocess.run([sys.executable, TRAIN, *args(out), "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_equal_weights(final_weights(out), final_weights(ref))
+
+
+# ---------------------------------------------------------------- a kill before and after every rename
+
+KILL = """
+import os, runpy, signal, sys
+k, phase, log, root = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+real, count = os.replace, [0]
+
+def replace(src, dst, *args, **kwargs):
+    count[0] += 1
+    if count[0] == k and phase == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst, *args, **kwargs)
+    if count[0] == k and phase == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if phase == "count":
+        with open(log, "a") as f:
+            f.write(f"{os.path.relpath(src, root)} -> {os.path.relpath(dst, root)}\\n")
+
+os.replace = replace
+sys.argv = sys.argv[5:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, hf_tiny):
+    """A 4-step LoRA run whose files see every kind of rename: config and log, two step checkpoints,
+    a new best/, best/ replaced (the loss improves), a pruned step, the summary. Returns the
+    arguments, the uninterrupted run and its renames, in order."""
+    d = tmp_path_factory.mktemp("kill")
+    seqs = oracles.random_sequences(40, 15, 50, seed=4, with_mask=False)
+    with open(d / "d.csv", "w") as f:
+        f.write("sequence,target,split\n")
+        for i, s in enumerate(seqs):
+            split = "train" if i < 30 else "valid" if i < 35 else "test"
+            f.write(f"{s},{(s.count('K') + s.count('R')) / len(s)},{split}\n")
+    args = lambda out: ["--csv", str(d / "d.csv"), "--checkpoint", hf_tiny, "--steps", "4", "--batch-tokens", "300",  # noqa: E731
+                        "--lr", "3e-3", "--eval-every", "2", "--save-every", "2", "--log-every", "1",
+                        "--lora-dropout", "0.1", "--seed", "5", "--keep-last", "1", "--best-metric", "loss",
+                        "--device", "cpu", "--out", str(out)]
+    ref, log = d / "reference", d / "renames.txt"
+    r = subprocess.run([sys.executable, "-c", KILL, "0", "count", str(log), str(ref), TRAIN, *args(ref)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return args, ref, log.read_text().splitlines()
+
+
+def run_files(out):
+    """What a finished run holds, for comparison: tensors of the last step checkpoint and of best/,
+    best/'s step, the summary (but its wall time) and the log (but throughput)."""
+    summary = json.load(open(out / "summary.json"))
+    log = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in open(out / "metrics.jsonl")]
+    return {"steps": sorted(os.listdir(out / "checkpoints")), "final": final_weights(out, 4),
+            "best": load_file(out / "best" / "model.safetensors"),
+            "best_step": json.load(open(out / "best" / "config.json"))["step"],
+            "summary": {k: v for k, v in summary.items() if k != "wall_time_s"}, "log": log}
+
+
+def kill_then_resume(args, out, k, phase) -> str | None:
+    """None when the resumed run ends exactly as the uninterrupted one; else what differs."""
+    killed = subprocess.run([sys.executable, "-c", KILL, str(k), phase, "-", str(out), TRAIN, *args(out)],
+                            capture_output=True, text=True, timeout=300)
+    if killed.returncode != -signal.SIGKILL:
+        return f"not killed (exit {killed.returncode}): {killed.stderr[-500:]}"
+    r = subprocess.run([sys.executable, TRAIN, *args(out), "--resume"], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        return f"--resume failed: {r.stderr.strip().splitlines()[-1:]}"
+    hidden = [p.name for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if p.name.startswith(".")]
+    return None if hidden == [".lock"] else f"left behind: {hidden}"
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    out = [k for k in ("steps", "best_step", "summary", "log") if a[k] != b[k]]
+    for k in ("final", "best"):
+        if a[k].keys() != b[k].keys() or any(not (a[k][t] == b[k][t]).all() for t in a[k]):
+            out.append(k)
+    return out
+
+
+def test_sigkill_before_and_after_every_rename_then_resume(short_run, tmp_path):
+    """SIGKILL just before and just after each rename of a run (os.replace patched in the child), then
+    --resume: the same final weights, best/ (weights and step), step checkpoints, summary and log
+    (no duplicate steps) as the uninterrupted run, and no temporary files left."""
+    args, ref, renames = short_run
+    assert len(renames) == 9 and renames[-1].endswith("-> summary.json"), renames
+    assert any(r.startswith("best -> ") for r in renames) and any(".old/x" in r for r in renames[7:8]), renames
+    want = run_files(ref)
+    points = [(k, phase) for k in range(1, len(renames) + 1) for phase in ("before", "after")]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outs = {p: tmp_path / f"{p[1]}_{p[0]}" for p in points}
+        results = dict(zip(points, pool.map(lambda p: kill_then_resume(args, outs[p], *p), points)))
+    failures = {f"{phase} {renames[k - 1]}": why for (k, phase), why in results.items() if why}
+    failures.update({f"{phase} {renames[k - 1]}": differences(run_files(outs[k, phase]), want)
+                     for (k, phase), why in results.items() if not why and differences(run_files(outs[k, phase]), want)})
+    assert not failures, failures
+
+
+# ---------------------------------------------------------------- two runs, one directory
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(setup, tmp_path):
+    """While a run works in --out, a second train.py there (fresh or --resume) exits 2 with one line
+    naming the first one's pid, and changes nothing; the first finishes as if alone."""
+    args, ref, _ = setup
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, TRAIN, *args(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    while not (out / "metrics.jsonl").exists():  # the first run holds the directory
+        time.sleep(0.01)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+    first.send_signal(signal.SIGSTOP)  # paused, still holding it, while the others try
+    try:
+        for extra in ([], ["--resume"]):
+            r = subprocess.run([sys.executable, TRAIN, *args(out), *extra], capture_output=True, text=True, timeout=300)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+            assert lines[0].startswith(f"error: {out}: in use by train.py (pid {first.pid} on "), lines[0]
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert_equal_weights(final_weights(out), final_weights(ref))
+    steps = [(r["step"], r["split"]) for r in map(json.loads, open(out / "metrics.jsonl"))]
+    assert steps == [(r["step"], r["split"]) for r in map(json.loads, open(ref / "metrics.jsonl"))]
+
+
+def test_a_start_that_never_reached_a_checkpoint_leaves_out_reusable(setup, tmp_path):
+    """A run that fails before its first checkpoint (here every target is 1e38: the loss overflows
+    at step 1) leaves --out usable: a fresh start there works, and so does --resume with other
+    settings, which starts from the beginning, exactly as a run in an empty directory."""
+    args, ref, _ = setup
+    data = Path(args(ref)[1])
+    lines = data.read_text().splitlines()
+    overflow = tmp_path / "overflow.csv"
+    overflow.write_text("\n".join([lines[0]] + [",".join([s, "1e38", split]) for s, _, split in
+                                                 (line.split(",") for line in lines[1:])]) + "\n")
+    for extra in ([], ["--resume"]):
+        out = tmp_path / f"run{len(extra)}"
+        bad = args(out)
+        bad[1] = str(overflow)
+        r = subprocess.run([sys.executable, TRAIN, *bad], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "non-finite training loss at step 1" in r.stderr, r.stderr[-2000:]
+        assert (out / "config.json").exists() and not (out / "checkpoints").exists()
+        r = subprocess.run([sys.executable, TRAIN, *args(out), *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert_equal_weights(final_weights(out), final_weights(ref))
