@@ -12,9 +12,12 @@ by a module fixture; each parametrised test then checks its own result.
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -95,10 +98,12 @@ def hf_copy(drop=(), config=None, truncate=None):
     return make
 
 
-def best_copy(drop=(), config=None, garbage=None):
+def best_copy(drop=(), config=None, garbage=None, damage=None):
     """A copy of the trained run's best/ checkpoint, damaged."""
     def make(path, ctx):
         shutil.copytree(os.path.join(ctx["run"], "best"), path)
+        if damage is not None:
+            damage(Path(path) / "model.safetensors")
         for name in drop:
             os.remove(os.path.join(path, name))
         if config is not None:
@@ -110,6 +115,39 @@ def best_copy(drop=(), config=None, garbage=None):
             open(os.path.join(path, garbage), "wb").write(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     make.needs_run = True
     return make
+
+
+def run_copy(damage):
+    """A copy of the trained run directory (to --resume), one of its files damaged."""
+    def make(path, ctx):
+        shutil.copytree(ctx["run"], path, symlinks=True)
+        damage(Path(path))
+    make.needs_run = True
+    return make
+
+
+def flip_a_bit(path):
+    """One bit of the last weight in a safetensors file: still a valid file, other numbers."""
+    data = bytearray(path.read_bytes())
+    data[-4] ^= 1  # the lowest mantissa byte of the last float32: finite, just different
+    path.write_bytes(bytes(data))
+
+
+def plant_nan(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, path, metadata={"format": "esm2lite-finetuned"})
+
+
+def weights_of(step_or_best, how):
+    return lambda run: how(run / step_or_best / "model.safetensors")
+
+
+def fasta_of(n):
+    return "".join(f">s{i}\n{GOOD[i % len(GOOD)].split(',')[0]}\n" for i in range(n))
 
 
 def set_head_hidden(cfg):
@@ -136,6 +174,7 @@ class Case:
     outputs: list = field(default_factory=list)  # paths that must not exist afterwards (ok=True: must exist)
     ok: bool = False  # an input that must be accepted
     debug: bool = False  # --debug: the traceback is shown
+    fsize: int | None = None  # a file-size limit (RLIMIT_FSIZE): writes beyond it fail, as on a full disk
     xfail: str | None = None
 
     def __repr__(self):
@@ -156,6 +195,15 @@ def train_ckpt(ckpt):  # good data, the given checkpoint
 
 def infer(*args, output="{d}/pred.csv"):
     return ["infer", *args, "--output", output]
+
+
+def resume(out="{d}/run"):  # the trained run's own settings (RUN_CASE), continued in a copy
+    return ["train", "--train-csv", "{rundir}/train.csv", "--checkpoint", "{hf}", "--steps", "1", "--batch-tokens",
+            "600", "--max-residues", "60", "--truncate", "--lora-rank", "2", "--out", out, "--resume"]
+
+
+def train_without_steps(*args):
+    return ["train", "--train-csv", "{d}/train.csv", "--checkpoint", "{hf}", *args, "--out", "{d}/out"]
 
 
 FASTA = ">s1 first\nMKTAYIAKQR\n>s2\nMKVLA\nAGIVG\n"
@@ -293,6 +341,57 @@ CASES = [
     Case("export_out_unwritable", {"afile": "x"}, ["export", "--run", "{run}", "--merged", "{d}/afile/m"],
          ["afile"], ["{d}/afile/m"]),
 
+    # ---------------------------------------------------------------- hostile environments and absurd options
+    Case("train_disk_full_at_checkpoint", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv"),
+         ["{d}/out/checkpoints/step_1", "cannot write"], ["{d}/out/checkpoints/step_1", "{d}/out/best"], fsize=4096),
+    Case("infer_disk_full_embeddings", {"in.fasta": fasta_of(40)},
+         ["infer", "--run", "{run}", "--input", "{d}/in.fasta", "--embeddings", "{d}/emb.safetensors",
+          "--per-residue"], ["{d}/emb.safetensors", "cannot write"], ["{d}/emb.safetensors"], fsize=4096),
+    Case("infer_disk_full_predictions", {"in.fasta": fasta_of(300)}, infer("--run", "{run}", "--input", "{d}/in.fasta"),
+         ["{d}/pred.csv", "cannot write"], ["{d}/pred.csv"], fsize=4096),
+    Case("train_input_is_dev_zero", {}, train("--train-csv", "/dev/zero"), ["/dev/zero", "binary"], ["{d}/out"]),
+    Case("infer_input_is_dev_zero", {}, infer("--run", "{run}", "--input", "/dev/zero"), ["/dev/zero", "binary"],
+         ["{d}/pred.csv"]),
+    Case("epochs_inf", {"train.csv": TRAIN}, train_without_steps("--epochs", "inf"), ["--epochs", "(0, 1e6]"],
+         ["{d}/out"]),
+    Case("lr_huge", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv", "--lr", "1e300"),
+         ["--lr must be a number in (0, 1]"], ["{d}/out"]),
+    Case("head_hidden_huge", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv", "--head-hidden", "100000000"),
+         ["--head-hidden must be in 1..65536"], ["{d}/out"]),
+    Case("seed_negative", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv", "--seed", "-1"),
+         ["--seed must be in 0 .. 2^32 - 1"], ["{d}/out"]),
+    Case("device_cuda_without_gpu", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv", "--device", "cuda"),
+         ["--device cuda", "no CUDA device"], ["{d}/out"]),
+    Case("device_bogus", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv", "--device", "tpu:0"),
+         ["--device 'tpu:0'", "expected cpu, cuda or cuda:N"], ["{d}/out"]),
+    Case("infer_device_bogus", {"in.fasta": FASTA}, infer("--run", "{run}", "--input", "{d}/in.fasta", "--device", "gpu"),
+         ["--device 'gpu'"], ["{d}/pred.csv"]),
+    Case("train_out_not_utf8", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv")[:-1] + ["{d}/out\udcff"],
+         ["--out", "not valid UTF-8"], ["{d}/out\udcff"]),
+    Case("infer_fasta_id_of_10_mb", {"in.fasta": ">" + "A" * 10**7 + "\nMKJL\n"},
+         infer("--run", "{run}", "--input", "{d}/in.fasta"), ["in.fasta", "record 1", "characters)", "'J'"],
+         ["{d}/pred.csv"]),
+    Case("infer_output_is_the_input", {"in.csv": csv_text("sequence", "MKV")},
+         infer("--run", "{run}", "--input", "{d}/in.csv", output="{d}/in.csv"), ["in.csv", "is also the input"]),
+    Case("infer_bit_flipped_weights", {"in.fasta": FASTA, "ck": best_copy(damage=flip_a_bit)},
+         infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"), ["{d}/ck/model.safetensors", "sha256"],
+         ["{d}/pred.csv"]),
+    Case("infer_nan_in_weights", {"in.fasta": FASTA, "ck": best_copy(damage=plant_nan)},
+         infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"), ["{d}/ck/model.safetensors", "NaN"],
+         ["{d}/pred.csv"]),
+    Case("resume_bit_flipped_weights", {"run": run_copy(weights_of("checkpoints/step_1", flip_a_bit))}, resume(),
+         ["{d}/run/checkpoints/step_1/model.safetensors", "sha256"]),
+    Case("resume_nan_in_weights", {"run": run_copy(weights_of("checkpoints/step_1", plant_nan))}, resume(),
+         ["{d}/run/checkpoints/step_1/model.safetensors", "NaN"]),
+    Case("resume_damaged_trainer_state", {"run": run_copy(
+        lambda run: (run / "checkpoints" / "step_1" / "trainer_state.json").write_text('{"step": 1, "epo'))},
+         resume(), ["{d}/run/checkpoints/step_1/trainer_state.json", "not valid JSON"]),
+    Case("resume_damaged_run_config", {"run": run_copy(lambda run: (run / "config.json").write_bytes(b"\xff{"))},
+         resume(), ["{d}/run/config.json", "not UTF-8"]),
+    Case("resume_run_config_is_a_device", {"run": run_copy(
+        lambda run: ((run / "config.json").unlink(), (run / "config.json").symlink_to("/dev/zero")))},
+         resume(), ["{d}/run/config.json", "binary"]),
+
     # ---------------------------------------------------------------- inputs that must be accepted
     Case("infer_bom_crlf_csv_and_truncation",
          {"in.csv": ("\ufeff" + csv_text("name,sequence", "a,MKV", f"b,{LONG}", eol="\r\n")).encode()},
@@ -335,7 +434,14 @@ def _run(case, d, ctx):
     cmd = [sys.executable, *TOOLS[tool], *(_fill(a, ctx) for a in args)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=300, env=env), ctx
+    limit = None if case.fsize is None else functools.partial(_limit_file_size, case.fsize)
+    return subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=300, env=env, preexec_fn=limit), ctx
+
+
+def _limit_file_size(size):
+    """In the child: writes past `size` bytes fail with EFBIG, as writes to a full disk fail."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 @pytest.fixture(scope="module")
@@ -358,7 +464,7 @@ def battery(request, tmp_path_factory, hf_tiny, fair_tiny):
         if needs_run(case):
             proc, run_ctx = run_future.result()
             assert proc.returncode == 0, proc.stderr[-3000:]
-            c = {**ctx, "run": _fill("{d}/run", run_ctx)}
+            c = {**ctx, "run": _fill("{d}/run", run_ctx), "rundir": run_ctx["d"]}
         return _run(case, str(base / case.name), c)
 
     futures = {RUN_CASE.name: run_future}
@@ -390,6 +496,7 @@ def check_result(case, proc, ctx):
     if case.debug:
         return
     assert len(lines) == 1, f"{len(lines)} lines on stderr; {where}"
+    assert len(lines[0]) < 1000, f"an error line of {len(lines[0])} characters; {where}"
     assert "Traceback" not in proc.stderr and lines[0].startswith("error: "), where
 
 
