@@ -30,6 +30,7 @@ setup(
             "fair-esm==2.0.0",
             "peft==0.21.2",
             "scipy",
+            "ruff==0.17.6",  # lint (.ci/run: ruff check .; rules in ruff.toml)
         ],
         "hub": ["huggingface_hub"],
     },
