@@ -1,4 +1,4 @@
-"""ESM-2, from scratch. Reads like the architecture (see shared esm2-spec.md):
+"""ESM-2, from scratch. Reads like the architecture (see docs/model.md):
 
     x = embed(tokens)                  token dropout: <mask> rows zeroed, rescaled
     for each of L blocks:              pre-LN
