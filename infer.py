@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from esm2lite.cli import OneLineParser, run_main
+from esm2lite.device import PRECISIONS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_FASTA = os.path.join(HERE, "esm2lite", "demo", "predict.fasta")
@@ -35,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     io_.add_argument("--truncate", action="store_true", help="cut longer sequences instead of an error")
     run = p.add_argument_group("running")
     run.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch, padding included")
-    run.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    run.add_argument("--precision", default="auto", choices=PRECISIONS,
                      help="auto: bf16 on GPU, fp32 on CPU")
     run.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     run.add_argument("--no-merge", action="store_true", help="keep LoRA adapters separate (slower; same numbers)")

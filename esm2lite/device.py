@@ -6,7 +6,7 @@ import torch
 
 from .errors import Esm2liteError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # for inference; training takes all but fp16
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

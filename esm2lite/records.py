@@ -77,10 +77,6 @@ class Record:
     row_name: str = "row"  # "row" for files, "item" for in-memory data (used in messages)
     target_column: str = "target"  # the column the label came from (used in messages)
 
-    @property
-    def num_residues(self) -> int:
-        return len(self.tokens) - 2
-
     def where(self, column: str | None = None) -> str:
         """'train.csv, row 7, column 'target'' — the prefix of an error message."""
         return where(self.source, self.row, column, self.row_name)

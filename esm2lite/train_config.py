@@ -7,13 +7,14 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .constants import MODES, TASKS
+from .device import PRECISIONS as INFERENCE_PRECISIONS
 from .device import check_device
 from .errors import Esm2liteError
 from .lora import LoRAConfig
 from .metrics import DEFAULT_METRIC, metric_names
 
 SCHEDULES = ("cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = tuple(p for p in INFERENCE_PRECISIONS if p != "fp16")  # fp16 training: no loss scaling here
 MAX_HEAD_HIDDEN = 65536  # the largest head a checkpoint may ask for (spec.HEAD_LIMITS)
 
 
