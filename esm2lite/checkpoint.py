@@ -36,7 +36,7 @@ from .names import rename
 from .tokenizer import TOKENS
 
 __all__ = ["HF_NAMES", "FAIR_NAMES", "rename", "load_pretrained", "load_base", "random_base", "build_model",
-           "check_keys", "read_checkpoint", "save_hf_dir", "resolve_dtype", "weights_sha256"]
+           "check_keys", "read_checkpoint", "save_hf_dir", "resolve_dtype", "weights_hash", "WeightsHash"]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -265,36 +265,58 @@ def save_hf_dir(model: ESM2, out_dir: str, overwrite: bool = False) -> None:
 # ---------------------------------------------------------------- identity of a base model
 
 
-def weights_sha256(state: dict) -> str:
-    """Hash of base weights in a canonical form (our names, fp32 bytes), independent of the
-    file layout and of the dtype the model is later run in. Adapter tensors are skipped."""
-    import hashlib
+class WeightsHash(NamedTuple):
+    """A base model's identity. `encoder`: the sha256 of its encoder weights, the LM head left out
+    (adapters and heads never touch it, and the EsmModel and EsmForMaskedLM copies of one encoder
+    must agree); what checkpoints record. `with_lm_head`: the same hash continued over the LM head,
+    which checkpoints recorded before; still accepted, so older runs load."""
 
-    h = hashlib.sha256()
-    for key in sorted(state):
-        if "lora_" in key:
-            continue
+    encoder: str
+    with_lm_head: str
+
+    def matches(self, recorded: str) -> bool:
+        return recorded in (self.encoder, self.with_lm_head)
+
+
+def _hash_tensors(h, state: dict, keys: list) -> None:
+    for key in keys:
         t = state[key].detach().to("cpu", torch.float32).contiguous()
         h.update(f"{key}:{tuple(t.shape)};".encode())
         h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
-def load_base(path: str, dtype=None, device=None, hash_weights: bool = True) -> tuple[ESM2, str]:
+def weights_hash(state: dict) -> WeightsHash:
+    """Hash of base weights in a canonical form (our names in sorted order, each as "name:shape;"
+    then its fp32 bytes), independent of the file layout and of the dtype the model is later run
+    in. Adapter tensors are skipped."""
+    import hashlib
+
+    keys = sorted(k for k in state if "lora_" not in k)
+    encoder = [k for k in keys if not k.startswith("lm_head.")]
+    if keys[:len(encoder)] != encoder:  # lm_head.* sorts after embed_tokens, final_norm, layers
+        raise ValueError("weights_hash: an encoder weight sorts after the LM head")
+    h = hashlib.sha256()
+    _hash_tensors(h, state, encoder)
+    encoder_sha = h.hexdigest()  # hexdigest does not end the hash: it continues over the LM head
+    _hash_tensors(h, state, keys[len(encoder):])
+    return WeightsHash(encoder_sha, h.hexdigest())
+
+
+def load_base(path: str, dtype=None, device=None, hash_weights: bool = True) -> tuple[ESM2, WeightsHash]:
     """load_pretrained plus the weights' sha256 (taken from the file's values, before any cast;
-    "" with hash_weights=False)."""
+    empty with hash_weights=False)."""
     dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
     loaded = read_checkpoint(path)
     with torch.device("meta"):
         check_keys(ESM2(loaded.config).state_dict(), loaded.state, loaded.unexpected, str(path))
-    sha = weights_sha256(loaded.state) if hash_weights else ""
+    sha = weights_hash(loaded.state) if hash_weights else WeightsHash("", "")
     model = build_model(loaded.config, loaded.state, loaded.unexpected, str(path), dtype, device)
     report_ignored(str(path), loaded.ignored)
     return model, sha
 
 
-def random_base(name: str, seed: int, dtype=None, device=None) -> tuple[ESM2, str]:
+def random_base(name: str, seed: int, dtype=None, device=None) -> tuple[ESM2, WeightsHash]:
     """A randomly initialised architecture (training from scratch), reproducible from (name, seed)."""
     model = ESM2(ESM2Config.from_name(name)).init_weights(seed)
-    sha = weights_sha256(model.state_dict())
+    sha = weights_hash(model.state_dict())
     return model.to(device=device or "cpu", dtype=resolve_dtype(dtype)), sha

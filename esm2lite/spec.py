@@ -21,7 +21,9 @@ HEAD_LIMITS = {"hidden": 65536, "num_outputs": 100_000}  # larger is a corrupt f
 @dataclass
 class BaseRef:
     """Where the encoder's starting weights come from, and their sha256 (the identity adapters
-    and heads are trained against)."""
+    and heads are trained against): the encoder's weights only, so the same encoder saved with or
+    without its LM head (EsmForMaskedLM / EsmModel) is the same base. Checkpoints written before
+    recorded a hash that covers the LM head; it is still accepted (checkpoint.WeightsHash)."""
 
     path: str | None = None  # pretrained checkpoint (HF dir, .pt, hub id)
     name: str | None = None  # or: architecture name, randomly initialised from seed
@@ -31,12 +33,12 @@ class BaseRef:
     def load(self, dtype=None, device=None) -> ESM2:
         """The base encoder; CheckpointError when its weights are not the recorded ones."""
         model, sha = load_base(self.path, dtype, device) if self.path else random_base(self.name, self.seed, dtype, device)
-        if self.sha256 and sha != self.sha256:
+        if self.sha256 and not sha.matches(self.sha256):
             where = self.path or f"random {self.name} seed {self.seed}"
             raise CheckpointError(
-                f"{where}: base model weights differ from the ones the checkpoint was trained on "
-                f"(sha256 {sha[:12]}... vs {self.sha256[:12]}...); adapters are made for another base model")
-        self.sha256 = sha
+                f"{where}: base model encoder weights differ from the ones the checkpoint was trained on "
+                f"(sha256 {sha.encoder[:12]}... vs {self.sha256[:12]}...); adapters are made for another base model")
+        self.sha256 = sha.encoder
         return model
 
     def to_dict(self) -> dict:
