@@ -20,8 +20,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python train.py",
         description="Fine-tune ESM-2 on a CSV of protein sequences and labels. Writes metrics.jsonl, "
                     "summary.json and checkpoints (best/ for prediction) to --out. "
-                    "Run with no arguments for a one-minute demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Run with no arguments for a one-minute demo.")
     add_options(p, TrainConfig)
     run = p.add_argument_group("running")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -67,7 +67,7 @@ class Checkpointer:
     def check(self, settings: dict, resume: bool, note: bool = True) -> bool:
         """Can this run start here? True when it continues from a checkpoint."""
         _check_creatable(self.out)
-        if self._lock is None:
+        if self._lock is None and self.d.main:  # rank 0 speaks for the run (ranks probing at once would collide)
             self._take_lock(probe=True)  # another run working here: say so, whatever else holds
         started = bool(self.step_dirs())
         if started and not resume:

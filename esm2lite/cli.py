@@ -72,7 +72,10 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
 
 def _add(group, flag: str, dest: str, hint, default, meta) -> None:
     kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # int | None -> int
-    kw = {"dest": dest, "help": meta.get("help"), "default": default}
+    help_text = meta.get("help", "")
+    if default not in (None, False) and "default" not in help_text:  # None / off: nothing worth saying
+        help_text += f" (default: {' '.join(default) if isinstance(default, tuple) else default})"
+    kw = {"dest": dest, "help": help_text, "default": default}
     if kind is bool:
         kw["action"] = "store_true"
     elif kind is tuple:
