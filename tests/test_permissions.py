@@ -30,7 +30,7 @@ def modes(*roots):
     return out
 
 
-@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
 def test_outputs_follow_the_umask(hf_tiny, tmp_path, mask):
     (tmp_path / "train.csv").write_text("sequence,target\nMKTAYIAKQR,0.5\nMKVLAAGIVG,1.5\nMSTNPKPQRK,2.0\n")
     (tmp_path / "in.fasta").write_text(">a\nMKTAYIAKQR\n>b\nMKV\n")
