@@ -1,11 +1,19 @@
-"""python -m esm2lite.export --run DIR (--merged OUT | --peft OUT)
+"""python -m esm2lite.export --run DIR (--merged OUT | --peft OUT [--peft-for CLASS])
 
---merged: the encoder with LoRA merged into its weights, as an HF-layout directory that
-          transformers (EsmForMaskedLM / EsmModel) and esm2lite load. The task head is not
-          part of that layout; it stays in the esm2lite checkpoint.
---peft:   the adapters in HF peft format (adapter_config.json + adapter_model.safetensors).
+--merged:   the encoder with LoRA merged into its weights, as an HF-layout directory that
+            transformers (EsmForMaskedLM / EsmModel) and esm2lite load. The task head is not
+            part of that layout; it stays in the esm2lite checkpoint.
+--peft:     the adapters in HF peft format (adapter_config.json + adapter_model.safetensors +
+            README.md), for one transformers class (--peft-for): EsmModel's module paths have no
+            "esm." prefix, the three EsmFor* classes share theirs, so an adapter for one EsmFor*
+            class loads onto the other two. Default: EsmForMaskedLM when the base model has an
+            LM head, EsmModel when it has none. peft loads the written directory onto that class
+            before it is put in place; onto a class with other module paths peft refuses it.
+            What it reproduces is the fine-tuned encoder (hidden states; EsmForMaskedLM: logits
+            too), never esm2lite's task head.
 """
 
+import json
 import os
 import sys
 
@@ -17,6 +25,16 @@ from .cli import OneLineParser, run_main
 from .errors import Esm2liteError
 from .lora import merge_lora
 from .model import ESM2
+from .peft_io import PEFT_CLASSES, same_layout, save_peft_adapter
+
+# The output a class adds to the encoder's hidden states, which is not esm2lite's.
+THEIR_HEAD = {
+    "EsmModel": "EsmModel's pooler_output comes from transformers' pooler",
+    "EsmForSequenceClassification": "EsmForSequenceClassification's logits come from transformers' own classifier "
+                                    "(dense-tanh-dense on the <cls> token; the base's, or newly initialised)",
+    "EsmForTokenClassification": "EsmForTokenClassification's logits come from transformers' own classifier "
+                                 "(one linear layer per token; the base's, or newly initialised)",
+}
 
 
 def merged_encoder(encoder: ESM2) -> ESM2:
@@ -37,6 +55,72 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         raise Esm2liteError(f"{path}: output directory exists and is not empty (--overwrite replaces it)")
 
 
+def peft_class(chosen: str | None, encoder: ESM2, base: str | None) -> str:
+    """--peft-for, or its default; EsmForMaskedLM needs a base model with an LM head."""
+    if chosen is None:
+        return "EsmForMaskedLM" if encoder.config.lm_head else "EsmModel"
+    if chosen == "EsmForMaskedLM" and not encoder.config.lm_head:
+        raise Esm2liteError(
+            f"--peft-for EsmForMaskedLM: the base model {base} has no LM head, so EsmForMaskedLM.from_pretrained "
+            "would add a random one (choose EsmModel, EsmForSequenceClassification or EsmForTokenClassification)")
+    return chosen
+
+
+def transformers_reads(base: str | None) -> bool:
+    """Whether transformers' Esm classes can load the base model path as it is (an HF ESM directory
+    or a hub id; not a fair-esm .pt, a BioNeMo directory or a random architecture)."""
+    if not base or os.path.isfile(base):
+        return False
+    if not os.path.isdir(base):
+        return True  # a hub id (load_model found it)
+    try:
+        with open(os.path.join(base, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type") == "esm"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def peft_notes(for_class: str, base: str | None, head_kind: str) -> list[str]:
+    """Where the adapter loads, what it reproduces there and what it does not: one line each."""
+    others = [c for c in same_layout(for_class) if c != for_class]
+    refused = [c for c in PEFT_CLASSES if c not in same_layout(for_class)]
+    notes = [f"also loads onto {', '.join(others)} (the same module paths); " if others else ""]
+    notes[0] += (f"peft refuses it on {', '.join(refused)} (\"Target modules ... not found\"): "
+                 "export again with --peft-for the class it is loaded onto")
+    notes.append("reproduces: the fine-tuned encoder's hidden states (last_hidden_state"
+                 + ("" if for_class == "EsmModel" else " of model.esm(...)")
+                 + (") and masked-LM logits" if for_class == "EsmForMaskedLM" else ")"))
+    notes.append(f"does not reproduce: esm2lite's {head_kind} head, which stays in the esm2lite checkpoint "
+                 "(predictions: infer.py)" + (f"; {THEIR_HEAD[for_class]}, not from esm2lite"
+                                              if for_class in THEIR_HEAD else ""))
+    if not base:
+        notes.append("the base model is a random initialisation with no file transformers could load: "
+                     "--merged writes the tuned encoder as an HF directory instead")
+    elif not transformers_reads(base):
+        notes.append(f"transformers cannot load the base model {base} as it is: write it as an HF directory "
+                     "(python -m esm2lite.convert BASE DIR) and load the adapter onto that")
+    return notes
+
+
+def peft_readme(for_class: str, base: str | None, adapter: str, notes: list[str]) -> str:
+    lines = [f"# LoRA adapter exported by esm2lite for transformers' {for_class}", "", "```python",
+             "from peft import PeftModel", f"from transformers import {for_class}", "",
+             f"base = {for_class}.from_pretrained({base or 'BASE'!r})",
+             f"model = PeftModel.from_pretrained(base, {adapter!r}).eval()", "```", ""]
+    return "\n".join(lines + [f"- {n[0].upper()}{n[1:]}." for n in notes]) + "\n"
+
+
+def export_peft(model, spec, args) -> None:
+    base = args.base_path or spec.base.path
+    for_class = peft_class(args.peft_for, model.encoder, base)
+    notes = peft_notes(for_class, base, spec.head["kind"])
+    checked = save_peft_adapter(model.encoder, args.peft, base_model_name_or_path=base, overwrite=args.overwrite,
+                                for_class=for_class, readme=peft_readme(for_class, base, args.peft, notes))
+    print(f"wrote peft adapter to {args.peft} for transformers' {for_class} ({checked})")
+    for note in notes:
+        print(f"  {note}")
+
+
 def main(argv=None):
     p = OneLineParser(prog="python -m esm2lite.export",
                       description="Export a fine-tuned esm2lite model for transformers / peft.")
@@ -45,12 +129,17 @@ def main(argv=None):
     src.add_argument("--checkpoint", help="a checkpoint directory")
     p.add_argument("--merged", help="write the merged encoder as an HF-layout directory here")
     p.add_argument("--peft", help="write the LoRA adapters in peft format here")
+    p.add_argument("--peft-for", choices=list(PEFT_CLASSES),
+                   help="the transformers class the peft adapter is loaded onto (default: EsmForMaskedLM when "
+                        "the base model has an LM head, else EsmModel; the EsmFor* classes share one layout)")
     p.add_argument("--base-path", help="where the checkpoint's base model is now, if it moved")
     p.add_argument("--overwrite", action="store_true", help="replace existing output directories")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
     if not (args.merged or args.peft):
         p.error("give --merged OUT and/or --peft OUT")
+    if args.peft_for and not args.peft:
+        p.error("--peft-for needs --peft OUT")
     if args.merged and args.peft and os.path.abspath(args.merged) == os.path.abspath(args.peft):
         p.error("--merged and --peft need different directories")
     for out in (args.merged, args.peft):
@@ -64,11 +153,7 @@ def main(argv=None):
         raise Esm2liteError(f"{ckpt}: --peft needs a LoRA checkpoint (this one is mode {spec.mode!r})")
     model = load_model(ckpt, base_path=args.base_path)
     if args.peft:
-        from .peft_io import save_peft_adapter
-
-        save_peft_adapter(model.encoder, args.peft, base_model_name_or_path=args.base_path or spec.base.path,
-                          overwrite=args.overwrite)
-        print(f"wrote peft adapter to {args.peft}")
+        export_peft(model, spec, args)
     if args.merged:
         save_hf_dir(merged_encoder(model.encoder), args.merged, overwrite=args.overwrite)
         print(f"wrote merged model to {args.merged}")

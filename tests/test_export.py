@@ -78,18 +78,153 @@ def test_merged_directory_loads_in_transformers(run, tuned, batch, tmp_path, cap
     assert (base - want)[batch.ne(1)].abs().max() > 1e-3
 
 
-def test_peft_directory_loads_in_peft(run, tuned, batch, tmp_path, capsys):
+# ---------------------------------------------------------------- --peft onto each transformers class
+
+CLASSES = ("EsmModel", "EsmForMaskedLM", "EsmForSequenceClassification", "EsmForTokenClassification")
+
+
+@pytest.fixture(scope="module")
+def em_base(hf_tiny, tmp_path_factory):
+    """hf_tiny's encoder as transformers' EsmModel saves it (no "esm." prefix, no LM head)."""
+    return oracles.resave_as(hf_tiny, tmp_path_factory.mktemp("em_base") / "base", "EsmModel")
+
+
+def peft_onto(cls, base, adapter):
+    """What a user runs: PeftModel.from_pretrained(cls.from_pretrained(base), adapter), with peft's
+    warnings collected (a missing adapter key is only a warning there)."""
+    import warnings
+
     from peft import PeftModel
-    from transformers import EsmModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(oracles.load_hf(base, cls), str(adapter)).eval()
+    return model, [str(w.message) for w in caught if "adapter keys" in str(w.message)]
+
+
+def peft_hidden(model, cls, tokens):
+    encoder = model if cls == "EsmModel" else model.esm  # PeftModel hands attributes on to the wrapped model
+    with torch.no_grad():
+        return encoder(input_ids=tokens, attention_mask=tokens.ne(1)).last_hidden_state
+
+
+def assert_every_adapter_landed(model, tuned, prefix):
+    """Each lora_A / lora_B peft holds equals ours, by the oracle's own map of module paths (a dropped
+    key leaves B at zero, which could hide in a tolerance)."""
+    from test_lora import HF_PATH, OUR_PATH
+
+    named = dict(model.named_parameters())
+    config = tuned.encoder.lora_config
+    layers = range(len(tuned.encoder.layers)) if config.layers is None else config.layers
+    for t in config.targets:
+        for i in layers:
+            ours = tuned.encoder.get_submodule(OUR_PATH[t].format(i=i))
+            theirs = f"base_model.model.{prefix}{HF_PATH[t].format(i=i)}"
+            assert torch.equal(named[f"{theirs}.lora_A.default.weight"], ours.lora_a), theirs
+            assert torch.equal(named[f"{theirs}.lora_B.default.weight"], ours.lora_b), theirs
+            assert ours.lora_b.abs().max() > 0
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_peft_export_loads_onto_each_class(run, tuned, batch, tmp_path, capsys, cls):
+    out = tmp_path / "peft"
+    code, err = export(capsys, "--run", run["run"], "--peft", out, "--peft-for", cls)
+    assert code == 0 and err == "", err
+    model, warned = peft_onto(cls, run["base"], out)
+    assert not warned, warned
+    assert_every_adapter_landed(model, tuned, "" if cls == "EsmModel" else "esm.")
+    # fp32 rounding: values of size ~4 differ by ~1e-6
+    assert_same_on_residues(peft_hidden(model, cls, batch), ours(tuned, batch), batch, atol=1e-5)
+    if cls == "EsmForMaskedLM":  # the base model's LM head on the tuned encoder, as esm2lite computes it
+        with torch.no_grad():
+            got = model(input_ids=batch, attention_mask=batch.ne(1)).logits
+            want = tuned.encoder(batch)["logits"]
+        assert_same_on_residues(got, want, batch, atol=1e-5)
+    readme = (out / "README.md").read_text()
+    assert f"from transformers import {cls}" in readme
+    assert "- Does not reproduce: esm2lite's regression head" in readme  # the run's head: not in the adapter
+    if cls.endswith("Classification"):
+        assert f"{cls}'s logits come from transformers' own classifier" in readme
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # raised inside transformers
+def test_peft_export_loads_where_peft_and_transformers_load_it(run, tuned, batch, tmp_path, capsys):
+    """AutoPeftModel builds the chosen class from the recorded base path; transformers' own
+    load_adapter reads the directory too."""
+    from peft import AutoPeftModel
 
     out = tmp_path / "peft"
-    code, err = export(capsys, "--run", run["run"], "--peft", out)
+    code, err = export(capsys, "--run", run["run"], "--peft", out, "--peft-for", "EsmForTokenClassification")
     assert code == 0, err
-    base = EsmModel.from_pretrained(run["base"], add_pooling_layer=False)
-    model = PeftModel.from_pretrained(base, str(out)).eval()
+    auto = AutoPeftModel.from_pretrained(str(out)).eval()
+    assert type(auto.get_base_model()).__name__ == "EsmForTokenClassification"
+    assert_same_on_residues(peft_hidden(auto, "EsmForTokenClassification", batch), ours(tuned, batch), batch, 1e-5)
+    hf = oracles.load_hf(run["base"], "EsmForSequenceClassification")  # same module paths as token classification
+    hf.load_adapter(str(out))
     with torch.no_grad():
-        got = model(input_ids=batch, attention_mask=batch.ne(1)).last_hidden_state
-    assert_same_on_residues(got, ours(tuned, batch), batch)
+        got = hf.eval().esm(input_ids=batch, attention_mask=batch.ne(1)).last_hidden_state
+    assert_same_on_residues(got, ours(tuned, batch), batch, atol=1e-5)
+
+
+@pytest.mark.parametrize("made_for, loaded_onto", [("EsmForMaskedLM", "EsmModel"),
+                                                   ("EsmModel", "EsmForSequenceClassification")])
+def test_peft_export_onto_another_layout_fails_loudly(run, tmp_path, capsys, made_for, loaded_onto):
+    """Not a warning and zero adapters: peft stops, and the error names the module paths."""
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    out = tmp_path / "peft"
+    code, err = export(capsys, "--run", run["run"], "--peft", out, "--peft-for", made_for)
+    assert code == 0, err
+    with pytest.raises(NoMatchingPeftModuleError, match="not found in the base model"):
+        peft_onto(loaded_onto, run["base"], out)
+
+
+def test_peft_export_default_follows_the_base_models_lm_head(run, tuned, batch, em_base, tmp_path, capsys):
+    """Default: EsmForMaskedLM for a base with an LM head; EsmModel for one without (the same
+    encoder saved by transformers' EsmModel, given with --base-path); EsmForMaskedLM is then refused."""
+    import json
+
+    code, _ = export(capsys, "--run", run["run"], "--peft", tmp_path / "a")
+    assert code == 0
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["auto_mapping"]["base_model_class"] \
+        == "EsmForMaskedLM"
+    capsys.readouterr()
+    code = run_main(export_main, ["--run", run["run"], "--base-path", em_base, "--peft", str(tmp_path / "b")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "for transformers' EsmModel (checked with peft" in printed and "takes all 24 adapter tensors" in printed, printed
+    model, warned = peft_onto("EsmModel", em_base, tmp_path / "b")
+    assert not warned
+    assert_same_on_residues(peft_hidden(model, "EsmModel", batch), ours(tuned, batch), batch, atol=1e-5)
+    code, err = export(capsys, "--run", run["run"], "--base-path", em_base, "--peft", tmp_path / "c",
+                       "--peft-for", "EsmForMaskedLM")
+    assert_one_line_error(code, err, tmp_path / "c", match="--peft-for EsmForMaskedLM: the base model")
+
+
+def test_peft_export_reads_back_into_esm2lite(run, tuned, batch, tmp_path, capsys):
+    """load_peft_adapter takes both layouts the export writes."""
+    from esm2lite.peft_io import load_peft_adapter
+
+    for cls in ("EsmModel", "EsmForSequenceClassification"):
+        code, err = export(capsys, "--run", run["run"], "--peft", tmp_path / cls, "--peft-for", cls)
+        assert code == 0, err
+        model = ESM2.from_pretrained(run["base"])
+        assert load_peft_adapter(model, tmp_path / cls) == {}
+        with torch.no_grad():
+            got = model.eval()(batch, logits=False)["last_hidden_state"]
+        assert_same_on_residues(got, ours(tuned, batch), batch, atol=1e-6)
+
+
+def test_peft_notes_say_when_transformers_cannot_load_the_base(hf_tiny, fair_tiny, tmp_path):
+    """A fair-esm .pt or a BioNeMo directory is no base for transformers' Esm classes as it is."""
+    from esm2lite.export import peft_notes
+
+    bionemo = oracles.make_bionemo_checkpoint(tmp_path / "bionemo", hf_tiny)
+    for base in (fair_tiny, bionemo):
+        assert f"transformers cannot load the base model {base}" in peft_notes("EsmModel", base, "regression")[-1]
+    assert len(peft_notes("EsmModel", hf_tiny, "regression")) == 3
+    assert len(peft_notes("EsmModel", "facebook/esm2_t6_8M_UR50D", "regression")) == 3  # a hub id
+    assert "random initialisation" in peft_notes("EsmModel", None, "regression")[-1]
 
 
 def test_export_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
@@ -102,6 +237,8 @@ def test_export_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
         (["--run", run["run"]], "--merged OUT and/or --peft OUT"),
         (["--run", run["run"], "--peft", peft, "--merged", tmp_path / "taken"], "not empty"),
         (["--run", run["run"], "--merged", merged, "--base-path", tmp_path / "gone"], "no such file"),
+        (["--run", run["run"], "--merged", merged, "--peft-for", "EsmModel"], "--peft-for needs --peft"),
+        (["--run", run["run"], "--peft", peft, "--peft-for", "EsmForCausalLM"], "--peft-for: invalid choice"),
     ]
     for argv, match in cases:
         code, err = export(capsys, *argv)
