@@ -12,8 +12,9 @@ header is row 1) and the column.
 
 from dataclasses import dataclass
 
-from .data import _parse_float, _read_csv, _require_columns, _where
 from .errors import DataError
+from .reading import parse_float, read_csv, require_columns
+from .records import where
 from .scoring import ScoreResult, _check_options, _clean, _show, mutate, parse_mutant, score_mutants
 from .windows import encode_protein
 
@@ -49,11 +50,11 @@ class DMS:
 def _derive_wildtype(name, rows, mutant_column, sequence_column, offset) -> str:
     """The wild type from the first row: its mutated sequence with the substitutions undone."""
     rownum, values = rows[0]
-    subs = parse_mutant(values[mutant_column], None, _where(name, rownum, mutant_column), offset)
+    subs = parse_mutant(values[mutant_column], None, where(name, rownum, mutant_column), offset)
     seq = list(_clean(values[sequence_column]))
     for s in subs:
         if not 0 <= s.position - offset < len(seq):
-            raise DataError(f"{_where(name, rownum, mutant_column)}: {s} is outside the mutated "
+            raise DataError(f"{where(name, rownum, mutant_column)}: {s} is outside the mutated "
                             f"sequence (positions {offset}..{offset + len(seq) - 1})")
         seq[s.position - offset] = s.wt
     return "".join(seq)
@@ -66,8 +67,8 @@ def read_dms(path, wildtype: str | None = None, mutant_column: str = "mutant", s
     row's mutated sequence. Every row is checked against the wild type (letters, positions,
     mutated sequence); errors name the file, row and column."""
     name = str(path)
-    header, rows = _read_csv(path)
-    _require_columns(name, header, [mutant_column])
+    header, rows = read_csv(path)
+    require_columns(name, header, [mutant_column])
     if not rows:
         raise DataError(f"{name}: no data rows")
     has_seq, given = sequence_column in header, wildtype is not None
@@ -75,18 +76,18 @@ def read_dms(path, wildtype: str | None = None, mutant_column: str = "mutant", s
         if not has_seq:
             raise DataError(f"{name}: no wild type given, and no column {sequence_column!r} to derive it from")
         wildtype = _derive_wildtype(name, rows, mutant_column, sequence_column, offset)
-    encode_protein(wildtype, "wild type" if given else _where(name, rows[0][0], sequence_column))
+    encode_protein(wildtype, "wild type" if given else where(name, rows[0][0], sequence_column))
     wildtype = _clean(wildtype)
     mutants = []
     for rownum, values in rows:
-        subs = parse_mutant(values[mutant_column], wildtype, _where(name, rownum, mutant_column), offset)
+        subs = parse_mutant(values[mutant_column], wildtype, where(name, rownum, mutant_column), offset)
         if has_seq and _clean(values[sequence_column]) != mutate(wildtype, subs, offset):
-            raise DataError(f"{_where(name, rownum, sequence_column)}: not the wild type with "
+            raise DataError(f"{where(name, rownum, sequence_column)}: not the wild type with "
                             f"{_show(values[mutant_column])} applied")
         mutants.append(subs)
     dms = None
     if score_column in header:
-        dms = [_parse_float(v[score_column], _where(name, n, score_column)) for n, v in rows]
+        dms = [parse_float(v[score_column], where(name, n, score_column)) for n, v in rows]
     return DMS(name, header, [v for _, v in rows], [n for n, _ in rows], wildtype, mutants, dms, offset)
 
 

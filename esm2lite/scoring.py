@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import _where
 from .errors import CheckpointError, DataError
 from .metrics import spearman
+from .records import where as _where
 from .tokenizer import TOKENS
 from .windows import Rows, encode_protein, optimal_window, run_rows, window_size
 
@@ -214,7 +214,7 @@ def _execute(model, rows: Rows, reads: _Reads, n_slots: int, batch_tokens: int, 
     in_batch = np.zeros(len(rows), dtype=np.int64)  # row -> its index in the running batch
     scores = torch.zeros(n_slots, dtype=torch.float64)
     n_batches = 0
-    for idx, _tokens, out in run_rows(model, rows, batch_tokens, precision):
+    for idx, _tokens, out in run_rows(model, rows, batch_tokens, precision, desc="score"):
         n_batches += 1
         sel = np.concatenate([order[lo[r]:hi[r]] for r in idx])
         in_batch[idx] = np.arange(len(idx))

@@ -24,12 +24,12 @@ unwindowed forward.
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
-from .data import make_batches
+from .batching import make_batches
+from .device import PRECISIONS, amp_dtype_for
 from .errors import DataError, TokenizerError
 from .tokenizer import MASK, PAD, Tokenizer
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def window_size(max_residues: int | None) -> int | None:
@@ -71,9 +71,7 @@ def autocast_dtype(precision: str, device: torch.device):
     """"auto": bf16 on GPU, fp32 elsewhere; otherwise as named. None = no autocast."""
     if precision not in PRECISIONS:
         raise DataError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return amp_dtype_for(precision, device)
 
 
 @dataclass
@@ -102,15 +100,17 @@ class Rows:
 
 
 @torch.inference_mode()
-def run_rows(model, rows: Rows, batch_tokens: int, precision: str = "auto", repr_layers=(), logits=True):
+def run_rows(model, rows: Rows, batch_tokens: int, precision: str = "auto", repr_layers=(), logits=True,
+             desc: str | None = None):
     """Forward every row once in length-bucketed batches of at most batch_tokens tokens
     (padding included). Yields (idx: row indices, tokens [B, T] on the model's device, out:
-    the model's output dict for those rows)."""
+    the model's output dict for those rows). With `desc`, a progress bar on a terminal."""
     model.eval()
     device = next(model.parameters()).device
     amp = autocast_dtype(precision, device)
     lengths = [e - s for s, e in zip(rows.start, rows.end)]
-    for idx in make_batches(lengths, batch_tokens, shuffle=False):
+    batches = make_batches(lengths, batch_tokens, shuffle=False)
+    for idx in tqdm(batches, desc=desc, disable=None if desc else True, leave=False):  # None: on a terminal only
         tokens = rows.tokens(idx).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(tokens, repr_layers=repr_layers, logits=logits)
@@ -167,7 +167,8 @@ def embed_windowed(model, sequences, layers=None, max_residues: int | None = 102
     sums = [{layer: torch.zeros(len(t), d, dtype=torch.float64) for layer in layers} for t in bases]
     counts = [torch.zeros(len(t), 1, dtype=torch.float64) for t in bases]
     n_batches = 0
-    for idx, _, out in run_rows(model, rows, batch_tokens, precision, repr_layers=layers, logits=False):
+    for idx, _, out in run_rows(model, rows, batch_tokens, precision, repr_layers=layers, logits=False,
+                                desc="embed (windows)"):
         n_batches += 1
         for b, r in enumerate(idx):  # hidden_states[layer]: [B, T_max, d]
             k, s, e = owner[r], rows.start[r], rows.end[r]
