@@ -29,12 +29,12 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .atomic import atomic_dir
+from .checkpoint import check_keys
 from .distributed import Dist
 from .errors import CheckpointError, Esm2liteError
 from .heads import head_from_config
 from .modes import MODE
 from .sharded import DIRNAME, has_sharded, load_sharded, read_sharded, save_sharded
-from .checkpoint import check_keys
 from .spec import FORMAT, CheckpointSpec
 from .task_model import TaskModel
 from .textfiles import read_json
@@ -102,8 +102,11 @@ def _trainer_tensors(model, optimizer, d: Dist, moments: bool) -> dict:
 
 
 def _sha256(path: str) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _listed(ckpt_dir: str) -> list[str]:
@@ -254,6 +257,15 @@ def load_trainer_state(ckpt_dir: str, model, optimizer, d: Dist) -> dict:
     except Exception as e:
         raise CheckpointError(f"{path}.safetensors: corrupt, truncated or missing ({' '.join(str(e).split())[:200]})") from None
     _check_finite(tensors, path + ".safetensors")
+    try:
+        _restore(tensors, model, optimizer, d, state["step"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:  # a file that parses but is not ours
+        raise CheckpointError(f"{path}.safetensors: not a trainer state ({type(e).__name__}: {e})"[:300]) from None
+    return state
+
+
+def _restore(tensors: dict, model, optimizer, d: Dist, step: int) -> None:
+    """AdamW's moments by parameter name (lora / head), then this rank's RNG state."""
     for name, p in model.named_parameters():
         if p.requires_grad and f"{name}.exp_avg" in tensors:
             optimizer.state[p] = {"step": tensors[f"{name}.step"].clone(),
@@ -264,8 +276,7 @@ def load_trainer_state(ckpt_dir: str, model, optimizer, d: Dist) -> dict:
         if f"rng.cuda.{d.rank}" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{d.rank}"])
     else:  # another number of ranks: a fresh, still deterministic stream per rank
-        torch.manual_seed(state["step"] * 1000 + d.rank)
-    return state
+        torch.manual_seed(step * 1000 + d.rank)
 
 
 def _checked_state(state, source: str) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import oracles
 
@@ -134,7 +135,7 @@ def flip_a_bit(path):
 
 
 def plant_nan(path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     tensors = load_file(path)
     name = sorted(tensors)[0]
@@ -386,6 +387,9 @@ CASES = [
     Case("resume_damaged_trainer_state", {"run": run_copy(
         lambda run: (run / "checkpoints" / "step_1" / "trainer_state.json").write_text('{"step": 1, "epo'))},
          resume(), ["{d}/run/checkpoints/step_1/trainer_state.json", "not valid JSON"]),
+    Case("resume_trainer_state_of_another_kind", {"run": run_copy(lambda run: save_file(
+        {"rng.cpu.0": torch.zeros(3, dtype=torch.uint8)}, run / "checkpoints" / "step_1" / "trainer_state.safetensors"))},
+         resume(), ["{d}/run/checkpoints/step_1/trainer_state.safetensors", "not a trainer state"]),
     Case("resume_damaged_run_config", {"run": run_copy(lambda run: (run / "config.json").write_bytes(b"\xff{"))},
          resume(), ["{d}/run/config.json", "not UTF-8"]),
     Case("resume_run_config_is_a_device", {"run": run_copy(
