@@ -1,9 +1,9 @@
 """ESM2Config: the numbers that define an ESM-2 architecture."""
 
-import json
 from dataclasses import asdict, dataclass
 
 from .errors import CheckpointError, Esm2liteError
+from .textfiles import read_json
 
 # name -> (layers, d_model, heads); FFN width is 4 * d_model for every released size.
 RELEASED = {
@@ -131,16 +131,9 @@ class ESM2Config:
 
 
 def read_json_object(path: str) -> dict:
-    """A JSON file holding one object (a config.json), or a one-line CheckpointError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
-    except OSError as e:  # a directory, no permission, an I/O error
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    """A JSON file holding one object (a config.json), or a one-line CheckpointError naming it
+    (read through textfiles: a size cap, so a device or a huge file is an error, not a MemoryError)."""
+    obj = read_json(path, CheckpointError)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return obj

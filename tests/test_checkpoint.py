@@ -315,3 +315,12 @@ def test_convert_cli_errors(tmp_path, fair_tiny):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "exists and is not empty" in r.stderr
     assert os.listdir(tmp_path / "full") == ["x"]
+
+
+def test_config_json_that_is_a_device_is_one_line(tmp_path):
+    """A config.json that is /dev/zero ends in a one-line error naming it, not a MemoryError."""
+    from esm2lite.checkpoint import load_pretrained
+    from esm2lite.errors import CheckpointError
+    (tmp_path / "config.json").symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=r"config\.json: not a text file"):
+        load_pretrained(str(tmp_path))
