@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_dir
 from .config import ESM2Config, read_json_object
-from .errors import CheckpointError
+from .errors import CheckpointError, key_mismatch
 from .layouts import (FAIR_IGNORED, FAIR_NAMES, FAIR_PREFIX, FAIR_TASK_HEADS, FAIR_TIED, HF_IGNORED, HF_NAMES,
                       HF_TASK_HEADS, HF_TIED, has_lm_head, normalize_hf, split_task_heads, to_esm2lite_keys)
 from .model import ESM2
@@ -159,19 +159,10 @@ def download_from_hub(repo_id: str) -> str:
 
 
 def check_keys(expected: dict, got: dict, unexpected: list, source: str) -> None:
-    """One error listing every missing, unexpected and mis-shaped key."""
-    missing = sorted(set(expected) - set(got))
-    shapes = [f"{k} file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(got)) if tuple(got[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    for what, items in (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
-                        ("shape mismatches", shapes)):
-        if items:
-            shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
-            problems.append(f"{len(items)} {what}: {shown}")
+    """One error listing every missing, unexpected and mis-shaped key (expected: name -> tensor)."""
+    problems = key_mismatch({k: t.shape for k, t in expected.items()}, got, unexpected)
     if problems:
-        raise CheckpointError(
-            f"{source}: weights do not fit the config ({'; '.join(problems)})")
+        raise CheckpointError(f"{source}: weights do not fit the config ({problems})")
 
 
 def build_model(config: ESM2Config, state: dict, unexpected: list, source: str, dtype, device) -> ESM2:

@@ -36,3 +36,19 @@ def quoted(value, limit: int = 60) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(str(value))} characters)"
+
+
+
+def key_mismatch(expected: dict, got: dict, unexpected) -> str:
+    """"" when the tensors `got` fit `expected` (name -> shape); otherwise one clause per kind of
+    problem, e.g. "1 missing keys: a; 1 shape mismatches: b file (4, 2) vs model (4, 3)", at most
+    8 keys shown in each. Used for base weights, fine-tuned weights, shards and adapters alike."""
+    missing = sorted(set(expected) - set(got))
+    shapes = [f"{k} file {tuple(got[k].shape)} vs model {tuple(expected[k])}"
+              for k in sorted(set(expected) & set(got)) if tuple(got[k].shape) != tuple(expected[k])]
+    clauses = []
+    for what, items in (("missing keys", missing), ("unexpected keys", sorted(unexpected)), ("shape mismatches", shapes)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
+            clauses.append(f"{len(items)} {what}: {shown}")
+    return "; ".join(clauses)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .errors import CheckpointError
+from .errors import CheckpointError, key_mismatch
 from .kernels.lora import MAX_RANK
 
 TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
@@ -279,17 +279,9 @@ def load_lora_state_dict(model: nn.Module, sd: dict, source: str = "LoRA state d
 
 def check_adapter_keys(expected: dict[str, tuple], got: dict, source: str) -> None:
     """One CheckpointError listing every missing, unexpected and mis-shaped adapter key."""
-    problems = []
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [f"{k} {tuple(got[k].shape)} vs model {expected[k]}" for k in sorted(set(expected) & set(got))
-              if tuple(got[k].shape) != tuple(expected[k])]
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
-            problems.append(f"{what}: {shown}")
+    problems = key_mismatch(expected, got, set(got) - set(expected))
     if problems:
-        raise CheckpointError(f"{source}: adapters do not fit the model ({'; '.join(problems)})")
+        raise CheckpointError(f"{source}: adapters do not fit the model ({problems})")
 
 
 def count_trainable(model: nn.Module) -> int:

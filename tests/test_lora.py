@@ -349,10 +349,10 @@ def test_lora_state_dict_round_trip_and_strict_errors(hf_tiny, batch):
     with torch.no_grad():
         assert torch.equal(model(batch)["logits"], other(batch)["logits"])
 
-    bad = [({k: v for k, v in sd.items() if k != "layers.1.fc1.lora_b"}, r"missing: layers\.1\.fc1\.lora_b"),
+    bad = [({k: v for k, v in sd.items() if k != "layers.1.fc1.lora_b"}, r"1 missing keys: layers\.1\.fc1\.lora_b"),
            ({**sd, "layers.0.attn.query.lora_a": sd["layers.0.attn.value.lora_a"]},
-            r"unexpected: layers\.0\.attn\.query"),
-           ({**sd, "layers.0.fc1.lora_a": torch.zeros(3, 64)}, r"shape mismatch: layers\.0\.fc1\.lora_a \(3, 64\)")]
+            r"1 unexpected keys: layers\.0\.attn\.query"),
+           ({**sd, "layers.0.fc1.lora_a": torch.zeros(3, 64)}, r"1 shape mismatches: layers\.0\.fc1\.lora_a file \(3, 64\)")]
     for broken, pattern in bad:
         with pytest.raises(CheckpointError, match=pattern) as e:
             load_lora_state_dict(other, broken)
