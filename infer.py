@@ -1,4 +1,4 @@
-"""Predict with a fine-tuned ESM-2, or compute embeddings.  `python infer.py --help`;
+"""Predict with a fine-tuned ESM-2, compute embeddings, or score variants zero-shot.  `python infer.py --help`;
 with no arguments it predicts the demo sequences with runs/demo/best (training it first)."""
 
 import argparse
@@ -11,33 +11,66 @@ from esm2lite.device import PRECISIONS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_FASTA = os.path.join(HERE, "esm2lite", "demo", "predict.fasta")
+METHODS = ("masked-marginal", "wt-marginal", "pll")  # esm2lite.scoring.METHODS (not imported: --help stays fast)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once, and only when they say something (no "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python infer.py",
-        description="Score protein sequences with a model from train.py (a CSV of predictions, in input "
-                    "order) and/or write embeddings. Run with no arguments for the demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Predict with a model from train.py (a CSV of predictions in input order, with the input's "
+                    "other columns, and the task's metrics when the input holds its labels), write embeddings "
+                    "(proteins of any length), or score variants with a pretrained ESM-2 and no labels (--score). "
+                    "Run with no arguments for the demo.",
+        formatter_class=HelpFormatter)
     src = p.add_argument_group("model (give one)")
     src.add_argument("--run", help="a train.py output directory (uses RUN/best)")
     src.add_argument("--checkpoint", help="a checkpoint directory (e.g. RUN/best or RUN/checkpoints/step_500)")
-    src.add_argument("--base", help="a plain pretrained ESM-2 (HF dir, fair-esm .pt, hub id): embeddings only")
+    src.add_argument("--base", help="a plain pretrained ESM-2 (HF dir, fair-esm .pt, hub id): embeddings, or "
+                                    "--score (which needs the model's masked-LM head)")
     src.add_argument("--base-path", help="where the checkpoint's base model is now, if it moved")
     io_ = p.add_argument_group("input and output")
-    io_.add_argument("--input", help="CSV or FASTA of sequences")
-    io_.add_argument("--sequence-column", default="sequence", help="CSV column holding the sequences")
-    io_.add_argument("--id-column", help="CSV column with sequence ids (default: row numbers)")
-    io_.add_argument("--output", help="predictions CSV to write (id, sequence, prediction columns)")
+    io_.add_argument("--input", help="CSV or FASTA of sequences (--score: also a ProteinGym-style DMS CSV)")
+    io_.add_argument("--sequence-column", help="CSV column holding the sequences (default: sequence; "
+                                               "DMS files: mutated_sequence)")
+    io_.add_argument("--id-column", help="CSV column with sequence ids (default: a column named id, else row numbers)")
+    io_.add_argument("--output", help="CSV to write: id, sequence, the input's other columns, the predictions "
+                                      "(--score: the input's columns and the score); metrics go to "
+                                      "OUTPUT-without-suffix.metrics.json")
     io_.add_argument("--embeddings", help="safetensors file for per-sequence mean embeddings, keyed mean/LAYER/ID")
     io_.add_argument("--per-residue", action="store_true", help="also store per-residue embeddings")
     io_.add_argument("--layers", type=int, nargs="+", help="layers to embed (0 = input embeddings; default: last)")
-    io_.add_argument("--max-residues", type=int, default=1022, help="longest sequence allowed")
-    io_.add_argument("--truncate", action="store_true", help="cut longer sequences instead of an error")
+    io_.add_argument("--residue-probs", metavar="CSV", help="per-residue tasks: also write one row per residue: id, "
+                                                            "position, residue, prediction, prob_CLASS columns")
+    io_.add_argument("--mask-column", help="per-residue tasks with labels in the input: the 1/0 column marking "
+                                           "labelled residues, as in training")
+    io_.add_argument("--max-residues", type=int, default=1022,
+                     help="longest sequence a fine-tuned head reads; embeddings and --score split longer proteins "
+                          "into overlapping windows of this many residues")
+    io_.add_argument("--truncate", action="store_true", help="cut longer sequences to --max-residues instead "
+                                                             "(predictions and embeddings)")
+    sc = p.add_argument_group("zero-shot variant scores (--score, with --base)")
+    sc.add_argument("--score", choices=METHODS, help="masked-marginal / wt-marginal: score the mutants of a DMS CSV "
+                                                     "against the wild type; pll: pseudo-log-likelihood of each "
+                                                     "sequence (docs/scoring.md)")
+    sc.add_argument("--wildtype", help="the wild-type sequence, or a FASTA file holding it (default: derived from "
+                                       "the first row's mutated_sequence)")
+    sc.add_argument("--mutant-column", default="mutant", help="DMS column of mutants such as A24G or A24G:K46R")
+    sc.add_argument("--dms-score-column", default="DMS_score",
+                    help="measured scores; when present, the Spearman correlation is reported")
+    sc.add_argument("--offset", type=int, help="number of the wild type's first residue in the mutant codes "
+                                               "(default: 1)")
     run = p.add_argument_group("running")
     run.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch, padding included")
-    run.add_argument("--precision", default="auto", choices=PRECISIONS,
-                     help="auto: bf16 on GPU, fp32 on CPU")
+    run.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
     run.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     run.add_argument("--no-merge", action="store_true", help="keep LoRA adapters separate (slower; same numbers)")
     run.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -54,80 +87,233 @@ def demo_args() -> list[str]:
     return ["--run", "runs/demo", "--input", DEMO_FASTA, "--output", os.path.join("runs", "demo", "predictions.csv")]
 
 
+def metrics_path(output: str) -> str:
+    """preds.csv -> preds.metrics.json: the metrics (or the scoring summary) beside the output."""
+    return os.path.splitext(output)[0] + ".metrics.json"
+
+
+def _unused(args, names) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
+
+
+def check_options(p, args) -> None:
+    """Usage errors (one line, exit 2) before any work: a missing option, or one that would be ignored."""
+    if len([x for x in (args.run, args.checkpoint, args.base) if x]) != 1:
+        p.error("give exactly one of --run, --checkpoint, --base")
+    if not args.input:
+        p.error("--input is required")
+    if args.batch_tokens < 1 or args.max_residues < 1:
+        p.error("--batch-tokens and --max-residues must be positive")
+    if args.score:
+        if not args.base:
+            p.error("--score uses a pretrained model's masked-LM head: give --base MODEL (a fine-tuned "
+                    "checkpoint's encoder no longer matches that head)")
+        if not args.output:
+            p.error("--score needs --output (a CSV)")
+        unused = _unused(args, ("embeddings", "per_residue", "layers", "residue_probs", "mask_column", "truncate",
+                                "id_column", "no_merge", "base_path"))
+        if unused:
+            p.error(f"{unused[0]} is not used with --score (longer proteins are scored in windows, every input "
+                    "column is kept)")
+        return
+    unused = _unused(args, ("wildtype", "offset")) + [f"--{n}" for n, d in (("mutant-column", "mutant"),
+                                                                            ("dms-score-column", "DMS_score"))
+                                                      if getattr(args, n.replace("-", "_")) != d]
+    if unused:
+        p.error(f"{unused[0]} is only used with --score")
+    if not (args.output or args.embeddings or args.residue_probs):
+        p.error("give --output (predictions) and/or --embeddings (or --score for zero-shot scores)")
+    if args.base and (args.no_merge or args.base_path):
+        p.error(f"{_unused(args, ('no_merge', 'base_path'))[0]} is for fine-tuned checkpoints, not --base")
+    if args.base and (args.output or args.residue_probs):
+        p.error("--base has no task head: use --embeddings, or --score for zero-shot variant scores")
+    if (args.per_residue or args.layers) and not args.embeddings:
+        p.error(f"{_unused(args, ('per_residue', 'layers'))[0]} is for --embeddings")
+    if args.layers and min(args.layers) < 0:
+        p.error("--layers are 0 (input embeddings) .. the number of layers")
+
+
+def check_outputs(args) -> list[str]:
+    """Every file this run may write: distinct, none the input, each writable. Checked before any work."""
+    from esm2lite.errors import DataError
+    from esm2lite.infer import check_writable
+
+    paths = [x for x in (args.output, args.embeddings, args.residue_probs) if x]
+    if args.output:
+        paths.append(metrics_path(args.output))
+    elif args.residue_probs:
+        paths.append(metrics_path(args.residue_probs))
+    real = [os.path.realpath(x) for x in paths]
+    clash = next((x for x, r in zip(paths, real) if real.count(r) > 1), None)
+    if clash is not None:
+        raise DataError(f"{clash}: two outputs would be written to this one file; give each its own name")
+    inputs = [args.input] + ([args.wildtype] if args.wildtype and os.path.isfile(args.wildtype) else [])
+    for path in paths:
+        check_writable(path, inputs=inputs)
+    return paths
+
+
 def main(argv):
-    from esm2lite import distributed, infer
+    from esm2lite import distributed
+    from esm2lite.errors import Esm2liteError
 
     demo = not [a for a in argv if a != "--debug"]
-    args = parser().parse_args(demo_args() + argv if demo else argv)
-    sources = [x for x in (args.run, args.checkpoint, args.base) if x]
-    if len(sources) != 1:
-        parser().error("give exactly one of --run, --checkpoint, --base")
-    if not args.input:
-        parser().error("--input is required")
-    if not (args.output or args.embeddings):
-        parser().error("give --output (predictions) and/or --embeddings")
-    if args.base and args.output:
-        parser().error("--base has no task head: use --embeddings only")
-    if args.batch_tokens < 1 or args.max_residues < 1:
-        parser().error("--batch-tokens and --max-residues must be positive")
-    if args.layers and min(args.layers) < 0:
-        parser().error("--layers are 0 (input embeddings) .. the number of layers")
-    if args.output and args.embeddings and os.path.realpath(args.output) == os.path.realpath(args.embeddings):
-        parser().error("--output and --embeddings need different files")
-    for path in (args.output, args.embeddings):
-        if path:
-            infer.check_writable(path, inputs=[args.input])
+    p = parser()
+    args = p.parse_args(demo_args() + argv if demo else argv)
+    check_options(p, args)
+    check_outputs(args)
     d, device = distributed.setup(args.device)  # under torchrun: data-parallel, rank 0 writes
     try:
-        predict_and_write(args, d, device, demo)
+        if args.score and d.world > 1:
+            raise Esm2liteError("--score runs in one process: start it with python, not torchrun")
+        if args.score:
+            score_and_write(args, device)
+        else:
+            predict_and_write(args, d, device, demo)
     finally:
         distributed.teardown(d)
 
 
-def predict_and_write(args, d, device, demo):
-    from esm2lite import distributed, infer
+# ---------------------------------------------------------------- --score
+
+
+def score_and_write(args, device):
+    from esm2lite.atomic import write_json
+    from esm2lite.checkpoint import load_pretrained
+    from esm2lite.errors import CheckpointError
+    from esm2lite.infer import write_predictions_csv
+    from esm2lite.infer_score import read_wildtype, score_file
+
+    wildtype = read_wildtype(args.wildtype) if args.wildtype else None
+    model = load_pretrained(args.base, device=device)
+    if not model.config.lm_head:
+        raise CheckpointError(f"{args.base}: has no masked-LM head (saved as EsmModel or a task model), and --score "
+                              "needs one: give an EsmForMaskedLM directory, a fair-esm .pt file or a hub id")
+    scored = score_file(model, args.input, args.score, wildtype, mutant_column=args.mutant_column,
+                        score_column=args.dms_score_column, sequence_column=args.sequence_column, offset=args.offset,
+                        max_residues=args.max_residues, batch_tokens=args.batch_tokens, precision=args.precision)
+    s = scored.summary
+    write_json(metrics_path(args.output), s)
+    write_predictions_csv(args.output, scored.rows)
+    window = ("none: every protein fit in --max-residues" if s["window"] == "none" else
+              f"optimal: proteins over {args.max_residues} residues scored in windows of {s['window_tokens']} tokens")
+    print(f"scored {s['variants']} rows by {s['method']}: {s['forwards']} forwards in {s['batches']} batches; "
+          f"window {window}")
+    if s["spearman"] is not None:
+        print(f"Spearman vs {s['dms_score_column']}: {s['spearman']:.4f}")
+    print(f"wrote {args.output} and {metrics_path(args.output)}")
+
+
+# ---------------------------------------------------------------- predictions and embeddings
+
+
+def load(args, device):
+    """-> (task model or None, encoder)."""
     from esm2lite.checkpoint import load_pretrained
     from esm2lite.ckpt_dir import load_model
     from esm2lite.errors import Esm2liteError
-    from esm2lite.evaluate import run_batches
-    from esm2lite.reading import read_sequences
-    from esm2lite.records import unlabelled_records
 
-    with distributed.same_error(d):  # every rank reads and checks every record; errors agree
-        pairs = read_sequences(args.input, args.sequence_column, args.id_column, args.max_residues, args.truncate)
-        records = unlabelled_records(pairs, args.input, args.max_residues, args.truncate)
-    ids = [sid for sid, _ in pairs]
     if args.base:
-        encoder, model = load_pretrained(args.base, device=device), None
-    else:
-        ckpt = os.path.join(args.run, "best") if args.run else args.checkpoint
-        if args.run and not os.path.isdir(ckpt):
-            raise Esm2liteError(f"{args.run}: no best/ checkpoint in this run directory")
-        model = load_model(ckpt, device=device, base_path=args.base_path, merge=not args.no_merge)
-        encoder = model.encoder
+        return None, load_pretrained(args.base, device=device)
+    ckpt = os.path.join(args.run, "best") if args.run else args.checkpoint
+    if args.run and not os.path.isdir(ckpt):
+        raise Esm2liteError(f"{args.run}: no best/ checkpoint in this run directory")
+    model = load_model(ckpt, device=device, base_path=args.base_path, merge=not args.no_merge)
+    return model, model.encoder
+
+
+def prepare(args, table, model) -> tuple:
+    """-> (records, labelled) for predictions, every option checked against the model and the input."""
+    from esm2lite import infer_table as it
+    from esm2lite.errors import Esm2liteError
+
+    labels = model.labels
+    if args.residue_probs and labels.task != "token-classification":
+        raise Esm2liteError(f"--residue-probs: the model's task is {labels.task}; only per-residue "
+                            "(token-classification) models give per-residue probabilities")
+    it.check_no_clash(table, it.prediction_columns(labels, args.truncate))
+    labelled = it.label_columns(table, labels, args.mask_column)
+    hint = it.unlabelled_mask_hint(table, labels, args.mask_column) if labelled else None
+    if hint and int(os.environ.get("RANK", "0")) == 0:
+        print(hint, flush=True)
+    records = it.prediction_records(table, labels, args.max_residues, args.truncate, labelled, args.mask_column)
+    return records, labelled
+
+
+def predict(args, d, table, model) -> dict:
+    """-> {"rows", "residues", "metrics"} (what rank 0 writes)."""
+    from esm2lite import distributed, infer
+    from esm2lite import infer_table as it
+    from esm2lite.evaluate import run_batches
+
+    with distributed.same_error(d):
+        records, labelled = prepare(args, table, model)
+    outputs, loss = run_batches(model, records, args.batch_tokens, args.precision, desc="predict",
+                                with_loss=labelled, d=d)
+    rows = it.output_rows(table, records, infer.decode_predictions(model, outputs), model.labels, args.truncate)
+    residues = it.residue_rows(table, records, outputs, model.labels) if args.residue_probs else None
+    metrics = it.split_metrics(model.labels, records, outputs, loss) if labelled else None
+    cut = sum(1 for r in records if len(r.tokens) - 2 < len(it.residues(r.sequence, "")))
+    return {"rows": rows, "residues": residues, "metrics": metrics, "cut": cut}
+
+
+def predict_and_write(args, d, device, demo):
+    from esm2lite import distributed, infer
+    from esm2lite.errors import Esm2liteError
+    from esm2lite.infer_table import read_table
+
+    with distributed.same_error(d):  # every rank reads and checks every row; errors agree
+        table = read_table(args.input, args.sequence_column, args.id_column)
+    model, encoder = load(args, device)
     too_deep = [i for i in args.layers or () if i > encoder.config.num_layers]
     if args.embeddings and too_deep:
         raise Esm2liteError(f"--layers {too_deep}: this model has layers 0..{encoder.config.num_layers}")
+    out = predict(args, d, table, model) if (args.output or args.residue_probs) else {}
+    if args.embeddings:
+        tensors, info = infer.embed_any(encoder, table.ids, table.sequences, args.max_residues, args.truncate,
+                                        args.batch_tokens, args.precision, args.layers, args.per_residue, d)
+    if d.main:  # written only after all work succeeded: no partial outputs
+        write_predictions(args, out, table)
+        if args.embeddings:
+            infer.write_embeddings(args.embeddings, tensors, table.ids, info)
+            print(f"wrote embeddings of {len(table.ids)} sequences to {args.embeddings}")
+            say_windows(args, info)
+        if demo:
+            print_demo_table(out["rows"])
 
+
+def write_predictions(args, out, table):
+    from esm2lite.atomic import write_json
+    from esm2lite.infer import write_predictions_csv
+
+    if out.get("metrics") is not None:
+        path = metrics_path(args.output or args.residue_probs)
+        write_json(path, {"input": args.input, "rows": len(table.ids), **out["metrics"]})
+        print("metrics vs the input's labels: " + ", ".join(f"{k} {v:.4f}" for k, v in out["metrics"].items())
+              + f" (written to {path})")
     if args.output:
-        outputs, _ = run_batches(model, records, args.batch_tokens, args.precision, desc="predict", d=d)
-        rows = [{"id": sid, "sequence": r.sequence, **p}
-                for sid, r, p in zip(ids, records, infer.decode_predictions(model, outputs))]
-    if args.embeddings:
-        tensors = infer.embed(encoder, records, ids, args.batch_tokens, args.precision, args.layers, args.per_residue, d)
-    if not d.main:
-        return
-    # Write only after all work succeeded: no partial outputs.
-    if args.output:
-        infer.write_predictions_csv(args.output, rows)
-        print(f"wrote {len(rows)} predictions to {args.output}")
-    if args.embeddings:
-        infer.write_embeddings(args.embeddings, tensors, ids)
-        print(f"wrote embeddings of {len(ids)} sequences to {args.embeddings}")
-    if demo:
-        for row in rows:
-            seq = row["sequence"] if len(row["sequence"]) <= 40 else row["sequence"][:37] + "..."
-            print(f"  {row['id']:<10} {seq:<40} {row['prediction']:.4f}  (true length/100: {len(row['sequence']) / 100:.2f})")
+        write_predictions_csv(args.output, out["rows"])
+        print(f"wrote {len(out['rows'])} predictions to {args.output}")
+    if args.residue_probs:
+        write_predictions_csv(args.residue_probs, out["residues"])
+        print(f"wrote per-residue probabilities of {len(out['rows'])} sequences to {args.residue_probs}")
+    if out and args.truncate:
+        print(f"--truncate: {out['cut']} sequence(s) cut to {args.max_residues} residues (column residues_scored)")
+
+
+def say_windows(args, info):
+    if info["windows"]:
+        print(f"{len(info['windows'])} sequence(s) over {args.max_residues} residues embedded in overlapping windows "
+              f"of {args.max_residues + 2} tokens, each residue the mean over its windows (metadata 'windows')")
+    if info["residues_scored"]:
+        print(f"--truncate: {len(info['residues_scored'])} sequence(s) cut to {args.max_residues} residues "
+              "(metadata 'residues_scored')")
+
+
+def print_demo_table(rows):
+    for row in rows:
+        seq = row["sequence"] if len(row["sequence"]) <= 40 else row["sequence"][:37] + "..."
+        print(f"  {row['id']:<10} {seq:<40} {row['prediction']:.4f}  (true length/100: {len(row['sequence']) / 100:.2f})")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ LoRA adapters are merged into the base weights first (one GEMM per linear instea
 
 import csv
 import io
+import json
 import os
 
 import torch
@@ -21,9 +22,10 @@ from .errors import DataError
 from .evaluate import run_batches
 from .heads import mean_pool
 from .model import ESM2
-from .records import unlabelled_records
+from .records import Record, encode_sequence, unlabelled_records
 from .task_model import TaskModel
-from .tokenizer import pad_tokens
+from .tokenizer import EOS, TOKENS, pad_tokens
+from .windows import embed_windowed
 
 
 def decode_predictions(model: TaskModel, outputs: list) -> list[dict]:
@@ -82,9 +84,50 @@ def embed(encoder: ESM2, records, ids, batch_tokens: int = 8192, precision: str 
     return {k: v for part in gather(d, out) for k, v in part.items()}
 
 
-def write_embeddings(path: str, tensors: dict, ids) -> None:
+def embed_any(encoder: ESM2, ids, sequences, max_residues: int = 1022, truncate: bool = False,
+              batch_tokens: int = 8192, precision: str = "auto", layers=None, per_residue: bool = False,
+              d: Dist | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Embeddings (keys as `embed`) of sequences of any length. Those over max_residues are cut to it
+    (truncate) or embedded in overlapping windows (windows.embed_windowed: each residue the mean over
+    the windows holding it, <cls>/<eos> only at the real ends); the others get `embed`'s plain forward.
+    -> (tensors, {"windows": {id: [[start, end], ...]}, "residues_scored": {id: n}}) for the sequences
+    windowed or cut."""
+    d = d or Dist()
+    tokens = [encode_sequence(s, f"sequence {k} ({ids[k]!r})") for k, s in enumerate(sequences)]
+    long = [i for i, t in enumerate(tokens) if len(t) - 2 > max_residues]
+    info = {"windows": {}, "residues_scored": {}}
+    if truncate:
+        info["residues_scored"] = {ids[i]: max_residues for i in long}
+        tokens = [t if len(t) - 2 <= max_residues else t[: max_residues + 1] + [EOS] for t in tokens]
+        long = []
+    short = [i for i in range(len(tokens)) if i not in set(long)]
+    records = [Record(sequences[i], tokens[i], None, None, "<memory>", i) for i in short]
+    tensors = embed(encoder, records, [ids[i] for i in short], batch_tokens, precision, layers, per_residue, d) \
+        if short else {}
+    mine = long[d.rank::d.world]  # under torchrun each rank windows its share of the long proteins
+    out, windows = {}, {}
+    if mine:
+        residues = ["".join(TOKENS[t] for t in tokens[i][1:-1]) for i in mine]  # as the tokenizer read them
+        emb = embed_windowed(encoder, residues, layers, max_residues, None, batch_tokens, precision)
+        for k, i in enumerate(mine):
+            windows[ids[i]] = [list(w) for w in emb.windows[k]]
+            for layer in emb.hidden[k]:
+                out[f"mean/{layer}/{ids[i]}"] = emb.mean(k, layer).contiguous()
+                if per_residue:
+                    out[f"per_residue/{layer}/{ids[i]}"] = emb.per_residue(k, layer).contiguous()
+    for part_tensors, part_windows in gather(d, (out, windows)):
+        tensors.update(part_tensors)
+        info["windows"].update(part_windows)
+    return tensors, info
+
+
+def write_embeddings(path: str, tensors: dict, ids, info: dict | None = None) -> None:
+    """safetensors, with the ids in input order in the metadata, and JSON of the windows used
+    ("windows") and of the residues kept by --truncate ("residues_scored") when there were any."""
+    metadata = {"ids": "\n".join(ids), "format": "esm2lite-embeddings"}
+    metadata.update({k: json.dumps(v) for k, v in (info or {}).items() if v})
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"ids": "\n".join(ids), "format": "esm2lite-embeddings"})
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def write_predictions_csv(path: str, rows: list[dict]) -> None:

@@ -306,7 +306,7 @@ def bad_cases(tmp, run, corrupt):
         ("run without best", ["--run", tmp, "--input", test], "no best/"),
         ("truncated weights", ["--checkpoint", corrupt["truncated"], "--input", test], "corrupt or truncated"),
         ("corrupt config", ["--checkpoint", corrupt["bad_json"], "--input", test], "not valid JSON"),
-        ("base path missing", ["--run", r, "--base-path", tmp / "gone", "--input", test], "no such file"),
+        ("base path missing", ["--run", r, "--base-path", tmp / "gone", "--input", test], "/gone"),
         ("too long", ["--run", r, "--input", test, "--max-residues", "10"], "more than the maximum 10"),
         ("no model", ["--input", test], "exactly one of --run"),
         ("two models", ["--run", r, "--checkpoint", r, "--input", test], "exactly one of --run"),
