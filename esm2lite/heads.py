@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constants import IGNORE_INDEX
-from .tokenizer import residue_mask
+from .tokenizer import PAD, residue_mask
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -100,13 +100,14 @@ class TokenClassificationHead(_Head):
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, d], tokens [B, T] -> logits [B, T, C] (fp32). Non-residue rows of
-        the input are zeroed, so padding cannot leak into residue predictions."""
+        the input are zeroed, and the first conv's output at padding too (conv2 sees zeros past
+        the end, as for the sequence alone): a sequence's predictions do not depend on its batch."""
         with self._no_autocast(hidden):
             mask = residue_mask(tokens)[..., None]
             x = torch.where(mask, hidden.to(self.conv1.weight.dtype), 0.0)
-            x = x.transpose(1, 2)  # [B, d, T]
-            x = self.conv2(self.drop(F.relu(self.conv1(x))))
-            return x.transpose(1, 2)  # [B, T, C]
+            x = F.relu(self.conv1(x.transpose(1, 2)))  # [B, hidden, T]
+            x = torch.where(tokens.ne(PAD)[:, None, :], x, 0.0)
+            return self.conv2(self.drop(x)).transpose(1, 2)  # [B, T, C]
 
     def loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over positions with target != IGNORE_INDEX; 0 (with a graph) if none."""
