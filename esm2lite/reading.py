@@ -18,15 +18,17 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 
 from .errors import DataError, TokenizerError, quoted
-from .records import DataSpec, Record, check_length, encode_sequence, make_record, where
+from .records import DataSpec, Record, check_length, encode_sequence, make_record, residue_error, where, without_stop
 from .textfiles import read_text
 from .tokenizer import Tokenizer
 
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid",
                  "dev": "valid", "test": "test"}
 FASTA_SUFFIXES = (".fa", ".fasta", ".faa", ".fas")
+MASK_WORDS = ("mask", "resolved")  # column names that look like a per-residue mask
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -38,7 +40,10 @@ def _text(path) -> str:
     return text
 
 
-def _check_header(header: list[str], name: str, rownum: int) -> None:
+def _check_header(header: list[str], name: str, rownum: int, delimiter: str) -> None:
+    if delimiter == "," and len(header) == 1 and "\t" in header[0]:
+        raise DataError(f"{where(name, rownum)}: the header is tab-separated, but only files named .tsv or .tab are "
+                        "read with tabs; rename the file to .tsv (or separate its columns with commas)")
     if "" in header:
         raise DataError(f"{where(name, rownum)}: the header has an empty column name "
                         f"(column {header.index('') + 1})")
@@ -69,7 +74,7 @@ def read_csv(path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
             if not any(fields):
                 continue  # blank line (or a row of empty cells)
             if header is None:
-                _check_header(fields, name, rownum)
+                _check_header(fields, name, rownum, delimiter)
                 header, header_row = fields, rownum
                 continue
             _check_width(fields, header, name, rownum, header_row)
@@ -100,11 +105,30 @@ def parse_float(value: str, here: str) -> float:
     return x
 
 
+def _target_number(value: str, here: str) -> float:
+    """A regression target; text that is no number at all gets the --task that reads labels."""
+    try:
+        return parse_float(value, here)
+    except DataError as e:
+        if value == "" or _is_float(value):  # empty, nan or inf: no other task would read it either
+            raise
+        raise DataError(f"{e}; regression needs numbers: for a class per sequence train with --task classification, "
+                        "for a label per residue (e.g. HHHEEECCC) --task token-classification") from None
+
+
+def _is_float(value: str) -> bool:
+    try:
+        float(value)
+        return True
+    except ValueError:
+        return False
+
+
 def _records_from_rows(spec: DataSpec, name: str, rows) -> list[Record]:
     out = []
     for rownum, values in rows:
         if spec.task == "regression":
-            target = tuple(parse_float(values[c], where(name, rownum, c)) for c in spec.target_columns)
+            target = tuple(_target_number(values[c], where(name, rownum, c)) for c in spec.target_columns)
         else:
             target = values[spec.target_columns[0]]
             if target == "":
@@ -112,22 +136,35 @@ def _records_from_rows(spec: DataSpec, name: str, rows) -> list[Record]:
         mask = values[spec.mask_column] if spec.mask_column is not None else None
         out.append(make_record(spec.task, values[spec.sequence_column], target, mask, name, rownum, "row",
                                spec.columns, spec.max_residues, spec.truncate))
+        out[-1].id = values.get(spec.id_column or "id")
     return out
 
 
-def _rows_of(spec: DataSpec, path, split_column=None) -> tuple[str, list]:
+def _rows_of(spec: DataSpec, path, split_column=None, note=None) -> tuple[str, list]:
     header, rows = read_csv(path)
     needed = [spec.sequence_column, *spec.target_columns]
-    needed += [c for c in (spec.mask_column, split_column) if c is not None]
+    needed += [c for c in (spec.mask_column, split_column, spec.id_column) if c is not None]
     require_columns(str(path), header, needed)
     if not rows:
         raise DataError(f"{path}: no data rows")
+    for column in unused_mask_columns(spec, header):
+        (note or print)(f"WARNING: {path}: column {quoted(column)} looks like a per-residue mask, but no --mask-column "
+                        f"was given, so every residue is trained on and scored; pass --mask-column {column} to leave "
+                        "out the residues it marks 0")
     return str(path), rows
 
 
-def _split_rows(spec: DataSpec, csv_path) -> tuple[str, dict]:
+def unused_mask_columns(spec: DataSpec, header) -> list[str]:
+    """Token classification without a mask column: the columns named like a mask (FLIP's
+    `resolved`, BioNeMo's `labels_mask`), which are then not used."""
+    if spec.task != "token-classification" or spec.mask_column is not None:
+        return []
+    return [c for c in header if any(word in c.lower() for word in MASK_WORDS)]
+
+
+def _split_rows(spec: DataSpec, csv_path, note=None) -> tuple[str, dict]:
     """One CSV with a split column -> (name, {split: [(row number, values)]})."""
-    name, rows = _rows_of(spec, csv_path, spec.split_column)
+    name, rows = _rows_of(spec, csv_path, spec.split_column, note)
     by_split = {"train": [], "valid": [], "test": []}
     for rownum, values in rows:
         raw = values[spec.split_column]
@@ -141,28 +178,41 @@ def _split_rows(spec: DataSpec, csv_path) -> tuple[str, dict]:
     return name, {s: r for s, r in by_split.items() if r}
 
 
-def load_splits(spec: DataSpec, train=None, valid=None, test=None, csv=None) -> dict[str, list[Record]]:
+def load_splits(spec: DataSpec, train=None, valid=None, test=None, csv=None, note=None) -> dict[str, list[Record]]:
     """Labelled records per split: {"train": [...], "valid": [...], "test": [...]}.
 
     Either per-split files (`train` required, `valid` / `test` optional), or one `csv`
     whose `spec.split_column` says train / valid / test for each row (aliases: see the
-    module docstring). Only splits that are present get a key; a file without data rows,
-    or a single CSV without train rows, is an error.
+    module docstring). A per-split file that has `spec.split_column` must name its own split
+    on every row. Only splits that are present get a key; a file without data rows, or a
+    single CSV without train rows, is an error. `note` (default print) gets the warnings:
+    token classification without a mask column, from a file with a column named like one.
     """
     if csv is not None:
         if any(p is not None for p in (train, valid, test)):
             raise DataError("give either one csv with a split column, or train/valid/test files, not both")
         if spec.split_column is None:
             raise DataError(f"{csv}: a single CSV needs a split column (train/valid/test)")
-        name, by_split = _split_rows(spec, csv)
+        name, by_split = _split_rows(spec, csv, note)
         return {s: _records_from_rows(spec, name, r) for s, r in by_split.items()}
     if train is None:
         raise DataError("no training data given (a train file, or one csv with a split column)")
-    if spec.split_column is not None:
-        raise DataError("a split column is only used with one csv holding all splits; "
-                        "with separate train/valid/test files leave it unset")
-    loaded = {s: _rows_of(spec, p) for s, p in (("train", train), ("valid", valid), ("test", test)) if p is not None}
+    loaded = {s: _rows_of(spec, p, note=note) for s, p in (("train", train), ("valid", valid), ("test", test))
+              if p is not None}
+    for split, (name, rows) in loaded.items():
+        _check_role(spec.split_column, name, rows, split)
     return {s: _records_from_rows(spec, name, rows) for s, (name, rows) in loaded.items()}
+
+
+def _check_role(column: str | None, name: str, rows, split: str) -> None:
+    """A per-split file may hold a split column only when every row names that file's split: one
+    whose rows say otherwise was meant to be split by it (--csv), not trained on whole."""
+    for rownum, values in rows:
+        raw = values.get(column) if column is not None else None
+        if raw is not None and SPLIT_ALIASES.get(raw.lower()) != split:
+            raise DataError(f"{where(name, rownum, column)}: split {quoted(raw)} in the --{split}-csv file, whose rows "
+                            f"are all used as {split}; to split the rows by this column write --csv {name} "
+                            f"(--split-column {column}) instead")
 
 
 # ----------------------------------------------------------------------------- sequences to score
@@ -240,9 +290,10 @@ def _fasta_records(text: str, name: str) -> list:
 
 def _bad_residue_line(msg: str, lines: list) -> int:
     """The file line holding the residue a tokenizer message points at ("... at position N")."""
-    if "at position " not in msg:
+    found = re.search(r"at position (\d+)", msg)
+    if found is None:
         return lines[0][0]
-    pos, start = int(msg.rsplit("at position ", 1)[1]), 0
+    pos, start = int(found.group(1)), 0
     for ln, piece in lines:
         if pos <= start + len(piece):
             return ln
@@ -270,9 +321,9 @@ def read_fasta(path, max_residues: int | None = None, truncate: bool = False) ->
         if not seq:
             raise DataError(f"{name}, record {k} ({quoted(sid)}, line {header_line}): empty sequence")
         try:
-            tokens = Tokenizer().encode(seq)
+            tokens = Tokenizer().encode(without_stop(seq))
         except TokenizerError as e:
-            msg = str(e).split(": ", 1)[1]
+            msg = residue_error(e)
             raise DataError(f"{name}, record {k} ({quoted(sid)}), line {_bad_residue_line(msg, lines)}: "
                             f"{msg}") from None
         check_length(tokens, f"{name}, record {k} ({quoted(sid)}, line {header_line})", max_residues, truncate)

@@ -23,6 +23,7 @@ from .errors import DataError, TokenizerError, quoted
 from .tokenizer import EOS, Tokenizer
 
 _TOKENIZER = Tokenizer()
+STOP = "*"
 
 
 @dataclass
@@ -33,7 +34,8 @@ class DataSpec:
     sequence_column: str = "sequence"
     target_columns: tuple[str, ...] = ("target",)  # regression may list several; other tasks one
     mask_column: str | None = None  # token-classification: per-residue "1"/"0", 0 = ignore
-    split_column: str | None = None  # one CSV holding train/valid/test rows
+    split_column: str | None = None  # one CSV: says each row's split; per-split files holding it must agree
+    id_column: str | None = None  # row ids for the predictions written after training (None: "id" if present)
     max_residues: int | None = 1022  # longer sequences are an error...
     truncate: bool = False  # ...or are cut to max_residues (labels and mask cut too)
 
@@ -51,7 +53,7 @@ class DataSpec:
         if self.mask_column is not None and self.task != "token-classification":
             raise DataError("a mask column is only used by token-classification")
         names = [self.sequence_column, *self.target_columns]
-        names += [c for c in (self.mask_column, self.split_column) if c is not None]
+        names += [c for c in (self.mask_column, self.split_column, self.id_column) if c is not None]
         dup = sorted({c for c in names if names.count(c) > 1})
         if dup:
             raise DataError(f"column {quoted(dup[0])} is given for two different roles")
@@ -68,7 +70,7 @@ class DataSpec:
 class Record:
     """One sequence and its label."""
 
-    sequence: str
+    sequence: str  # as given (a trailing '*' included: tokens leave it out)
     tokens: list[int]  # [cls] + residues + [eos]
     target: object  # regression: tuple of floats; classification: str; token: str (one char/residue); None
     mask: str | None  # token-classification only: "1"/"0" per residue (0 = no label), or None
@@ -76,6 +78,7 @@ class Record:
     row: int  # spreadsheet row (header = 1), or 0-based index for in-memory data
     row_name: str = "row"  # "row" for files, "item" for in-memory data (used in messages)
     target_column: str = "target"  # the column the label came from (used in messages)
+    id: str | None = None  # the row's id (DataSpec.id_column), written next to its predictions
 
     def where(self, column: str | None = None) -> str:
         """'train.csv, row 7, column 'target'' — the prefix of an error message."""
@@ -91,15 +94,30 @@ def where(source, row=None, column=None, row_name="row") -> str:
     return out
 
 
+def without_stop(seq: str) -> str:
+    """The sequence without one trailing '*': the stop codon that translated ORFs end with is not
+    a residue, so it is accepted there and dropped (anywhere else '*' is an unknown residue)."""
+    end = seq.rstrip()
+    return end[:-1] if end.endswith(STOP) else seq
+
+
+def residue_error(e: TokenizerError) -> str:
+    """A tokenizer message without its "sequence 0: " prefix, with a hint for a '*' mid-sequence."""
+    msg = str(e)
+    if msg.startswith("sequence ") and ": " in msg:
+        msg = msg.split(": ", 1)[1]
+    if f"unknown residue {STOP!r}" in msg:
+        msg += " ('*', a stop codon, is accepted only at the end of a sequence, where it is dropped)"
+    return msg
+
+
 def encode_sequence(seq: str, here: str) -> list[int]:
-    """Tokenize without a length limit; tokenizer errors become DataErrors at `here`."""
+    """Tokenize without a length limit (a trailing '*' dropped); tokenizer errors become
+    DataErrors at `here`."""
     try:
-        return _TOKENIZER.encode(seq)
+        return _TOKENIZER.encode(without_stop(seq))
     except TokenizerError as e:
-        msg = str(e)
-        if msg.startswith("sequence ") and ": " in msg:  # drop the tokenizer's "sequence 0: "
-            msg = msg.split(": ", 1)[1]
-        raise DataError(f"{here}: {msg}") from None
+        raise DataError(f"{here}: {residue_error(e)}") from None
 
 
 def check_length(tokens: list[int], here: str, max_residues: int | None, truncate: bool) -> None:
@@ -205,8 +223,8 @@ def unlabelled_records(pairs, source: str = "<memory>", max_residues: int | None
     records = []
     for i, (sid, seq) in enumerate(pairs):
         try:
-            tokens = _TOKENIZER.encode(seq, i, max_residues, truncate)
+            tokens = _TOKENIZER.encode(without_stop(seq), i, max_residues, truncate)
         except TokenizerError as e:
-            raise DataError(f"{source}, record {i + 1} ({quoted(sid)}): {str(e).split(': ', 1)[1]}") from None
+            raise DataError(f"{source}, record {i + 1} ({quoted(sid)}): {residue_error(e)}") from None
         records.append(Record(sequence=seq, tokens=tokens, target=None, mask=None, source=source, row=i + 1))
     return records

@@ -3,6 +3,7 @@ built or allocated, and the base model its weights apply to."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .checkpoint import load_base, random_base
@@ -32,6 +33,9 @@ class BaseRef:
 
     def load(self, dtype=None, device=None) -> ESM2:
         """The base encoder; CheckpointError when its weights are not the recorded ones."""
+        if self.sha256 and self.path and os.path.isabs(self.path) and not os.path.exists(self.path):
+            raise CheckpointError(f"{self.path}: the base model this checkpoint was trained on is not there (moved or "
+                                  "deleted?); give its new location with --base-path")
         model, sha = load_base(self.path, dtype, device) if self.path else random_base(self.name, self.seed, dtype, device)
         if self.sha256 and not sha.matches(self.sha256):
             where = self.path or f"random {self.name} seed {self.seed}"

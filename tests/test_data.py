@@ -68,7 +68,8 @@ def test_bad_regression_target(tmp_path, value, fragment):
 def test_several_regression_targets(tmp_path):
     p = write(tmp_path, "train.csv", "sequence,a,b\nMKV,1,2\nLL,3,x\n")
     spec = DataSpec(target_columns=("a", "b"))
-    assert error(load_splits, spec, train=p) == f"{p}, row 3, column 'b': 'x' is not a number"
+    msg = error(load_splits, spec, train=p)
+    assert msg.startswith(f"{p}, row 3, column 'b': 'x' is not a number; ") and "--task classification" in msg
     p = write(tmp_path, "ok.csv", "sequence,a,b\nMKV,1,2\nLL,3,4\n")
     assert [r.target for r in load_splits(spec, train=p)["train"]] == [(1.0, 2.0), (3.0, 4.0)]
 
@@ -389,5 +390,5 @@ def test_collate_pads_with_one():
 
 def test_error_messages_are_one_line_with_file_first(tmp_path):
     p = write(tmp_path, "train.csv", "sequence,target\nMKV,abc\n")
-    assert re.fullmatch(r".*train\.csv, row 2, column 'target': 'abc' is not a number",
+    assert re.fullmatch(r".*train\.csv, row 2, column 'target': 'abc' is not a number; .*--task classification.*",
                         error(load_splits, DataSpec(), train=p))
