@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
                     "Run with no arguments for a one-minute demo.")
     add_options(p, TrainConfig)
     run = p.add_argument_group("running")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                     "(one that has none is started at step 0, and says so)")
     run.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
 
@@ -49,11 +50,14 @@ def main(argv):
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     s = result["summary"]
-    print(f"done: best step {s['best_step']} by {s['best_metric']}; checkpoint {result['checkpoint']}")
+    chosen = f"by validation {s['best_metric']}" if s["best_metric"] else "the last step: no validation split"
+    print(f"done: best step {s['best_step']} ({chosen}); checkpoint {result['checkpoint']}")
     for split in ("valid", "test"):
         if s[split]:
             print(f"  {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in s[split].items()))
-    print(f"metrics: {os.path.join(args.out, 'metrics.jsonl')}, summary: {os.path.join(args.out, 'summary.json')}")
+    written = [os.path.join(args.out, name) for name in ("metrics.jsonl", "summary.json", "predictions_valid.csv",
+                                                          "predictions_test.csv", "plots")]
+    print("wrote " + ", ".join(path for path in written if os.path.exists(path)))
     if demo:
         print("demo run written to runs/demo/ — now try `python infer.py`")
 

@@ -4,7 +4,10 @@
                           it names the holder, for the error a second run on the same --out gets
     config.json           the run's settings and number of ranks: --resume must match them
     metrics.jsonl         one JSON line per train log and per evaluation
-    summary.json          at the end: best step, the valid and test metrics of best/, wall time
+    summary.json          at the end: best step, the valid and test metrics of best/ (per class and
+                          the confusion matrix for classification and per-residue tasks), wall time
+    predictions_valid.csv at the end: best/'s predictions on each split next to the true values,
+    predictions_test.csv  in input order (plot.py draws them, with metrics.jsonl, into plots/)
     checkpoints/step_N/   step checkpoints: weights, optimizer, RNG, data position (ckpt_dir.py)
     best/                 the best step's weights, for prediction (ckpt_dir.py)
 
@@ -15,7 +18,7 @@ so that a kill at any instant leaves a state --resume completes to exactly the u
     2. checkpoints/step_N/: its trainer_state names the best step so far
     3. best/, when step N is the best (its config.json says step N)
     4. older step checkpoints pruned (hidden by one rename, then deleted; the best one stays)
-    5. at the end: the test line, then summary.json
+    5. at the end: the test line, predictions_*.csv, plots/ (plot.py), then summary.json
 
 --resume takes the last step checkpoint, drops log lines written after it (and a line cut short),
 rebuilds best/ from the best step's checkpoint when best/ is missing or holds another step, and
@@ -24,7 +27,9 @@ is started afresh.
 """
 
 import contextlib
+import csv
 import fcntl
+import io
 import json
 import os
 import re
@@ -37,7 +42,7 @@ from . import ckpt_dir, distributed
 from .atomic import remove_dir, write_json, write_text
 from .distributed import Dist
 from .errors import Esm2liteError
-from .textfiles import read_json
+from .textfiles import read_json, read_text
 
 UNCHECKED = ("out", "device", "grad_accum")  # may change on --resume (grad_accum x ranks may not)
 
@@ -50,7 +55,11 @@ class Checkpointer:
         self.metrics = os.path.join(out, "metrics.jsonl")
         self.config = os.path.join(out, "config.json")
         self.summary = os.path.join(out, "summary.json")
+        self.plots = os.path.join(out, "plots")  # written by plot.py
         self._lock = None
+
+    def predictions(self, split: str) -> str:
+        return os.path.join(self.out, f"predictions_{split}.csv")
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.checkpoints, f"step_{step}")
@@ -75,7 +84,7 @@ class Checkpointer:
         if started:
             self._check_same_settings(settings)
         elif resume and note and self.d.main:
-            print(f"{self.out}: no checkpoint yet; starting from the beginning", flush=True)
+            print(f"--resume: {self.out} holds no checkpoint to continue from; starting at step 0", flush=True)
         return started
 
     def _check_same_settings(self, settings: dict) -> None:
@@ -102,8 +111,10 @@ class Checkpointer:
             return
         self._remove_leftovers()  # what a start that never reached a checkpoint left
         remove_dir(self.best)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.summary)
+        remove_dir(self.plots)
+        for path in (self.summary, self.predictions("valid"), self.predictions("test")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         write_json(self.config, settings)
         write_text(self.metrics, "")
 
@@ -217,9 +228,41 @@ class Checkpointer:
         ckpt_dir.load_weights(model, self.best)
         ckpt_dir.verify(self.best, self.d)
 
+    def write_predictions(self, split: str, rows: list[dict]) -> None:
+        if self.d.main:
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            write_text(self.predictions(split), buf.getvalue())
+
     def write_summary(self, summary: dict) -> None:
         if self.d.main:
             write_json(self.summary, summary)
+
+    # ------------------------------------------------------------ reading a finished run (plot.py)
+
+    def read_finished(self) -> tuple[list[dict], dict, dict]:
+        """(metrics.jsonl records, summary.json, {split: predictions CSV rows as strings})."""
+        summary = read_json(self.summary)
+        if not isinstance(summary, dict) or "best_step" not in summary:
+            raise Esm2liteError(f"{self.summary}: not the summary of a finished run")
+        predictions = {}
+        for split in ("valid", "test"):
+            if os.path.exists(self.predictions(split)):
+                text = read_text(self.predictions(split), Esm2liteError)
+                predictions[split] = list(csv.DictReader(io.StringIO(text, newline="")))
+        return self.read_log(), summary, predictions
+
+    def read_log(self) -> list[dict]:
+        """metrics.jsonl's records."""
+        log = []
+        for i, line in enumerate(read_text(self.metrics, Esm2liteError).splitlines(), start=1):
+            try:
+                log.append(json.loads(line))
+            except ValueError:
+                raise Esm2liteError(f"{self.metrics}, line {i}: not JSON") from None
+        return log
 
 
 def _check_creatable(path: str) -> None:

@@ -73,13 +73,13 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
 def _add(group, flag: str, dest: str, hint, default, meta) -> None:
     kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # int | None -> int
     help_text = meta.get("help", "")
-    if default not in (None, False) and "default" not in help_text:  # None / off: nothing worth saying
-        help_text += f" (default: {' '.join(default) if isinstance(default, tuple) else default})"
+    if default is not None and default is not False and "default" not in help_text:  # None / off: nothing to say
+        help_text += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
     kw = {"dest": dest, "help": help_text, "default": default}
     if kind is bool:
         kw["action"] = "store_true"
     elif kind is tuple:
-        kw.update(nargs="+", default=list(default), type=str)
+        kw.update(nargs="+", default=None if default is None else list(default), type=meta.get("item_type", str))
     else:
         kw["type"] = kind
     if "choices" in meta:

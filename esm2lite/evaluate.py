@@ -5,8 +5,10 @@ import torch
 from tqdm import tqdm
 
 from .batching import collate, make_batches
+from .constants import IGNORE_INDEX
 from .device import amp_dtype_for
 from .distributed import Dist, gather
+from .labels import LabelSpace
 from .metrics import compute_metrics
 from .task_model import TaskModel
 
@@ -55,10 +57,76 @@ def run_batches(model: TaskModel, records, batch_tokens: int, precision: str = "
 
 def evaluate(model: TaskModel, records, batch_tokens: int, precision: str, split: str, d: Dist | None = None) -> dict:
     """{"loss", metric: value} of one split, on the original target scale."""
+    return score(model, records, batch_tokens, precision, split, d)[0]
+
+
+def score(model: TaskModel, records, batch_tokens: int, precision: str, split: str, d: Dist | None = None):
+    """(evaluate's metrics, the per-record outputs in input order) of one split."""
     outputs, loss = run_batches(model, records, batch_tokens, precision, desc=f"eval {split}", with_loss=True, d=d)
     labels = model.labels
     if labels.task == "token-classification":  # per-record [T_i, C] outputs: pass as a list of batches
-        outputs, targets = [o[None] for o in outputs], [labels.encode([r]) for r in records]
+        out, targets = [o[None] for o in outputs], [labels.encode([r]) for r in records]
     else:
-        outputs, targets = torch.stack(outputs), labels.encode(records)
-    return {"loss": loss, **compute_metrics(labels.task, outputs, targets, labels)}
+        out, targets = torch.stack(outputs), labels.encode(records)
+    return {"loss": loss, **compute_metrics(labels.task, out, targets, labels)}, outputs
+
+
+# ---------------------------------------------------------------- what a person reads: rows and classes
+
+
+def prediction_rows(labels: LabelSpace, records, outputs) -> list[dict]:
+    """One row per record, in input order: its row (and id), sequence, true value(s), then the
+    prediction(s): regression `prediction` (`prediction_<target>` with several targets);
+    classification `prediction` and `prob_<class>`; per-residue the predicted label string and
+    the `accuracy` over its labelled residues."""
+    rows = []
+    for r, out in zip(records, outputs):
+        row = {records[0].row_name: r.row, **({"id": r.id} if records[0].id is not None else {}), "sequence": r.sequence}
+        if labels.task == "regression":
+            row.update(zip(labels.target_names, r.target))
+            values = labels.decode(out[None])[0].tolist()
+            names = ["prediction"] if len(values) == 1 else [f"prediction_{n}" for n in labels.target_names]
+            row.update(zip(names, values))
+            rows.append(row)
+            continue
+        row[labels.target_names[0]] = r.target
+        if labels.task == "classification":
+            row.update(prediction=labels.classes[int(out.argmax())],
+                       **{f"prob_{c}": float(p) for c, p in zip(labels.classes, out.softmax(-1))})
+        else:
+            pred, true = _class_pairs(labels, [r], [out])
+            row.update(**({"mask": r.mask} if r.mask is not None else {}),
+                       prediction=labels.decode(out[None], lengths=[len(r.tokens) - 2])[0],
+                       accuracy=float((pred == true).float().mean()) if len(true) else float("nan"))
+        rows.append(row)
+    return rows
+
+
+def class_report(labels: LabelSpace, records, outputs) -> tuple[dict, list[list[int]]]:
+    """Classification and per-residue tasks (labelled residues only): per class precision,
+    recall, f1 (0 where undefined, as scikit-learn) and support; and the confusion matrix,
+    counts[true class][predicted class], classes in labels.classes order."""
+    pred, true = _class_pairs(labels, records, outputs)
+    n = len(labels.classes)
+    counts = torch.zeros(n, n, dtype=torch.long)
+    counts.index_put_((true, pred), torch.ones_like(true), accumulate=True)
+    per_class = {}
+    for i, c in enumerate(labels.classes):
+        tp, predicted, support = int(counts[i, i]), int(counts[:, i].sum()), int(counts[i].sum())
+        f1_den = predicted + support
+        per_class[c] = {"precision": tp / predicted if predicted else 0.0, "recall": tp / support if support else 0.0,
+                        "f1": 2 * tp / f1_den if f1_den else 0.0, "support": support}
+    return per_class, counts.tolist()
+
+
+def _class_pairs(labels: LabelSpace, records, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, true) class indices: one per record, or one per labelled residue."""
+    if labels.task == "classification":
+        return torch.stack(outputs).argmax(-1), labels.encode(records)
+    pred, true = [], []
+    for r, out in zip(records, outputs):  # out: [T_i, C], aligned with the record's tokens
+        target = labels.encode([r])[0]
+        keep = target != IGNORE_INDEX
+        pred.append(out.argmax(-1)[keep])
+        true.append(target[keep])
+    return torch.cat(pred), torch.cat(true)

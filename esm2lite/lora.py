@@ -48,10 +48,15 @@ class LoRAConfig:
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the adapters' input"})
     targets: tuple = dataclasses.field(default=TARGETS, metadata={
         "help": "which linears get adapters: query key value out fc1 fc2"})
-    layers: tuple | None = None
-    init_a: str = "kaiming"
-    init_b: str = "zero"
-    tie_weights: bool = False
+    layers: tuple | None = dataclasses.field(default=None, metadata={
+        "help": "blocks that get adapters, counted from 0 (default: all; BioNeMo's layer_selection counts from 1: "
+                "its [1, 12] is 0 11 here)", "item_type": int})
+    init_a: str = dataclasses.field(default="kaiming", metadata={
+        "help": "init of A (BioNeMo's column_init_method; BioNeMo uses xavier, peft kaiming)", "choices": INITS})
+    init_b: str = dataclasses.field(default="zero", metadata={
+        "help": "init of B (BioNeMo's row_init_method); zero makes the adapters start as a no-op", "choices": INITS})
+    tie_weights: bool = dataclasses.field(default=False, metadata={
+        "help": "one A/B pair per target shared by all selected blocks (BioNeMo's weight_tying; one process only)"})
 
     def __post_init__(self):
         if isinstance(self.targets, str) or not _is_sequence(self.targets):

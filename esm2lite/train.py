@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, plot
 from .batching import Batches
 from .checkpointer import Checkpointer
 from .device import amp_dtype_for
 from .distributed import Dist
 from .errors import Esm2liteError, TrainingInterrupted
-from .evaluate import evaluate
+from .evaluate import class_report, evaluate, prediction_rows, score
 from .heads import build_head
 from .labels import LabelSpace
 from .metrics import metric_direction
@@ -112,18 +112,26 @@ def train_model(cfg: TrainConfig | None = None, records=None, resume: bool = Fal
 # ---------------------------------------------------------------- setting up
 
 
-def load_data(cfg: TrainConfig, records=None) -> tuple[dict, LabelSpace]:
+def load_data(cfg: TrainConfig, records=None, main: bool = True) -> tuple[dict, LabelSpace]:
     """Every split's records (from cfg's CSVs unless given) and the label space fitted on train;
-    every row of every split is checked."""
+    every row of every split is checked. main: this process says what it notices (rank 0)."""
+    note = print if main else (lambda _line: None)
     if records is None:
         spec = DataSpec(task=cfg.task, sequence_column=cfg.sequence_column, target_columns=cfg.target_columns,
-                        mask_column=cfg.mask_column, split_column=cfg.split_column if cfg.csv else None,
+                        mask_column=cfg.mask_column, split_column=cfg.split, id_column=cfg.id_column,
                         max_residues=cfg.max_residues, truncate=cfg.truncate)
-        records = load_splits(spec, train=cfg.train_csv, valid=cfg.valid_csv, test=cfg.test_csv, csv=cfg.csv)
+        records = load_splits(spec, train=cfg.train_csv, valid=cfg.valid_csv, test=cfg.test_csv, csv=cfg.csv,
+                              note=note)
     labels = LabelSpace.fit(cfg.task, records["train"], list(cfg.target_columns), standardize=cfg.standardize)
     for split in ("valid", "test"):
         if split in records:
             labels.check(records[split])
+    if "valid" not in records:
+        if cfg.best_metric is not None:
+            raise Esm2liteError(f"--best-metric {cfg.best_metric}: there is no validation split to measure it on "
+                                "(give --valid-csv, or valid rows in --csv)")
+        note("note: no validation split, so best/ will hold the last step (give --valid-csv, or valid rows in "
+             "--csv, to keep the step with the lowest validation loss)")
     return records, labels
 
 
@@ -139,7 +147,11 @@ def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> tuple[TaskModel
               "Pass --checkpoint for pretrained ESM-2 weights.", flush=True)
     encoder = base.load(device=device)
     mode = MODE[cfg.mode]
-    mode.prepare(encoder, cfg.lora)
+    try:
+        mode.prepare(encoder, cfg.lora)
+    except ValueError as e:  # --lora-layers beyond the model's depth
+        raise Esm2liteError(f"{str(e).replace('LoRAConfig.layers', '--lora-layers')} (layers count from 0 here; "
+                            "BioNeMo's layer_selection counts from 1)") from None
     encoder.activation_checkpointing = cfg.activation_checkpointing
     head = build_head(labels.task, encoder.config.d_model, labels.num_outputs, cfg.head_hidden, cfg.head_dropout)
     spec = CheckpointSpec(cfg.mode, labels, head.config, cfg.lora if mode.uses_lora else None, encoder.config, base)
@@ -151,7 +163,10 @@ def setup(cfg, records, resume: bool, d: Dist, device, checkpointer: Checkpointe
     checkpoint loaded. Every check that can fail runs on every rank, and every rank fails alike."""
     settings = {**cfg.to_dict(), "world_size": d.world}
     with distributed.same_error(d):
-        records, labels = load_data(cfg, records)
+        if d.enabled and cfg.mode == "lora" and cfg.lora.tie_weights:
+            raise Esm2liteError("--lora-tie-weights shares one adapter across blocks, which FSDP cannot shard: "
+                                "train it in one process (without torchrun)")
+        records, labels = load_data(cfg, records, d.main)
     with distributed.same_error(d):
         resume = checkpointer.check(settings, resume)
     model, spec = build_model(cfg, labels, device)
@@ -282,19 +297,44 @@ def save(run: Run, state: TrainState, is_best: bool) -> None:
 
 
 def finish(run: Run, state: TrainState, start_time: float) -> dict:
-    """best/ scored on the valid and test splits (test once, here); summary.json."""
-    cfg, d = run.cfg, run.d
-    summary = {"best_step": state.best_step, "best_metric": cfg.metric, "valid": None, "test": None}
+    """best/ scored on the valid and test splits (test once, here); its predictions next to the
+    true values, the plots (with matplotlib), and last summary.json."""
+    cfg, d, labels = run.cfg, run.d, run.model.labels
+    has_valid = "valid" in run.records
+    summary = {"best_step": state.best_step, "best_metric": cfg.metric if has_valid else None,
+               "valid": None, "test": None, "task": cfg.task, "targets": list(labels.target_names)}
     run.checkpointer.load_best(run.model)
+    outputs = {}
     for split in ("valid", "test"):
         if split in run.records:
-            summary[split] = evaluate(run.model, run.records[split], cfg.batch_tokens, cfg.precision, split, d)
+            summary[split], outputs[split] = score(run.model, run.records[split], cfg.batch_tokens, cfg.precision,
+                                                   split, d)
     if summary["test"] is not None:
         run.checkpointer.log({"step": state.best_step, "split": "test", **summary["test"]})
+    if labels.task != "regression":
+        reports = {split: class_report(labels, run.records[split], out) for split, out in outputs.items()}
+        summary["per_class"] = {split: per_class for split, (per_class, _) in reports.items()}
+        summary["confusion_matrix"] = {"classes": labels.classes, "rows": "true class", "columns": "predicted class",
+                                       **{split: counts for split, (_, counts) in reports.items()}}
     summary.update(steps=run.total, skipped_steps=state.skipped, world_size=d.world,
                    wall_time_s=time.time() - start_time)
+    if d.main:
+        write_outputs(run, summary, outputs)
     run.checkpointer.write_summary(summary)
     return {"checkpoint": run.checkpointer.best, "summary": summary}
+
+
+def write_outputs(run: Run, summary: dict, outputs: dict) -> None:
+    """predictions_<split>.csv, then the PNGs (when matplotlib is installed)."""
+    predictions = {}
+    for split, out in outputs.items():
+        predictions[split] = prediction_rows(run.model.labels, run.records[split], out)
+        run.checkpointer.write_predictions(split, predictions[split])
+    if not plot.available():
+        print(f"note: no plots (matplotlib is not installed: {plot.INSTALL}; then python -m esm2lite.plot "
+              f"{run.cfg.out})", flush=True)
+        return
+    plot.write_plots(run.checkpointer.plots, run.checkpointer.read_log(), summary, predictions)
 
 
 # ---------------------------------------------------------------- signals

@@ -11,7 +11,7 @@ from .device import PRECISIONS as INFERENCE_PRECISIONS
 from .device import check_device
 from .errors import Esm2liteError
 from .lora import LoRAConfig
-from .metrics import DEFAULT_METRIC, metric_names
+from .metrics import metric_names
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = tuple(p for p in INFERENCE_PRECISIONS if p != "fp16")  # fp16 training: no loss scaling here
@@ -34,11 +34,14 @@ class TrainConfig:
     valid_csv: str | None = opt(None, "CSV of validation rows (model selection)", DATA)
     test_csv: str | None = opt(None, "CSV of test rows (scored once, at the end, with the best checkpoint)", DATA)
     csv: str | None = opt(None, "one CSV holding all rows, with a split column (train/valid/test)", DATA)
-    split_column: str = opt("split", "with --csv: the column naming each row's split", DATA)
+    split_column: str | None = opt(None, "with --csv: the column naming each row's split (default: split)", DATA)
     sequence_column: str = opt("sequence", "column holding the amino-acid sequence", DATA)
     target_columns: tuple = opt(("target",), "column(s) to predict; several for multi-target regression", DATA,
                                 flag="--target-column")
-    mask_column: str | None = opt(None, "token-classification: per-residue 1/0 string, 0 = ignore residue", DATA)
+    mask_column: str | None = opt(None, "token-classification: per-residue 1/0 string, 0 = ignore residue "
+                                  "(FLIP's secondary structure: resolved)", DATA)
+    id_column: str | None = opt(None, "column of row ids, copied into predictions_valid.csv / predictions_test.csv "
+                                "(default: id, when the CSV has it)", DATA)
     task: str = opt("regression", "regression: a number per sequence; classification: a class per sequence; "
                     "token-classification: a label per residue (e.g. HHHEEECCC)", DATA, choices=TASKS)
     max_residues: int = opt(1022, "longest sequence allowed", DATA)
@@ -51,7 +54,7 @@ class TrainConfig:
     mode: str = opt("lora", "lora: adapters + head train; full: everything trains; head: only the head trains",
                     MODEL, choices=MODES)
     lora: LoRAConfig = opt(LoRAConfig, "LoRA settings", MODEL, prefix="--lora-",
-                           fields=("rank", "alpha", "dropout", "targets"))
+                           fields=("rank", "alpha", "dropout", "targets", "layers", "init_a", "init_b", "tie_weights"))
     head_hidden: int = opt(256, "hidden width of the head's MLP", MODEL)
     head_dropout: float = opt(0.25, "dropout in the head", MODEL)
     steps: int | None = opt(None, "optimizer steps (or give --epochs)", OPTIM)
@@ -74,7 +77,8 @@ class TrainConfig:
     save_every: int | None = opt(None, "checkpoint every N steps (default: at each evaluation)", OUTPUT)
     log_every: int = opt(10, "write a train line to metrics.jsonl every N steps", OUTPUT)
     keep_last: int = opt(2, "step checkpoints to keep (best/ is kept apart)", OUTPUT)
-    best_metric: str | None = opt(None, "validation metric choosing best/ (default: spearman or accuracy)", OUTPUT)
+    best_metric: str | None = opt(None, "validation metric choosing best/ (default: loss, the validation loss, for "
+                                  "every task); without a validation split the last step is kept", OUTPUT)
     out: str = opt("runs/esm2lite", "output directory", OUTPUT)
     device: str | None = opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available)", OUTPUT)
 
@@ -103,6 +107,11 @@ class TrainConfig:
             (self.precision in PRECISIONS, "--precision must be auto, fp32 or bf16"),
             ((self.checkpoint is None) != (self.model is None), "give exactly one of --checkpoint and --model"),
             ((self.steps is None) != (self.epochs is None), "give exactly one of --steps and --epochs"),
+            (self.split_column is None or self.csv is not None,
+             f"--split-column {self.split_column}: only one --csv file holding every split has a split column; write "
+             f"--csv FILE --split-column {self.split_column} instead of --train-csv/--valid-csv/--test-csv"),
+            (self.mode == "lora" or self.lora == LoRAConfig(),
+             f"--lora-* options only apply to --mode lora (this run is --mode {self.mode}); drop them or use --mode lora"),
             (self.steps is None or self.steps > 0, "--steps must be positive"),
             (self.epochs is None or 0 < self.epochs <= 1e6, "--epochs must be a number in (0, 1e6]"),
             (self.batch_tokens > 0 and self.grad_accum > 0, "--batch-tokens and --grad-accum must be positive"),
@@ -123,9 +132,15 @@ class TrainConfig:
         ]
 
     @property
+    def split(self) -> str | None:
+        """The split column's name: with --csv, "split" unless told; per-split files are checked
+        against it (reading.load_splits)."""
+        return self.split_column or "split"
+
+    @property
     def metric(self) -> str:
         """The validation metric that chooses best/."""
-        return self.best_metric or DEFAULT_METRIC[self.task]
+        return self.best_metric or "loss"
 
     def to_dict(self) -> dict:
         d = asdict(self)

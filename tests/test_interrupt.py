@@ -154,13 +154,14 @@ def short_run(tmp_path_factory, hf_tiny):
 
 def run_files(out):
     """What a finished run holds, for comparison: tensors of the last step checkpoint and of best/,
-    best/'s step, the summary (but its wall time) and the log (but throughput)."""
+    best/'s step, the summary (but its wall time), the log (but throughput) and the predictions."""
     summary = json.load(open(out / "summary.json"))
     log = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in open(out / "metrics.jsonl")]
     return {"steps": sorted(os.listdir(out / "checkpoints")), "final": final_weights(out, 4),
             "best": load_file(out / "best" / "model.safetensors"),
             "best_step": json.load(open(out / "best" / "config.json"))["step"],
-            "summary": {k: v for k, v in summary.items() if k != "wall_time_s"}, "log": log}
+            "summary": {k: v for k, v in summary.items() if k != "wall_time_s"}, "log": log,
+            "predictions": [(out / f"predictions_{s}.csv").read_text() for s in ("valid", "test")]}
 
 
 def kill_then_resume(args, out, k, phase) -> str | None:
@@ -177,7 +178,7 @@ def kill_then_resume(args, out, k, phase) -> str | None:
 
 
 def differences(a: dict, b: dict) -> list[str]:
-    out = [k for k in ("steps", "best_step", "summary", "log") if a[k] != b[k]]
+    out = [k for k in ("steps", "best_step", "summary", "log", "predictions") if a[k] != b[k]]
     for k in ("final", "best"):
         if a[k].keys() != b[k].keys() or any(not (a[k][t] == b[k][t]).all() for t in a[k]):
             out.append(k)
@@ -189,7 +190,8 @@ def test_sigkill_before_and_after_every_rename_then_resume(short_run, tmp_path):
     --resume: the same final weights, best/ (weights and step), step checkpoints, summary and log
     (no duplicate steps) as the uninterrupted run, and no temporary files left."""
     args, ref, renames = short_run
-    assert len(renames) == 9 and renames[-1].endswith("-> summary.json"), renames
+    assert len(renames) == 12 and renames[-1].endswith("-> summary.json"), renames
+    assert [r.split(" -> ")[1] for r in renames[9:11]] == ["predictions_valid.csv", "predictions_test.csv"], renames
     assert any(r.startswith("best -> ") for r in renames) and any(".old/x" in r for r in renames[7:8]), renames
     want = run_files(ref)
     points = [(k, phase) for k in range(1, len(renames) + 1) for phase in ("before", "after")]

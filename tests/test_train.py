@@ -42,8 +42,10 @@ def read_jsonl(path):
 
 def small_config(hf_tiny, out, **kw):
     base = dict(checkpoint=hf_tiny, out=str(out), steps=12, batch_tokens=600, lr=3e-3, eval_every=4,
-                log_every=2, seed=3, lora=LoRAConfig(rank=4, alpha=8, dropout=0.1), keep_last=100)
+                log_every=2, seed=3, keep_last=100)
     base.update(kw)
+    if base.get("mode", "lora") == "lora":
+        base.setdefault("lora", LoRAConfig(rank=4, alpha=8, dropout=0.1))
     return TrainConfig(**base)
 
 
@@ -217,3 +219,50 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(hf_tiny, 
     train_rows = [r for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl") if r["split"] == "train"]
     assert train_rows[-1]["skipped_steps"] == 1
     assert json.load(open(tmp_path / "skip" / "summary.json"))["skipped_steps"] == 1
+
+
+@pytest.mark.slow
+def test_resumed_log_equals_the_uninterrupted_log(hf_tiny, tmp_path, splits):
+    """A checkpoint in the middle of a logging window (log every 3 steps, save every 4): the resumed
+    run's train lines average the same steps, with the same values, as the uninterrupted run's."""
+    kw = dict(save_every=4, log_every=3, eval_every=4)
+    full = tmp_path / "full"
+    train_model(small_config(hf_tiny, full, **kw), records=splits)
+    part = tmp_path / "part"
+    os.makedirs(part / "checkpoints")
+    shutil.copy(full / "config.json", part / "config.json")
+    shutil.copytree(full / "checkpoints" / "step_4", part / "checkpoints" / "step_4")
+    shutil.copytree(full / "best", part / "best")  # best/ of another step: rebuilt from its checkpoint
+    lines = [r for r in read_jsonl(full / "metrics.jsonl") if r["step"] <= 4]
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train_model(small_config(hf_tiny, part, **kw), records=splits, resume=True)
+
+    def train_lines(run):
+        return [(r["step"], r["loss"], r["lr"]) for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+
+    want = train_lines(full)
+    assert [step for step, _, _ in want] == [3, 6, 9, 12]  # step 6's line spans the checkpoint at step 4
+    assert train_lines(part) == want
+    assert (part / "predictions_test.csv").read_text() == (full / "predictions_test.csv").read_text()
+
+
+@pytest.mark.slow
+def test_best_checkpoint_is_the_lowest_validation_loss_unless_told(hf_tiny, tmp_path, splits):
+    """Every task's best/ is by default the step of the lowest validation loss (read back from the
+    log); --best-metric still chooses another; without a validation split the last step is kept."""
+    for metric, pick in ((None, min), ("pearson", max)):
+        out = tmp_path / f"run_{metric}"
+        train_model(small_config(hf_tiny, out, steps=16, eval_every=2, lr=2e-2, best_metric=metric), records=splits)
+        valid = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "valid"]
+        key = metric or "loss"
+        best = pick(valid, key=lambda r: r[key])
+        summary = json.load(open(out / "summary.json"))
+        assert summary["best_metric"] == key and summary["best_step"] == best["step"], (valid, summary)
+        assert json.load(open(out / "best" / "config.json"))["step"] == best["step"]
+    losses = [r["step"] for r in sorted(valid, key=lambda r: r["loss"])]
+    pearsons = [r["step"] for r in sorted(valid, key=lambda r: -r["pearson"])]
+    assert losses[0] != pearsons[0], (losses, pearsons)  # the two rules pick different steps here
+    out = tmp_path / "no_valid"
+    train_model(small_config(hf_tiny, out, steps=5), records={"train": splits["train"]})
+    summary = json.load(open(out / "summary.json"))
+    assert summary["best_step"] == 5 and summary["best_metric"] is None and summary["valid"] is None
