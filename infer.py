@@ -32,39 +32,39 @@ def parser() -> argparse.ArgumentParser:
                     "Run with no arguments for the demo.",
         formatter_class=HelpFormatter)
     src = p.add_argument_group("model (give one)")
-    src.add_argument("--run", help="a train.py output directory (uses RUN/best)")
-    src.add_argument("--checkpoint", help="a checkpoint directory (e.g. RUN/best or RUN/checkpoints/step_500)")
-    src.add_argument("--base", help="a plain pretrained ESM-2 (HF dir, fair-esm .pt, hub id): embeddings, or "
+    src.add_argument("--run", metavar="DIR", help="a train.py output directory (uses RUN/best)")
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory (e.g. RUN/best or RUN/checkpoints/step_500)")
+    src.add_argument("--base", metavar="MODEL", help="a plain pretrained ESM-2 (HF dir, fair-esm .pt, hub id): embeddings, or "
                                     "--score (which needs the model's masked-LM head)")
-    src.add_argument("--base-path", help="where the checkpoint's base model is now, if it moved")
+    src.add_argument("--base-path", metavar="MODEL", help="where the checkpoint's base model is now, if it moved")
     io_ = p.add_argument_group("input and output")
-    io_.add_argument("--input", help="CSV or FASTA of sequences (--score: also a ProteinGym-style DMS CSV)")
-    io_.add_argument("--sequence-column", help="CSV column holding the sequences (default: sequence; "
+    io_.add_argument("--input", metavar="FILE", help="CSV or FASTA of sequences (--score: also a ProteinGym-style DMS CSV)")
+    io_.add_argument("--sequence-column", metavar="COLUMN", help="CSV column holding the sequences (default: sequence; "
                                                "DMS files: mutated_sequence)")
-    io_.add_argument("--id-column", help="CSV column with sequence ids (default: a column named id, else row numbers)")
-    io_.add_argument("--output", help="CSV to write: id, sequence, the input's other columns, the predictions "
-                                      "(--score: the input's columns and the score); metrics go to "
-                                      "OUTPUT-without-suffix.metrics.json")
-    io_.add_argument("--embeddings", help="safetensors file for per-sequence mean embeddings, keyed mean/LAYER/ID")
+    io_.add_argument("--id-column", metavar="COLUMN", help="CSV column with sequence ids (default: a column named id, else row numbers)")
+    io_.add_argument("--output", metavar="CSV", help="CSV to write: id, sequence, the input's other columns, the "
+                                                     "predictions (--score: the input's columns and the score); "
+                                                     "metrics go beside it (preds.csv -> preds.metrics.json)")
+    io_.add_argument("--embeddings", metavar="FILE", help="safetensors file for per-sequence mean embeddings, keyed mean/LAYER/ID")
     io_.add_argument("--per-residue", action="store_true", help="also store per-residue embeddings")
     io_.add_argument("--layers", type=int, nargs="+", help="layers to embed (0 = input embeddings; default: last)")
     io_.add_argument("--residue-probs", metavar="CSV", help="per-residue tasks: also write one row per residue: id, "
                                                             "position, residue, prediction, prob_CLASS columns")
-    io_.add_argument("--mask-column", help="per-residue tasks with labels in the input: the 1/0 column marking "
+    io_.add_argument("--mask-column", metavar="COLUMN", help="per-residue tasks with labels in the input: the 1/0 column marking "
                                            "labelled residues, as in training")
     io_.add_argument("--max-residues", type=int, default=1022,
-                     help="longest sequence a fine-tuned head reads; embeddings and --score split longer proteins "
-                          "into overlapping windows of this many residues")
+                     help="longest sequence a fine-tuned head reads (ESM-2 saw at most 1022); embeddings and "
+                          "--score split longer proteins into overlapping windows instead (docs/scoring.md)")
     io_.add_argument("--truncate", action="store_true", help="cut longer sequences to --max-residues instead "
                                                              "(predictions and embeddings)")
     sc = p.add_argument_group("zero-shot variant scores (--score, with --base)")
     sc.add_argument("--score", choices=METHODS, help="masked-marginal / wt-marginal: score the mutants of a DMS CSV "
                                                      "against the wild type; pll: pseudo-log-likelihood of each "
                                                      "sequence (docs/scoring.md)")
-    sc.add_argument("--wildtype", help="the wild-type sequence, or a FASTA file holding it (default: derived from "
+    sc.add_argument("--wildtype", metavar="SEQ_OR_FASTA", help="the wild-type sequence, or a FASTA file holding it (default: derived from "
                                        "the first row's mutated_sequence)")
-    sc.add_argument("--mutant-column", default="mutant", help="DMS column of mutants such as A24G or A24G:K46R")
-    sc.add_argument("--dms-score-column", default="DMS_score",
+    sc.add_argument("--mutant-column", metavar="COLUMN", default="mutant", help="DMS column of mutants such as A24G or A24G:K46R")
+    sc.add_argument("--dms-score-column", metavar="COLUMN", default="DMS_score",
                     help="measured scores; when present, the Spearman correlation is reported")
     sc.add_argument("--offset", type=int, help="number of the wild type's first residue in the mutant codes "
                                                "(default: 1)")

@@ -117,7 +117,8 @@ def embed_any(encoder: ESM2, ids, sequences, max_residues: int = 1022, truncate:
                     out[f"per_residue/{layer}/{ids[i]}"] = emb.per_residue(k, layer).contiguous()
     for part_tensors, part_windows in gather(d, (out, windows)):
         tensors.update(part_tensors)
-        info["windows"].update(part_windows)
+        windows.update(part_windows)
+    info["windows"] = {ids[i]: windows[ids[i]] for i in long}  # input order, whichever rank ran them
     return tensors, info
 
 

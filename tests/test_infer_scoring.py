@@ -342,3 +342,34 @@ def test_scores_and_summary_follow_the_umask(tmp_path, fair_tiny, cli, capsys, m
     for path in (out, tmp_path / "s.metrics.json"):
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path
     assert sorted(os.listdir(tmp_path)) == ["dms.csv", "s.csv", "s.metrics.json"]  # no temporaries left
+
+
+def test_help_names_every_new_option_and_each_default_once(cli):
+    text = cli.parser().format_help()
+    for flag in ("--score", "--wildtype", "--mutant-column", "--dms-score-column", "--offset", "--residue-probs",
+                 "--mask-column"):
+        assert flag in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    helps = [a.help for a in cli.parser()._actions]
+    assert all(h is None or h.count("default") <= 1 for h in helps)
+
+
+@pytest.mark.slow
+def test_windowed_embeddings_under_torchrun_equal_one_process(tmp_path, fair_tiny):
+    """Two ranks share the long proteins' windows and the short ones' batches; rank 0 writes the same
+    tensors and metadata as one process."""
+    seqs = [protein(n, seed=50 + n) for n in (90, 25, 140, 31, 75)]
+    src = tmp_path / "in.fasta"
+    src.write_text("".join(f">p{k}\n{s}\n" for k, s in enumerate(seqs)))
+    args = ["--base", fair_tiny, "--input", str(src), "--max-residues", "30", "--per-residue"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(INFER), *args, "--embeddings", str(tmp_path / "one.st")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(INFER), *args, "--embeddings", str(tmp_path / "two.st")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (a, meta_a), (b, meta_b) = read_embeddings(tmp_path / "one.st"), read_embeddings(tmp_path / "two.st")
+    assert meta_a == meta_b and list(json.loads(meta_a["windows"])) == ["p0", "p2", "p3", "p4"]
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
