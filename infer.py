@@ -286,11 +286,14 @@ def write_predictions(args, out, table):
     from esm2lite.atomic import write_json
     from esm2lite.infer import write_predictions_csv
 
+    path = metrics_path(args.output or args.residue_probs) if out else None
     if out.get("metrics") is not None:
-        path = metrics_path(args.output or args.residue_probs)
         write_json(path, {"input": args.input, "rows": len(table.ids), **out["metrics"]})
         print("metrics vs the input's labels: " + ", ".join(f"{k} {v:.4f}" for k, v in out["metrics"].items())
               + f" (written to {path})")
+    elif path and os.path.isfile(path):  # an earlier run's metrics must not pass for these predictions'
+        os.remove(path)
+        print(f"removed {path}, an earlier run's metrics (this input has no label columns)")
     if args.output:
         write_predictions_csv(args.output, out["rows"])
         print(f"wrote {len(out['rows'])} predictions to {args.output}")

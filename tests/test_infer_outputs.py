@@ -111,11 +111,13 @@ def test_without_labels_no_metrics_and_an_id_column_gives_the_ids(regression, tm
     truth = read_rows(regression["test"])[:5]
     src = write_rows(tmp_path / "in.csv", ["id", "sequence"], [[f"s{k}", r["sequence"]] for k, r in enumerate(truth)])
     out = tmp_path / "preds.csv"
+    (tmp_path / "preds.metrics.json").write_text('{"mse": 0.0}')  # an earlier run's, with labels
     code, stdout, err = infer_in_process(cli, capsys, "--run", regression["run"], "--input", src, "--output", out)
     assert code == 0, err
     rows = read_rows(out)
     assert list(rows[0]) == ["id", "sequence", "prediction"] and [r["id"] for r in rows] == [f"s{k}" for k in range(5)]
     assert not os.path.exists(tmp_path / "preds.metrics.json") and "metrics vs" not in stdout, stdout
+    assert "removed" in stdout
 
 
 def test_classification_probabilities_and_metrics(classes, tmp_path, cli, capsys):
