@@ -244,15 +244,16 @@ def predict(args, d, table, model) -> dict:
     """-> {"rows", "residues", "metrics"} (what rank 0 writes)."""
     from esm2lite import distributed, infer
     from esm2lite import infer_table as it
-    from esm2lite.evaluate import run_batches
+    from esm2lite.evaluate import run_batches, score
 
     with distributed.same_error(d):
         records, labelled = prepare(args, table, model)
-    outputs, loss = run_batches(model, records, args.batch_tokens, args.precision, desc="predict",
-                                with_loss=labelled, d=d)
+    if labelled:  # training's evaluation of these rows: its loss and metrics, and the outputs
+        metrics, outputs = score(model, records, args.batch_tokens, args.precision, "input", d)
+    else:
+        metrics, (outputs, _) = None, run_batches(model, records, args.batch_tokens, args.precision, "predict", d=d)
     rows = it.output_rows(table, records, infer.decode_predictions(model, outputs), model.labels, args.truncate)
     residues = it.residue_rows(table, records, outputs, model.labels) if args.residue_probs else None
-    metrics = it.split_metrics(model.labels, records, outputs, loss) if labelled else None
     cut = sum(1 for r in records if len(r.tokens) - 2 < len(it.residues(r.sequence, "")))
     return {"rows": rows, "residues": residues, "metrics": metrics, "cut": cut}
 

@@ -10,25 +10,20 @@ FASTA: the first word of each header.
 
 When the input holds the column(s) the model was trained on (its label space's target names), the
 rows become labelled records exactly as training reads them (the same checks, per-residue labels
-and mask cut with the sequence under --truncate), and their metrics are training's: the loss from
-the same forward (evaluate.run_batches) and metrics.compute_metrics on the same tensors.
+and mask cut with the sequence under --truncate), and infer.py scores them with training's
+evaluate.score: its loss and metrics, from the same forward as the predictions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .errors import DataError, quoted
 from .labels import LabelSpace
-from .metrics import compute_metrics
 from .reading import _looks_like_fasta as looks_like_fasta
-from .reading import parse_float, read_csv, read_fasta, require_columns
+from .reading import MASK_WORDS, parse_float, read_csv, read_fasta, require_columns
 from .records import Record, encode_sequence, make_record, where
 from .tokenizer import EOS, TOKENS
-
-MASK_WORDS = ("mask", "resolved")  # a column named with one of these usually marks unlabelled residues
 
 
 @dataclass
@@ -178,15 +173,6 @@ def prediction_records(table: Table, labels: LabelSpace, max_residues: int, trun
     if labelled:
         labels.check(out)  # a class unseen in training: one line naming the row, before any forward
     return out
-
-
-def split_metrics(labels: LabelSpace, records, outputs, loss) -> dict:
-    """{"loss", metric: value} of labelled records from their outputs: evaluate.evaluate's computation."""
-    if labels.task == "token-classification":  # per-record [T_i, C] outputs: a list of batches
-        outputs, targets = [o[None] for o in outputs], [labels.encode([r]) for r in records]
-    else:
-        outputs, targets = torch.stack(outputs), labels.encode(records)
-    return {"loss": loss, **compute_metrics(labels.task, outputs, targets, labels)}
 
 
 def output_rows(table: Table, records, predictions: list[dict], labels: LabelSpace, truncate: bool) -> list[dict]:
