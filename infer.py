@@ -96,10 +96,25 @@ def _unused(args, names) -> list[str]:
     return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
 
 
+def _run_or_checkpoint_mixup(args) -> str | None:
+    """--run given a checkpoint directory (RUN/best, a step), or --checkpoint given a run directory:
+    the line that names the fix."""
+    if args.run and not os.path.isdir(os.path.join(args.run, "best")) and any(
+            os.path.exists(os.path.join(args.run, name)) for name in ("SHA256SUMS", "model.safetensors", "dcp")):
+        return f"--run {args.run} is a checkpoint directory, not a train.py run: write --checkpoint {args.run}"
+    if args.checkpoint and os.path.isdir(os.path.join(args.checkpoint, "best")):
+        return (f"--checkpoint {args.checkpoint} is a train.py run directory, not a checkpoint: write --run "
+                f"{args.checkpoint} (or --checkpoint {os.path.join(args.checkpoint, 'best')})")
+    return None
+
+
 def check_options(p, args) -> None:
     """Usage errors (one line, exit 2) before any work: a missing option, or one that would be ignored."""
     if len([x for x in (args.run, args.checkpoint, args.base) if x]) != 1:
         p.error("give exactly one of --run, --checkpoint, --base")
+    mixup = _run_or_checkpoint_mixup(args)
+    if mixup:
+        p.error(mixup)
     if not args.input:
         p.error("--input is required")
     if args.batch_tokens < 1 or args.max_residues < 1:

@@ -203,3 +203,26 @@ def test_token_classification_warns_of_an_unused_mask_column(train_main, capsys,
     assert "pass --mask-column resolved" in warning[0]
     code, stdout, err = run(train_main, capsys, *common, "--mask-column", "resolved", "--out", tmp_path / "b")
     assert code == 0 and "mask" not in stdout.lower(), stdout
+
+
+def test_infer_run_and_checkpoint_mixed_up_name_the_fix(train_main, capsys, tmp_path, hf_tiny):
+    """infer.py --run RUN/best and --checkpoint RUN: one line each that says what to write."""
+    spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
+    infer_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer_cli)
+    data = write(tmp_path / "train.csv", ["sequence", "target"], regression_rows())
+    run_dir = tmp_path / "run"
+    code, _, err = run(train_main, capsys, "--train-csv", data, "--checkpoint", hf_tiny, "--steps", "1",
+                       "--batch-tokens", "400", "--device", "cpu", "--out", run_dir)
+    assert code == 0, err
+    fasta = tmp_path / "x.fasta"
+    fasta.write_text(">a\nMKTAYIAKQR\n")
+    for source, fix in ((["--run", run_dir / "best"], f"write --checkpoint {run_dir / 'best'}"),
+                        (["--checkpoint", run_dir], f"write --run {run_dir} (or --checkpoint {run_dir / 'best'})")):
+        code, _, err = run(infer_cli.main, capsys, *source, "--input", fasta, "--output", tmp_path / "p.csv")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and fix in lines[0], err
+        assert not (tmp_path / "p.csv").exists()
+    code, _, err = run(infer_cli.main, capsys, "--checkpoint", run_dir / "best", "--input", fasta,
+                       "--output", tmp_path / "p.csv", "--device", "cpu")
+    assert code == 0 and (tmp_path / "p.csv").exists(), err
