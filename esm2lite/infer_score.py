@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from .dms import read_dms
 from .errors import DataError, quoted
-from .reading import FASTA_SUFFIXES
 from .reading import _looks_like_fasta as looks_like_fasta
 from .reading import parse_float, read_csv, read_fasta, require_columns
 from .infer_table import residues
@@ -45,7 +44,7 @@ def read_wildtype(value: str) -> str:
         if len(records) != 1:
             raise DataError(f"{value}: --wildtype needs a FASTA file with one record, it has {len(records)}")
         return records[0][1]
-    if os.sep in value or value.lower().endswith(FASTA_SUFFIXES):
+    if any(c in value for c in (os.sep, "/", ".")):  # a file name ('.' is no residue a wild type holds)
         raise DataError(f"--wildtype {quoted(value)}: no such file (give the wild-type sequence or a FASTA file)")
     return value
 

@@ -304,6 +304,8 @@ def score_cases(tmp, fair_tiny, encoder_only):
          "one record, it has 2"),
         ("missing wild-type file", [*base, "--input", dms, "--wildtype", tmp / "nope.fasta", "--score", "pll"],
          "no such file"),
+        ("missing wild-type file name", [*base, "--input", dms, "--wildtype", "wt.txt", "--score", "pll"],
+         "'wt.txt': no such file"),
         ("no wild type at all", [*base, "--input", tmp / "bad_score.csv", "--score", "masked-marginal"],
          "give the wild type"),
         ("no LM head", ["--base", encoder_only, "--input", dms, "--wildtype", WT, "--score", "pll"],
