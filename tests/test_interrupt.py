@@ -191,7 +191,8 @@ def test_sigkill_before_and_after_every_rename_then_resume(short_run, tmp_path):
     (no duplicate steps) as the uninterrupted run, and no temporary files left."""
     args, ref, renames = short_run
     assert len(renames) == 12 and renames[-1].endswith("-> summary.json"), renames
-    assert [r.split(" -> ")[1] for r in renames[9:11]] == ["predictions_valid.csv", "predictions_test.csv"], renames
+    assert [r.split(" -> ")[1] for r in renames[8:11]] == ["predictions_valid.csv", "predictions_test.csv",
+                                                           "plots"], renames
     assert any(r.startswith("best -> ") for r in renames) and any(".old/x" in r for r in renames[7:8]), renames
     want = run_files(ref)
     points = [(k, phase) for k in range(1, len(renames) + 1) for phase in ("before", "after")]
