@@ -236,7 +236,7 @@ def test_export_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
         (["--checkpoint", tmp_path / "nope", "--merged", merged], "not found"),
         (["--run", run["run"]], "--merged OUT and/or --peft OUT"),
         (["--run", run["run"], "--peft", peft, "--merged", tmp_path / "taken"], "not empty"),
-        (["--run", run["run"], "--merged", merged, "--base-path", tmp_path / "gone"], "no such file"),
+        (["--run", run["run"], "--merged", merged, "--base-path", tmp_path / "gone"], "is not there"),
         (["--run", run["run"], "--merged", merged, "--peft-for", "EsmModel"], "--peft-for needs --peft"),
         (["--run", run["run"], "--peft", peft, "--peft-for", "EsmForCausalLM"], "--peft-for: invalid choice"),
     ]
