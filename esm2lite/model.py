@@ -24,8 +24,11 @@ MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 saw as <mask> in train
 
 def rotary_inv_freq(head_dim: int) -> torch.Tensor:
     """[hd/2] fp32 rotary frequencies from the formula (checkpoints that store none: random
-    init, BioNeMo's TransformerEngine files, whose RotaryPositionEmbedding computes these)."""
-    return 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    init, BioNeMo's TransformerEngine files, whose RotaryPositionEmbedding computes these).
+    Computed on the CPU, then put on the default device: under `torch.device("meta")` the same
+    arithmetic would import torch._dynamo, seconds of every command's start-up."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    return inv_freq.to(torch.get_default_device())
 
 
 def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
@@ -120,7 +123,10 @@ class ESM2(nn.Module):
         """source: where the weights come from, named by errors (the model does not load it)."""
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=PAD)
+        # weights come from a checkpoint or init_weights: no default init (normal_ on the meta device
+        # would import torch._dynamo, seconds of every command's start-up)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=PAD,
+                                         _weight=torch.empty(config.vocab_size, config.d_model))
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = LMHead(config) if config.lm_head else NoLMHead(source)

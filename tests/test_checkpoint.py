@@ -303,16 +303,14 @@ def test_index_shard_outside_the_directory(hf_tiny, tmp_path, shard):
     assert str(e.value) == f"{index}: weight_map names {shard!r}, not a file name in the directory"
 
 
-def test_convert_cli_errors(tmp_path, fair_tiny):
-    r = subprocess.run([sys.executable, "-m", "esm2lite.convert", str(tmp_path / "missing.pt"), str(tmp_path / "o")],
-                       capture_output=True, text=True)
+def test_convert_cli_errors(tmp_path, fair_tiny, forkrun):
+    r = forkrun.run(["-m", "esm2lite.convert", tmp_path / "missing.pt", tmp_path / "o"])
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "missing.pt: no such file or directory" in r.stderr
     assert not (tmp_path / "o").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
-    r = subprocess.run([sys.executable, "-m", "esm2lite.convert", fair_tiny, str(tmp_path / "full")],
-                       capture_output=True, text=True)
+    r = forkrun.run(["-m", "esm2lite.convert", fair_tiny, tmp_path / "full"])
     assert r.returncode == 2 and "exists and is not empty" in r.stderr
     assert os.listdir(tmp_path / "full") == ["x"]
 
@@ -324,3 +322,14 @@ def test_config_json_that_is_a_device_is_one_line(tmp_path):
     (tmp_path / "config.json").symlink_to("/dev/zero")
     with pytest.raises(CheckpointError, match=r"config\.json: not a text file"):
         load_pretrained(str(tmp_path))
+
+
+def test_loading_a_checkpoint_does_not_import_torch_dynamo(hf_tiny, tmp_path):
+    """Building the model on the meta device runs no torch op whose meta kernel is Python (those
+    import torch._dynamo: about 2.5 s of every infer.py start here). A fresh interpreter, so that
+    nothing imported it before."""
+    code = ("import sys; from esm2lite import ESM2; m = ESM2.from_pretrained(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, hf_tiny], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "False"
