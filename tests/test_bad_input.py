@@ -1,5 +1,5 @@
 """Bad input through the real command-line tools (train.py, infer.py, python -m esm2lite.convert,
-python -m esm2lite.export), each run as a subprocess.
+python -m esm2lite.export), each in its own process (tests/forkrun.py).
 
 Every case is one row: a name, the files to create, the command line and the substrings the error
 must contain (file name, row / FASTA record, column / field). One helper checks what every bad input
@@ -12,14 +12,9 @@ by a module fixture; each parametrised test then checks its own result.
 
 import argparse
 import concurrent.futures
-import functools
 import json
 import os
-import resource
 import shutil
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -431,25 +426,17 @@ def _setup(case, d, ctx):
             Path(path).write_bytes(content.encode())
 
 
-def _run(case, d, ctx):
+def _run(forkrun, case, d, ctx):
+    """The case's command in its own process (forkrun: a child of a process that imported torch
+    once; case.fsize: writes past that many bytes fail with EFBIG, as writes to a full disk fail)."""
     ctx = {**ctx, "d": d}
     _setup(case, d, ctx)
     tool, *args = case.argv
-    cmd = [sys.executable, *TOOLS[tool], *(_fill(a, ctx) for a in args)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "CUDA_VISIBLE_DEVICES": ""}
-    limit = None if case.fsize is None else functools.partial(_limit_file_size, case.fsize)
-    return subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=300, env=env, preexec_fn=limit), ctx
-
-
-def _limit_file_size(size):
-    """In the child: writes past `size` bytes fail with EFBIG, as writes to a full disk fail."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return forkrun.run([*TOOLS[tool], *(_fill(a, ctx) for a in args)], cwd=d, fsize=case.fsize), ctx
 
 
 @pytest.fixture(scope="module")
-def battery(request, tmp_path_factory, hf_tiny, fair_tiny):
+def battery(request, tmp_path_factory, hf_tiny, fair_tiny, forkrun):
     """Start every selected case (the trained run first: the infer/export cases wait for it)."""
     base = tmp_path_factory.mktemp("bad_input")
     hf2 = oracles.make_hf_checkpoint(base / "hf2", **oracles.TINY, seed=9)
@@ -457,7 +444,7 @@ def battery(request, tmp_path_factory, hf_tiny, fair_tiny):
     selected = {item.callspec.params["case"].name for item in request.session.items
                 if getattr(item, "callspec", None) and isinstance(item.callspec.params.get("case"), Case)}
     pool = concurrent.futures.ThreadPoolExecutor(WORKERS)
-    run_future = pool.submit(_run, RUN_CASE, str(base / RUN_CASE.name), ctx)
+    run_future = pool.submit(_run, forkrun, RUN_CASE, str(base / RUN_CASE.name), ctx)
 
     def needs_run(case):
         return (any("{run}" in a for a in case.argv)
@@ -469,7 +456,7 @@ def battery(request, tmp_path_factory, hf_tiny, fair_tiny):
             proc, run_ctx = run_future.result()
             assert proc.returncode == 0, proc.stderr[-3000:]
             c = {**ctx, "run": _fill("{d}/run", run_ctx), "rundir": run_ctx["d"]}
-        return _run(case, str(base / case.name), c)
+        return _run(forkrun, case, str(base / case.name), c)
 
     futures = {RUN_CASE.name: run_future}
     for case in CASES:

@@ -8,8 +8,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -123,13 +121,12 @@ def assert_one_line_error(code, err, *outputs, match=None):
 # ---------------------------------------------------------------- predictions
 
 
-def test_predictions_recompute_the_summary_test_metrics(run, tmp_path):
+def test_predictions_recompute_the_summary_test_metrics(run, tmp_path, forkrun):
     """infer.py (a separate process, merged adapters) reproduces what the training loop scored."""
     from scipy.stats import spearmanr
 
     out = tmp_path / "preds.csv"
-    r = subprocess.run([sys.executable, str(INFER), "--run", run["run"], "--input", run["test"], "--output", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = forkrun.run([INFER, "--run", run["run"], "--input", run["test"], "--output", out])
     assert r.returncode == 0, r.stderr[-2000:]
     preds = read_preds(out)
     truth = list(csv.DictReader(open(run["test"])))
@@ -329,11 +326,10 @@ def test_output_that_is_a_directory_is_refused_before_any_work(tmp_path, run, cl
     assert_one_line_error(code, err, match="is a directory")
 
 
-def test_checkpoint_for_another_base_model(run, other_base, tmp_path):
+def test_checkpoint_for_another_base_model(run, other_base, tmp_path, forkrun):
     """A separate process: exit code 2, one line naming the sha256 mismatch, nothing written."""
     out = tmp_path / "preds.csv"
-    r = subprocess.run([sys.executable, str(INFER), "--run", run["run"], "--base-path", other_base,
-                        "--input", run["test"], "--output", str(out)], capture_output=True, text=True, timeout=300)
+    r = forkrun.run([INFER, "--run", run["run"], "--base-path", other_base, "--input", run["test"], "--output", out])
     assert_one_line_error(r.returncode, r.stderr, out, match="sha256")
     assert "another base model" in r.stderr
     assert os.listdir(tmp_path) == []
@@ -343,14 +339,18 @@ def test_checkpoint_for_another_base_model(run, other_base, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_trains_if_needed_then_predicts(tmp_path):
-    """`python infer.py` in an empty directory: trains runs/demo (python train.py), then predicts
-    the demo FASTA with runs/demo/best, prints a table and writes runs/demo/predictions.csv."""
-    r = subprocess.run([sys.executable, str(INFER)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def test_demo_trains_if_needed_then_predicts(tmp_path, forkrun):
+    """`python infer.py` in an empty directory: trains runs/demo (python train.py, whose loss
+    falls), then predicts the demo FASTA with runs/demo/best, prints a table and writes
+    runs/demo/predictions.csv."""
+    r = forkrun.run([INFER], cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "training the demo first" in r.stdout
+    assert "training the demo first" in r.stdout and "demo run written to runs/demo/" in r.stdout
     demo = tmp_path / "runs" / "demo"
-    assert (demo / "summary.json").exists() and (demo / "best" / "model.safetensors").exists()
+    losses = [x["loss"] for x in map(json.loads, open(demo / "metrics.jsonl")) if x["split"] == "train"]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert json.load(open(demo / "summary.json"))["best_step"] is not None
+    assert (demo / "best" / "model.safetensors").exists()
     ids = [sid for sid, _ in read_sequences(str(ROOT / "esm2lite" / "demo" / "predict.fasta"))]
     rows = read_preds(demo / "predictions.csv")
     assert [row["id"] for row in rows] == ids
@@ -358,6 +358,6 @@ def test_demo_trains_if_needed_then_predicts(tmp_path):
     table = [line for line in r.stdout.splitlines() if line.strip().split(" ")[0] in ids]
     assert len(table) == len(ids)
     # a second run reuses the trained model
-    r2 = subprocess.run([sys.executable, str(INFER)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r2 = forkrun.run([INFER], cwd=tmp_path)
     assert r2.returncode == 0 and "training the demo first" not in r2.stdout
     assert read_preds(demo / "predictions.csv") == rows

@@ -81,14 +81,13 @@ def metrics_of(output):
 
 
 @pytest.mark.slow
-def test_the_issues_command_scores_a_scan_like_the_recipe(tmp_path, hf_tiny, alphabet):
+def test_the_issues_command_scores_a_scan_like_the_recipe(tmp_path, hf_tiny, alphabet, forkrun):
     """`python infer.py --base CKPT --input dms.csv --wildtype SEQ --score masked-marginal --output s.csv`:
     every input column kept, the scores equal the published recipe on transformers' model with the
     same weights and the library's score_dms, Spearman equals scipy's."""
     src, out = dms_file(tmp_path / "dms.csv"), tmp_path / "s.csv"
-    r = subprocess.run([sys.executable, str(INFER), "--base", hf_tiny, "--input", src, "--wildtype", WT,
-                        "--score", "masked-marginal", "--output", str(out)], capture_output=True, text=True,
-                       timeout=300)
+    r = forkrun.run([INFER, "--base", hf_tiny, "--input", src, "--wildtype", WT, "--score", "masked-marginal",
+                     "--output", out])
     assert r.returncode == 0, r.stderr[-2000:]
     rows, given = read_rows(out), read_rows(src)
     assert list(rows[0]) == ["mutant", "mutated_sequence", "DMS_score", "note", "masked-marginal", "window"]

@@ -22,7 +22,7 @@ STEPS = 16
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, hf_tiny):
+def setup(tmp_path_factory, hf_tiny, forkrun):
     d = tmp_path_factory.mktemp("interrupt")
     seqs = oracles.random_sequences(60, 15, 50, seed=4, with_mask=False)
     with open(d / "d.csv", "w") as f:
@@ -36,7 +36,7 @@ def setup(tmp_path_factory, hf_tiny):
     ref = d / "reference"
     t0 = time.time()
     r = subprocess.run([sys.executable, TRAIN, *args(ref)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]  # a fresh process: its duration is what the kills below sample
     return args, ref, time.time() - t0
 
 
@@ -70,7 +70,7 @@ def assert_readable(out):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sigkill_at_a_random_moment_then_resume(setup, tmp_path, seed):
+def test_sigkill_at_a_random_moment_then_resume(setup, tmp_path, seed, forkrun):
     args, ref, duration = setup
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, TRAIN, *args(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -78,14 +78,14 @@ def test_sigkill_at_a_random_moment_then_resume(setup, tmp_path, seed):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert_readable(out)
-    r = subprocess.run([sys.executable, TRAIN, *args(out), "--resume"], capture_output=True, text=True, timeout=300)
+    r = forkrun.run([TRAIN, *args(out), "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert_equal_weights(final_weights(out), final_weights(ref))
     assert json.load(open(out / "summary.json"))["valid"] == json.load(open(ref / "summary.json"))["valid"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(setup, tmp_path, sig):
+def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(setup, tmp_path, sig, forkrun):
     args, ref, duration = setup
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, TRAIN, *args(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -100,7 +100,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(setup, tmp_path, 
     assert f"{sig.name}: stopped after step" in line and "continue with --resume" in line
     step = int(line.split("after step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step_{step}" / "trainer_state.json").exists()
-    r = subprocess.run([sys.executable, TRAIN, *args(out), "--resume"], capture_output=True, text=True, timeout=300)
+    r = forkrun.run([TRAIN, *args(out), "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert_equal_weights(final_weights(out), final_weights(ref))
 
@@ -130,7 +130,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory, hf_tiny):
+def short_run(tmp_path_factory, hf_tiny, forkrun):
     """A 4-step LoRA run whose files see every kind of rename: config and log, two step checkpoints,
     a new best/, best/ replaced (the loss improves), a pruned step, the summary. Returns the
     arguments, the uninterrupted run and its renames, in order."""
@@ -146,8 +146,7 @@ def short_run(tmp_path_factory, hf_tiny):
                         "--lora-dropout", "0.1", "--seed", "5", "--keep-last", "1", "--best-metric", "loss",
                         "--device", "cpu", "--out", str(out)]
     ref, log = d / "reference", d / "renames.txt"
-    r = subprocess.run([sys.executable, "-c", KILL, "0", "count", str(log), str(ref), TRAIN, *args(ref)],
-                       capture_output=True, text=True, timeout=300)
+    r = forkrun.run(["-c", KILL, "0", "count", log, ref, TRAIN, *args(ref)], cwd=d)
     assert r.returncode == 0, r.stderr[-2000:]
     return args, ref, log.read_text().splitlines()
 
@@ -164,13 +163,13 @@ def run_files(out):
             "predictions": [(out / f"predictions_{s}.csv").read_text() for s in ("valid", "test")]}
 
 
-def kill_then_resume(args, out, k, phase) -> str | None:
-    """None when the resumed run ends exactly as the uninterrupted one; else what differs."""
-    killed = subprocess.run([sys.executable, "-c", KILL, str(k), phase, "-", str(out), TRAIN, *args(out)],
-                            capture_output=True, text=True, timeout=300)
+def kill_then_resume(forkrun, args, out, k, phase) -> str | None:
+    """None when the resumed run ends exactly as the uninterrupted one; else what differs. Each
+    run is its own process (tests/forkrun.py: forked from one that imported torch once)."""
+    killed = forkrun.run(["-c", KILL, k, phase, "-", out, TRAIN, *args(out)], cwd=out.parent)
     if killed.returncode != -signal.SIGKILL:
         return f"not killed (exit {killed.returncode}): {killed.stderr[-500:]}"
-    r = subprocess.run([sys.executable, TRAIN, *args(out), "--resume"], capture_output=True, text=True, timeout=300)
+    r = forkrun.run([TRAIN, *args(out), "--resume"], cwd=out.parent)
     if r.returncode != 0:
         return f"--resume failed: {r.stderr.strip().splitlines()[-1:]}"
     hidden = [p.name for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if p.name.startswith(".")]
@@ -185,7 +184,7 @@ def differences(a: dict, b: dict) -> list[str]:
     return out
 
 
-def test_sigkill_before_and_after_every_rename_then_resume(short_run, tmp_path):
+def test_sigkill_before_and_after_every_rename_then_resume(short_run, tmp_path, forkrun):
     """SIGKILL just before and just after each rename of a run (os.replace patched in the child), then
     --resume: the same final weights, best/ (weights and step), step checkpoints, summary and log
     (no duplicate steps) as the uninterrupted run, and no temporary files left."""
@@ -198,7 +197,7 @@ def test_sigkill_before_and_after_every_rename_then_resume(short_run, tmp_path):
     points = [(k, phase) for k in range(1, len(renames) + 1) for phase in ("before", "after")]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         outs = {p: tmp_path / f"{p[1]}_{p[0]}" for p in points}
-        results = dict(zip(points, pool.map(lambda p: kill_then_resume(args, outs[p], *p), points)))
+        results = dict(zip(points, pool.map(lambda p: kill_then_resume(forkrun, args, outs[p], *p), points)))
     failures = {f"{phase} {renames[k - 1]}": why for (k, phase), why in results.items() if why}
     failures.update({f"{phase} {renames[k - 1]}": differences(run_files(outs[k, phase]), want)
                      for (k, phase), why in results.items() if not why and differences(run_files(outs[k, phase]), want)})
@@ -208,7 +207,7 @@ def test_sigkill_before_and_after_every_rename_then_resume(short_run, tmp_path):
 # ---------------------------------------------------------------- two runs, one directory
 
 
-def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(setup, tmp_path):
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(setup, tmp_path, forkrun):
     """While a run works in --out, a second train.py there (fresh or --resume) exits 2 with one line
     naming the first one's pid, and changes nothing; the first finishes as if alone."""
     args, ref, _ = setup
@@ -221,7 +220,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(setup, tmp_pa
     first.send_signal(signal.SIGSTOP)  # paused, still holding it, while the others try
     try:
         for extra in ([], ["--resume"]):
-            r = subprocess.run([sys.executable, TRAIN, *args(out), *extra], capture_output=True, text=True, timeout=300)
+            r = forkrun.run([TRAIN, *args(out), *extra])
             lines = r.stderr.strip().splitlines()
             assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
             assert lines[0].startswith(f"error: {out}: in use by train.py (pid {first.pid} on "), lines[0]
@@ -234,7 +233,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(setup, tmp_pa
     assert steps == [(r["step"], r["split"]) for r in map(json.loads, open(ref / "metrics.jsonl"))]
 
 
-def test_a_start_that_never_reached_a_checkpoint_leaves_out_reusable(setup, tmp_path):
+def test_a_start_that_never_reached_a_checkpoint_leaves_out_reusable(setup, tmp_path, forkrun):
     """A run that fails before its first checkpoint (here every target is 1e38: the loss overflows
     at step 1) leaves --out usable: a fresh start there works, and so does --resume with other
     settings, which starts from the beginning, exactly as a run in an empty directory."""
@@ -248,9 +247,9 @@ def test_a_start_that_never_reached_a_checkpoint_leaves_out_reusable(setup, tmp_
         out = tmp_path / f"run{len(extra)}"
         bad = args(out)
         bad[1] = str(overflow)
-        r = subprocess.run([sys.executable, TRAIN, *bad], capture_output=True, text=True, timeout=300)
+        r = forkrun.run([TRAIN, *bad])
         assert r.returncode == 2 and "non-finite training loss at step 1" in r.stderr, r.stderr[-2000:]
         assert (out / "config.json").exists() and not (out / "checkpoints").exists()
-        r = subprocess.run([sys.executable, TRAIN, *args(out), *extra], capture_output=True, text=True, timeout=300)
+        r = forkrun.run([TRAIN, *args(out), *extra])
         assert r.returncode == 0, r.stderr[-2000:]
         assert_equal_weights(final_weights(out), final_weights(ref))

@@ -6,8 +6,6 @@ with transformers on the same weights."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -308,10 +306,9 @@ def test_bionemo_errors(hf_plain, tmp_path):
         ESM2.from_pretrained(d)
 
 
-def test_bionemo_converts_to_an_hf_directory(bionemo, hf_plain, tmp_path, batch):
+def test_bionemo_converts_to_an_hf_directory(bionemo, hf_plain, tmp_path, batch, forkrun):
     """python -m esm2lite.convert BIONEMO_DIR OUT: transformers reads OUT as EsmForMaskedLM."""
-    r = subprocess.run([sys.executable, "-m", "esm2lite.convert", bionemo, str(tmp_path / "hf")],
-                       capture_output=True, text=True)
+    r = forkrun.run(["-m", "esm2lite.convert", bionemo, tmp_path / "hf"])
     assert r.returncode == 0, r.stderr
     with torch.no_grad():
         got = oracles.load_hf(tmp_path / "hf")(input_ids=batch, attention_mask=batch.ne(1).long()).logits
@@ -331,22 +328,22 @@ def write_csv(path, n, seed):
     return str(path)
 
 
-def train_cli(checkpoint, out, mode, tmp_path):
+def train_cli(forkrun, checkpoint, out, mode, tmp_path):
     """python train.py --checkpoint DIR ... as a user runs it; the finished run's best/ checkpoint."""
-    from esm2lite.finetuned import FineTuned
+    from esm2lite.ckpt_dir import load_model
 
-    args = [sys.executable, os.path.join(ROOT, "train.py"), "--checkpoint", checkpoint, "--mode", mode,
+    args = [os.path.join(ROOT, "train.py"), "--checkpoint", checkpoint, "--mode", mode,
             "--train-csv", write_csv(tmp_path / "train.csv", 24, 1), "--valid-csv", write_csv(tmp_path / "valid.csv", 8, 2),
             "--steps", "2", "--eval-every", "2", "--batch-tokens", "400", "--out", str(out), "--device", "cpu"]
-    r = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = forkrun.run(args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout, FineTuned.load(str(out / "best"))
+    return r.stdout, load_model(str(out / "best"))
 
 
 @pytest.mark.slow
-def test_fine_tune_esm_model_directory(resaved, tmp_path, batch):
+def test_fine_tune_esm_model_directory(resaved, tmp_path, batch, forkrun):
     """Full fine-tune from an EsmModel directory (no LM head): trains, saves, loads back."""
-    out, tuned = train_cli(resaved["EsmModel"], tmp_path / "run", "full", tmp_path)
+    out, tuned = train_cli(forkrun, resaved["EsmModel"], tmp_path / "run", "full", tmp_path)
     assert out.count(f"warning: {resaved['EsmModel']}: ignored 4 task-head weights") == 1
     assert tuned.encoder.config.lm_head is False
     assert not any(k.startswith("lm_head.") for k in tuned.encoder.state_dict())
@@ -357,8 +354,7 @@ def test_fine_tune_esm_model_directory(resaved, tmp_path, batch):
         assert torch.isfinite(tuned(batch)).all()
         want = tuned.encoder(batch, logits=False)["last_hidden_state"]
     # Its export is an EsmModel directory that transformers reads with the fine-tuned encoder.
-    r = subprocess.run([sys.executable, "-m", "esm2lite.export", "--run", str(tmp_path / "run"), "--merged",
-                        str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT)
+    r = forkrun.run(["-m", "esm2lite.export", "--run", tmp_path / "run", "--merged", tmp_path / "merged"], cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert json.load(open(tmp_path / "merged" / "config.json"))["architectures"] == ["EsmModel"]
     last, _ = hf_hidden(oracles.load_hf(tmp_path / "merged", "EsmModel", add_pooling_layer=False), batch)
@@ -366,12 +362,12 @@ def test_fine_tune_esm_model_directory(resaved, tmp_path, batch):
 
 
 @pytest.mark.slow
-def test_fine_tune_bionemo_directory(bionemo, hf_plain, tmp_path, batch):
+def test_fine_tune_bionemo_directory(bionemo, hf_plain, tmp_path, batch, forkrun):
     """Head-only fine-tune from a BioNeMo directory: the frozen encoder it trained on is
     transformers' EsmForMaskedLM on the same weights."""
-    _, tuned = train_cli(bionemo, tmp_path / "run", "head", tmp_path)
+    _, tuned = train_cli(forkrun, bionemo, tmp_path / "run", "head", tmp_path)
     last, _ = hf_hidden(oracles.load_hf(hf_plain), batch)
     with torch.no_grad():
         assert max_diff(tuned.encoder(batch, logits=False)["last_hidden_state"], last, batch) <= TOL
-    _, tuned = train_cli(bionemo, tmp_path / "lora", "lora", tmp_path)  # reloads the base from the BioNeMo file
+    _, tuned = train_cli(forkrun, bionemo, tmp_path / "lora", "lora", tmp_path)  # reloads the base from the BioNeMo file
     assert tuned.encoder.config.lm_head is True

@@ -1,7 +1,5 @@
 """esm2lite's ESM-2 against the two reference implementations (never our own code)."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -60,20 +58,19 @@ def test_logits_match_fair_esm(fair_tiny, batch):
     assert max_diff(out["last_hidden_state"], expected["representations"][ref.num_layers], batch) <= TOL
 
 
-def test_references_agree_on_masked_padded_batch(fair_tiny, tmp_path, batch):
+def test_references_agree_on_masked_padded_batch(fair_tiny, tmp_path, batch, forkrun):
     """The pinned transformers must match fair-esm on padded batches containing <mask>
     (transformers PR #40370 broke this; #44163 fixed it)."""
-    subprocess.run([sys.executable, "-m", "esm2lite.convert", fair_tiny, str(tmp_path / "hf")], check=True)
+    assert forkrun.run(["-m", "esm2lite.convert", fair_tiny, tmp_path / "hf"]).returncode == 0
     logits, _ = hf_outputs(oracles.load_hf(tmp_path / "hf"), batch)
     with torch.no_grad():
         expected = oracles.load_fair_esm(fair_tiny)(batch)["logits"]
     assert max_diff(logits, expected, batch) <= TOL
 
 
-def test_convert_round_trip(fair_tiny, tmp_path, batch):
+def test_convert_round_trip(fair_tiny, tmp_path, batch, forkrun):
     out_dir = tmp_path / "converted"
-    r = subprocess.run([sys.executable, "-m", "esm2lite.convert", fair_tiny, str(out_dir)],
-                       capture_output=True, text=True)
+    r = forkrun.run(["-m", "esm2lite.convert", fair_tiny, out_dir])
     assert r.returncode == 0, r.stderr
     from_pt, from_dir = ESM2.from_pretrained(fair_tiny), ESM2.from_pretrained(out_dir)
     with torch.no_grad():

@@ -2,10 +2,7 @@
 still written atomically (mkstemp / mkdtemp / safetensors create 0600 / 0700 temporaries, which a
 colleague on a shared filesystem could not read). Checked through the real command-line tools."""
 
-import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(cmd, mask, cwd):
-    r = subprocess.run([sys.executable, *cmd], cwd=cwd, capture_output=True, text=True, timeout=300,
-                       preexec_fn=lambda: os.umask(mask))
+def run(forkrun, cmd, mask, cwd):
+    r = forkrun.run(cmd, cwd=cwd, umask=mask)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -31,14 +27,14 @@ def modes(*roots):
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
-def test_outputs_follow_the_umask(hf_tiny, tmp_path, mask):
+def test_outputs_follow_the_umask(hf_tiny, tmp_path, mask, forkrun):
     (tmp_path / "train.csv").write_text("sequence,target\nMKTAYIAKQR,0.5\nMKVLAAGIVG,1.5\nMSTNPKPQRK,2.0\n")
     (tmp_path / "in.fasta").write_text(">a\nMKTAYIAKQR\n>b\nMKV\n")
-    run([str(ROOT / "train.py"), "--train-csv", "train.csv", "--checkpoint", hf_tiny, "--steps", "2", "--lora-rank",
+    run(forkrun, [str(ROOT / "train.py"), "--train-csv", "train.csv", "--checkpoint", hf_tiny, "--steps", "2", "--lora-rank",
          "2", "--batch-tokens", "600", "--save-every", "1", "--keep-last", "1", "--out", "run"], mask, tmp_path)
-    run([str(ROOT / "infer.py"), "--run", "run", "--input", "in.fasta", "--output", "pred.csv", "--embeddings",
+    run(forkrun, [str(ROOT / "infer.py"), "--run", "run", "--input", "in.fasta", "--output", "pred.csv", "--embeddings",
          "emb.safetensors"], mask, tmp_path)
-    run(["-m", "esm2lite.export", "--run", "run", "--merged", "merged", "--peft", "peft"], mask, tmp_path)
+    run(forkrun, ["-m", "esm2lite.export", "--run", "run", "--merged", "merged", "--peft", "peft"], mask, tmp_path)
     found = modes(*(tmp_path / n for n in ("run", "pred.csv", "emb.safetensors", "merged", "peft")))
     want = {p: (0o777 if p.is_dir() else 0o666) & ~mask for p in found}
     assert found == want

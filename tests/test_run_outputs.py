@@ -238,15 +238,16 @@ def test_per_residue_confusion_plot_shows_the_counts(per_residue):
 
 
 @pytest.mark.slow
-def test_plot_cli_and_a_run_without_matplotlib(regression, tmp_path):
+def test_plot_cli_and_a_run_without_matplotlib(regression, tmp_path, forkrun):
     """python -m esm2lite.plot RUN draws the same files again; without matplotlib (an import that
     fails) train.py ends normally and names the extra to install, and the plot CLI says it in one line."""
     run, _ = regression
     before = {n: decoded(run / "plots" / n) for n in os.listdir(run / "plots")}
-    r = subprocess.run([sys.executable, "-m", "esm2lite.plot", str(run)], capture_output=True, text=True, timeout=120)
+    r = forkrun.run(["-m", "esm2lite.plot", run])
     assert r.returncode == 0 and "predicted_vs_true.png" in r.stdout, r.stderr
     assert all(np.array_equal(decoded(run / "plots" / n), a) for n, a in before.items())
 
+    # a fresh interpreter (not forkrun's, which has matplotlib imported), with an import that fails
     shim = tmp_path / "shim" / "matplotlib"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError('No module named matplotlib (test shim)')\n")

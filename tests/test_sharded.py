@@ -3,8 +3,6 @@ same weights, in a plain process, and damaged or mismatched ones fail with one c
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -103,12 +101,11 @@ def test_shards_of_another_architecture_are_refused(full_run, tmp_path, hf_tiny)
 
 
 @pytest.mark.slow
-def test_infer_cli_on_damaged_shards_exits_2_with_one_line(full_run, tmp_path):
+def test_infer_cli_on_damaged_shards_exits_2_with_one_line(full_run, tmp_path, forkrun):
     ck = damaged(full_run, tmp_path, truncate_shard)
     (tmp_path / "in.fasta").write_text(">a\nMKTAYIAKQR\n")
-    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--checkpoint", str(ck), "--input",
-                        str(tmp_path / "in.fasta"), "--output", str(tmp_path / "pred.csv")],
-                       capture_output=True, text=True, timeout=120)
+    r = forkrun.run([ROOT / "infer.py", "--checkpoint", ck, "--input", tmp_path / "in.fasta", "--output",
+                     tmp_path / "pred.csv"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"{ck / 'dcp'}: unreadable sharded checkpoint" in r.stderr
     assert not (tmp_path / "pred.csv").exists()
