@@ -1,4 +1,5 @@
-"""python -m esm2lite.convert IN.pt OUT_DIR: a fair-esm checkpoint as an HF-layout directory.
+"""python -m esm2lite.convert IN OUT_DIR: a fair-esm .pt file or a BioNeMo export (any layout
+checkpoint.load_pretrained reads) as an HF-layout directory.
 
 The result loads with transformers.EsmForMaskedLM.from_pretrained(OUT_DIR) and with
 esm2lite.ESM2.from_pretrained(OUT_DIR). The contact-regression head is not converted.
@@ -13,9 +14,10 @@ from .cli import OneLineParser, run_main
 def main(argv=None):
     p = OneLineParser(
         prog="python -m esm2lite.convert",
-        description="Convert a fair-esm ESM-2 .pt file into a HuggingFace-layout directory "
+        description="Convert an ESM-2 checkpoint (a fair-esm .pt file, a BioNeMo NVEsm export, "
+                    "any layout esm2lite loads) into a HuggingFace-layout directory "
                     "(config.json + model.safetensors) that transformers and esm2lite load.")
-    p.add_argument("input", help="fair-esm checkpoint, e.g. esm2_t33_650M_UR50D.pt")
+    p.add_argument("input", help="the checkpoint, e.g. esm2_t33_650M_UR50D.pt or a BioNeMo export directory")
     p.add_argument("output", help="directory to create (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
