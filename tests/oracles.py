@@ -2,6 +2,7 @@
 checkpoint layouts. No download: both libraries construct models from a config."""
 
 import argparse
+import csv
 import json
 import os
 import tempfile
@@ -238,3 +239,18 @@ def random_sequences(n, min_len, max_len, seed, with_mask=True):
                 chars[j] = "<mask>"
         seqs.append("".join(chars))
     return seqs
+
+
+def write_rows(path, header, rows) -> str:
+    """A CSV file of `header` and `rows` (lists of values), as a user's spreadsheet writes it."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+def read_rows(path) -> list[dict]:
+    """A CSV file as dicts of strings, read by the csv module (not by esm2lite)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

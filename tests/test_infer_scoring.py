@@ -7,7 +7,6 @@ same random weights; the library functions the CLI wires up (score_dms, score_mu
 score_sequences, embed_windowed), which test_scoring.py and test_windows.py test against those
 recipes; scipy's spearmanr; and plain forwards of hand-cut windows."""
 
-import csv
 import json
 import os
 import subprocess
@@ -48,19 +47,6 @@ def ours(fair_tiny):
     return ESM2.from_pretrained(fair_tiny).eval()
 
 
-def write_rows(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
-    return str(path)
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def dms_file(path, wt=WT, seed=3, n=15):
     """A ProteinGym-style scan of `wt`: mutant, mutated_sequence, DMS_score and a note column."""
     from esm2lite.scoring import mutate, parse_mutant
@@ -69,7 +55,7 @@ def dms_file(path, wt=WT, seed=3, n=15):
     g = torch.Generator().manual_seed(seed)
     rows = [[m, mutate(wt, parse_mutant(m)), f"{float(torch.randn(1, generator=g)):.4f}", f"note {k}"]
             for k, m in enumerate(mutants)]
-    return write_rows(path, ["mutant", "mutated_sequence", "DMS_score", "note"], rows)
+    return oracles.write_rows(path, ["mutant", "mutated_sequence", "DMS_score", "note"], rows)
 
 
 def metrics_of(output):
@@ -89,7 +75,7 @@ def test_the_issues_command_scores_a_scan_like_the_recipe(tmp_path, hf_tiny, alp
     r = forkrun.run([INFER, "--base", hf_tiny, "--input", src, "--wildtype", WT, "--score", "masked-marginal",
                      "--output", out])
     assert r.returncode == 0, r.stderr[-2000:]
-    rows, given = read_rows(out), read_rows(src)
+    rows, given = oracles.read_rows(out), oracles.read_rows(src)
     assert list(rows[0]) == ["mutant", "mutated_sequence", "DMS_score", "note", "masked-marginal", "window"]
     assert [{k: row[k] for k in given[0]} for row in rows] == given  # every input column, as written
     scores = [float(row["masked-marginal"]) for row in rows]
@@ -116,7 +102,7 @@ def test_other_methods_on_a_scan_equal_the_library(tmp_path, fair_tiny, ours, cl
     code, stdout, err = infer_in_process(cli, capsys, "--base", fair_tiny, "--input", src, "--wildtype", WT,
                                          "--score", method, "--output", out)
     assert code == 0, err
-    rows = read_rows(out)
+    rows = oracles.read_rows(out)
     expected = score_mutants(ours, WT, [r["mutant"] for r in rows], method)
     assert [float(r[method]) for r in rows] == pytest.approx(expected.scores, abs=1e-9)
     if method == "pll":
@@ -133,21 +119,21 @@ def test_wild_type_from_a_fasta_file_or_from_the_mutated_sequences(tmp_path, fai
         code, _, err = infer_in_process(cli, capsys, "--base", fair_tiny, "--input", src, "--score",
                                         "masked-marginal", "--output", outs[-1], *extra)
         assert code == 0, err
-    assert read_rows(outs[0]) == read_rows(outs[1]) == read_rows(outs[2])
+    assert oracles.read_rows(outs[0]) == oracles.read_rows(outs[1]) == oracles.read_rows(outs[2])
 
 
 def test_pll_of_plain_sequences(tmp_path, fair_tiny, ours, cli, capsys):
     seqs = [protein(n, seed=40 + n) for n in (12, 30, 7)]
     fasta, table = tmp_path / "in.fasta", tmp_path / "in.csv"
     fasta.write_text("".join(f">s{k} some words\n{s}\n" for k, s in enumerate(seqs)))
-    write_rows(table, ["name", "sequence", "DMS_score"], [[f"s{k}", s, k * k - 3 * k] for k, s in enumerate(seqs)])
+    oracles.write_rows(table, ["name", "sequence", "DMS_score"], [[f"s{k}", s, k * k - 3 * k] for k, s in enumerate(seqs)])
     expected = score_sequences(ours, seqs)
     for src, columns in ((fasta, ["id", "sequence"]), (table, ["name", "sequence", "DMS_score"])):
         out = tmp_path / f"{src.stem}{src.suffix}.pll.csv"
         code, _, err = infer_in_process(cli, capsys, "--base", fair_tiny, "--input", src, "--score", "pll",
                                         "--output", out)
         assert code == 0, err
-        rows = read_rows(out)
+        rows = oracles.read_rows(out)
         assert list(rows[0]) == columns + ["pll", "pseudo_perplexity", "window"]
         assert [r["sequence"] for r in rows] == seqs
         assert [float(r["pll"]) for r in rows] == pytest.approx(expected.scores, abs=1e-9)
@@ -163,11 +149,11 @@ def test_2000_residues_score_in_optimal_windows_at_the_real_limit(tmp_path, fair
     """Default --max-residues 1022: windows of 1024 tokens, chosen by ProteinGym's rule (by hand below)."""
     seq = protein(2000, seed=8)
     mutants = [f"{seq[p - 1]}{p}G" for p in (3, 700, 1500)] + [f"{seq[2]}3A:{seq[1998]}1999W"]
-    src, out = write_rows(tmp_path / "long.csv", ["mutant"], [[m] for m in mutants]), tmp_path / "s.csv"
+    src, out = oracles.write_rows(tmp_path / "long.csv", ["mutant"], [[m] for m in mutants]), tmp_path / "s.csv"
     code, stdout, err = infer_in_process(cli, capsys, "--base", fair_tiny, "--input", src, "--wildtype", seq,
                                          "--score", "masked-marginal", "--output", out)
     assert code == 0, err
-    rows = read_rows(out)
+    rows = oracles.read_rows(out)
     ref = oracles.load_fair_esm(fair_tiny)
     tokens = encode(alphabet, seq)
     window = {3: (0, 1024), 700: (188, 1212), 1500: (978, 2002), 1999: (978, 2002)}  # by hand
@@ -192,11 +178,11 @@ def test_pll_windows_only_the_rows_over_the_limit(tmp_path, fair_tiny, ours, cli
     """--max-residues 20: a 20-residue sequence runs unwindowed (exactly the unlimited scores), a
     21-residue one in windows (the library's windowed scores, not the unlimited ones)."""
     seqs = [protein(20, seed=9), protein(21, seed=10)]
-    src, out = write_rows(tmp_path / "in.csv", ["sequence"], [[s] for s in seqs]), tmp_path / "s.csv"
+    src, out = oracles.write_rows(tmp_path / "in.csv", ["sequence"], [[s] for s in seqs]), tmp_path / "s.csv"
     code, _, err = infer_in_process(cli, capsys, "--base", fair_tiny, "--input", src, "--score", "pll",
                                     "--max-residues", "20", "--output", out)
     assert code == 0, err
-    rows = read_rows(out)
+    rows = oracles.read_rows(out)
     assert [r["window"] for r in rows] == ["none", "optimal"]
     unlimited, windowed = score_sequences(ours, seqs, max_residues=None), score_sequences(ours, seqs, max_residues=20)
     assert float(rows[0]["pll"]) == unlimited.scores[0]  # exactly the unwindowed result
@@ -282,9 +268,9 @@ def score_cases(tmp, fair_tiny, encoder_only):
     first = lines[1].split(",")[0].split(":")[0]
     lines[3] = "X" + lines[3][1:] if not lines[3].startswith("X") else "A" + lines[3][1:]  # a wrong wild-type letter
     (tmp / "mismatch.csv").write_text("\n".join(lines) + "\n")
-    write_rows(tmp / "bad_score.csv", ["mutant", "DMS_score"], [[first, "0.5"], [first, "high"]])
-    write_rows(tmp / "plain.csv", ["sequence"], [["MKTAYIAKQR"]])
-    write_rows(tmp / "clash.csv", ["mutant", "masked-marginal"], [[first, "1"]])
+    oracles.write_rows(tmp / "bad_score.csv", ["mutant", "DMS_score"], [[first, "0.5"], [first, "high"]])
+    oracles.write_rows(tmp / "plain.csv", ["sequence"], [["MKTAYIAKQR"]])
+    oracles.write_rows(tmp / "clash.csv", ["mutant", "masked-marginal"], [[first, "1"]])
     (tmp / "two.fasta").write_text(f">a\n{WT}\n>b\n{WT}\n")
     base = ["--base", fair_tiny]
     score = [*base, "--input", dms, "--wildtype", WT, "--score", "masked-marginal"]

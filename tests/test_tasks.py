@@ -47,19 +47,6 @@ def sequences(n, seed, min_len=20, max_len=45):
     return oracles.random_sequences(n, min_len, max_len, seed=seed, with_mask=False)
 
 
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
-    return str(path)
-
-
 def summary_json(out):
     with open(Path(out) / "summary.json") as f:
         return json.load(f)
@@ -140,7 +127,7 @@ def test_classification_end_to_end(hf_tiny, tmp_path, capsys):
     assert accuracy >= chance + 0.2, (accuracy, chance)
 
     # infer.py on a CSV: the same rows, as text, in input order
-    inp = write_rows(tmp_path / "test.csv", ["name", "sequence"], [[i, s] for i, s in zip(ids, seqs)])
+    inp = oracles.write_rows(tmp_path / "test.csv", ["name", "sequence"], [[i, s] for i, s in zip(ids, seqs)])
     preds_csv = tmp_path / "preds.csv"
     capsys.readouterr()
     code = run_main(load_cli().main, ["--run", str(out), "--input", inp, "--id-column", "name",
@@ -149,7 +136,7 @@ def test_classification_end_to_end(hf_tiny, tmp_path, capsys):
     with open(preds_csv, newline="") as f:
         header = next(csv.reader(f))
     assert header[:3] == ["id", "sequence", "prediction"] and sorted(header[3:]) == prob_cols
-    cli_rows = read_csv(preds_csv)
+    cli_rows = oracles.read_rows(preds_csv)
     assert [r["id"] for r in cli_rows] == ids and [r["prediction"] for r in cli_rows] == pred
     for a, b in zip(cli_rows, rows):
         for c in prob_cols:
@@ -181,7 +168,7 @@ def token_rows(n, seed, split):
 
 def test_token_classification_end_to_end(hf_tiny, tmp_path):
     rows = token_rows(60, 41, "train") + token_rows(15, 42, "valid") + token_rows(20, 43, "test")
-    data = write_rows(tmp_path / "ss.csv", ["sequence", "ss", "resolved", "split"], rows)
+    data = oracles.write_rows(tmp_path / "ss.csv", ["sequence", "ss", "resolved", "split"], rows)
     out = tmp_path / "run"
     cfg = TrainConfig(task="token-classification", csv=data, target_columns=("ss",), mask_column="resolved",
                       checkpoint=hf_tiny, out=str(out), mode="lora", steps=45, batch_tokens=800, lr=5e-3,
@@ -221,7 +208,7 @@ def test_two_target_regression_end_to_end(hf_tiny, tmp_path):
                 for s in sequences(n, seed)]
 
     data = {"train": pairs(60, 51), "valid": pairs(15, 52), "test": pairs(25, 53)}
-    paths = {k: write_rows(tmp_path / f"{k}.csv", ["sequence", "kr", "de"], v) for k, v in data.items()}
+    paths = {k: oracles.write_rows(tmp_path / f"{k}.csv", ["sequence", "kr", "de"], v) for k, v in data.items()}
     out = tmp_path / "run"
     cfg = TrainConfig(checkpoint=hf_tiny, train_csv=paths["train"], valid_csv=paths["valid"],
                       test_csv=paths["test"], target_columns=("kr", "de"), standardize=True, out=str(out),
