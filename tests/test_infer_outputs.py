@@ -4,7 +4,6 @@ the labels (equal to what training reported on the same rows: summary.json's tes
 training's own reading + evaluate() for truncated rows), per-residue class probabilities, and how
 many residues --truncate left."""
 
-import csv
 import json
 import math
 import os
@@ -20,7 +19,8 @@ from esm2lite.records import DataSpec
 from esm2lite.tokenizer import Tokenizer
 from esm2lite.train import TrainConfig, train_model
 from test_infer import assert_one_line_error, infer_in_process, load_cli, trained_run
-from test_tasks import charge_pairs, token_rows, write_rows
+from oracles import read_rows, write_rows
+from test_tasks import charge_pairs, token_rows
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,6 @@ def two_targets(tmp_path_factory, hf_tiny):
             for s, n, seed in (("train", 40, 51), ("valid", 8, 52), ("test", 12, 53))}
     return head_run(tmp_path_factory.mktemp("two_targets"), hf_tiny, "regression", rows, ["sequence", "kr", "de"],
                     target_columns=("kr", "de"), standardize=True)
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def metrics_file(output):
