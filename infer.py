@@ -131,9 +131,8 @@ def check_options(p, args) -> None:
             p.error(f"{unused[0]} is not used with --score (longer proteins are scored in windows, every input "
                     "column is kept)")
         return
-    unused = _unused(args, ("wildtype", "offset")) + [f"--{n}" for n, d in (("mutant-column", "mutant"),
-                                                                            ("dms-score-column", "DMS_score"))
-                                                      if getattr(args, n.replace("-", "_")) != d]
+    unused = _unused(args, ("wildtype", "offset")) + [
+        "--" + n.replace("_", "-") for n in ("mutant_column", "dms_score_column") if getattr(args, n) != p.get_default(n)]
     if unused:
         p.error(f"{unused[0]} is only used with --score")
     if not (args.output or args.embeddings or args.residue_probs):
@@ -193,10 +192,9 @@ def main(argv):
 
 
 def score_and_write(args, device):
-    from esm2lite.atomic import write_json
+    from esm2lite.atomic import write_csv, write_json
     from esm2lite.checkpoint import load_pretrained
     from esm2lite.errors import CheckpointError
-    from esm2lite.infer import write_predictions_csv
     from esm2lite.infer_score import read_wildtype, score_file
 
     wildtype = read_wildtype(args.wildtype) if args.wildtype else None
@@ -209,7 +207,7 @@ def score_and_write(args, device):
                         max_residues=args.max_residues, batch_tokens=args.batch_tokens, precision=args.precision)
     s = scored.summary
     write_json(metrics_path(args.output), s)
-    write_predictions_csv(args.output, scored.rows)
+    write_csv(args.output, scored.rows)
     window = ("none: every protein fit in --max-residues" if s["window"] == "none" else
               f"optimal: proteins over {args.max_residues} residues scored in windows of {s['window_tokens']} tokens")
     print(f"scored {s['variants']} rows by {s['method']}: {s['forwards']} forwards in {s['batches']} batches; "
@@ -269,7 +267,7 @@ def predict(args, d, table, model) -> dict:
         metrics, (outputs, _) = None, run_batches(model, records, args.batch_tokens, args.precision, "predict", d=d)
     rows = it.output_rows(table, records, infer.decode_predictions(model, outputs), model.labels, args.truncate)
     residues = it.residue_rows(table, records, outputs, model.labels) if args.residue_probs else None
-    cut = sum(1 for r in records if len(r.tokens) - 2 < len(it.residues(r.sequence, "")))
+    cut = sum(1 for r in records if len(r.tokens) - 2 < len(it.residues(r.sequence, ""))) if args.truncate else 0
     return {"rows": rows, "residues": residues, "metrics": metrics, "cut": cut}
 
 
@@ -299,8 +297,7 @@ def predict_and_write(args, d, device, demo):
 
 
 def write_predictions(args, out, table):
-    from esm2lite.atomic import write_json
-    from esm2lite.infer import write_predictions_csv
+    from esm2lite.atomic import write_csv, write_json
 
     path = metrics_path(args.output or args.residue_probs) if out else None
     if out.get("metrics") is not None:
@@ -311,10 +308,10 @@ def write_predictions(args, out, table):
         os.remove(path)
         print(f"removed {path}, an earlier run's metrics (this input has no label columns)")
     if args.output:
-        write_predictions_csv(args.output, out["rows"])
+        write_csv(args.output, out["rows"])
         print(f"wrote {len(out['rows'])} predictions to {args.output}")
     if args.residue_probs:
-        write_predictions_csv(args.residue_probs, out["residues"])
+        write_csv(args.residue_probs, out["residues"])
         print(f"wrote per-residue probabilities of {len(out['rows'])} sequences to {args.residue_probs}")
     if out and args.truncate:
         print(f"--truncate: {out['cut']} sequence(s) cut to {args.max_residues} residues (column residues_scored)")

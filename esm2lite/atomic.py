@@ -7,6 +7,8 @@ leaves nothing behind.
 """
 
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
@@ -63,6 +65,15 @@ def atomic_path(path: str):
 def write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """Rows (dicts with the same keys, in column order) as a CSV with a header; written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def write_json(path: str, obj) -> None:

@@ -39,7 +39,7 @@ import sys
 import time
 
 from . import ckpt_dir, distributed
-from .atomic import remove_dir, write_json, write_text
+from .atomic import remove_dir, write_csv, write_json, write_text
 from .distributed import Dist
 from .errors import Esm2liteError
 from .textfiles import read_json, read_text
@@ -230,11 +230,7 @@ class Checkpointer:
 
     def write_predictions(self, split: str, rows: list[dict]) -> None:
         if self.d.main:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-            write_text(self.predictions(split), buf.getvalue())
+            write_csv(self.predictions(split), rows)
 
     def write_summary(self, summary: dict) -> None:
         if self.d.main:

@@ -38,7 +38,6 @@ def quoted(value, limit: int = 60) -> str:
     return f"{text[:limit]}... ({len(str(value))} characters)"
 
 
-
 def key_mismatch(expected: dict, got: dict, unexpected) -> str:
     """"" when the tensors `got` fit `expected` (name -> shape); otherwise one clause per kind of
     problem, e.g. "1 missing keys: a; 1 shape mismatches: b file (4, 2) vs model (4, 3)", at most

@@ -13,7 +13,6 @@
             too), never esm2lite's task head.
 """
 
-import json
 import os
 import sys
 
@@ -22,7 +21,8 @@ import torch
 from .checkpoint import save_hf_dir
 from .ckpt_dir import load_model, read_spec
 from .cli import OneLineParser, run_main
-from .errors import Esm2liteError
+from .config import read_json_object
+from .errors import CheckpointError, Esm2liteError
 from .lora import merge_lora
 from .model import ESM2
 from .peft_io import PEFT_CLASSES, same_layout, save_peft_adapter
@@ -74,9 +74,8 @@ def transformers_reads(base: str | None) -> bool:
     if not os.path.isdir(base):
         return True  # a hub id (load_model found it)
     try:
-        with open(os.path.join(base, "config.json"), encoding="utf-8") as f:
-            return json.load(f).get("model_type") == "esm"
-    except (OSError, ValueError, AttributeError):
+        return read_json_object(os.path.join(base, "config.json")).get("model_type") == "esm"
+    except CheckpointError:  # no config.json, not JSON, not an object
         return False
 
 

@@ -4,8 +4,6 @@ Sequences are scored in length-bucketed token-budget batches and returned in inp
 LoRA adapters are merged into the base weights first (one GEMM per linear instead of three).
 """
 
-import csv
-import io
 import json
 import os
 
@@ -13,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .atomic import atomic_path, write_text
+from .atomic import atomic_path
 from .batching import make_batches
 from .ckpt_dir import load_model
 from .device import amp_dtype_for
@@ -129,15 +127,6 @@ def write_embeddings(path: str, tensors: dict, ids, info: dict | None = None) ->
     metadata.update({k: json.dumps(v) for k, v in (info or {}).items() if v})
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-
-
-def write_predictions_csv(path: str, rows: list[dict]) -> None:
-    """Columns id, sequence, then the prediction columns; written atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
 
 
 def check_writable(path: str, inputs=()) -> None:

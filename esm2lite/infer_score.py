@@ -49,13 +49,13 @@ def read_wildtype(value: str) -> str:
     return value
 
 
-def _added(result: ScoreResult) -> list[str]:
-    return [result.method] + (["pseudo_perplexity"] if result.pseudo_perplexity is not None else []) + ["window"]
+def _added(method: str) -> list[str]:
+    """The columns the scores add to the input's: the score, pll's pseudo-perplexity, the window rule."""
+    return [method] + (["pseudo_perplexity"] if method == "pll" else []) + ["window"]
 
 
 def _check_no_clash(source: str, header: list[str], method: str) -> None:
-    added = [method] + (["pseudo_perplexity"] if method == "pll" else []) + ["window"]
-    clash = next((c for c in header if c in added), None)
+    clash = next((c for c in header if c in _added(method)), None)
     if clash is not None:
         raise DataError(f"{source}: has a column {quoted(clash)}, which the scores are written to; rename it")
 
@@ -64,7 +64,7 @@ def _rows(inputs: list[dict], result: ScoreResult, windows: list[str]) -> list[d
     out = []
     for k, row in enumerate(inputs):
         extra = [result.scores[k]] + ([result.pseudo_perplexity[k]] if result.pseudo_perplexity else [])
-        out.append({**row, **dict(zip(_added(result), extra + [windows[k]]))})
+        out.append({**row, **dict(zip(_added(result.method), extra + [windows[k]]))})
     return out
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .errors import DataError, quoted
 from .labels import LabelSpace
 from .reading import _looks_like_fasta as looks_like_fasta
-from .reading import MASK_WORDS, parse_float, read_csv, read_fasta, require_columns
+from .reading import mask_like, parse_float, read_csv, read_fasta, require_columns
 from .records import Record, encode_sequence, make_record, where
 from .tokenizer import EOS, TOKENS
 
@@ -132,7 +132,7 @@ def unlabelled_mask_hint(table: Table, labels: LabelSpace, mask_column: str | No
     """A warning when per-residue labels are scored without a mask while a mask-like column exists."""
     if labels.task != "token-classification" or mask_column is not None:
         return None
-    like = next((c for c in table.kept if any(word in c.lower() for word in MASK_WORDS)), None)
+    like = next(iter(mask_like(table.kept)), None)
     if like is None:
         return None
     return (f"WARNING: {table.source}: column {quoted(like)} looks like a per-residue mask, but no --mask-column was "

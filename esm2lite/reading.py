@@ -159,7 +159,12 @@ def unused_mask_columns(spec: DataSpec, header) -> list[str]:
     `resolved`, BioNeMo's `labels_mask`), which are then not used."""
     if spec.task != "token-classification" or spec.mask_column is not None:
         return []
-    return [c for c in header if any(word in c.lower() for word in MASK_WORDS)]
+    return mask_like(header)
+
+
+def mask_like(columns) -> list[str]:
+    """The column names that look like a per-residue mask (MASK_WORDS), in order."""
+    return [c for c in columns if any(word in c.lower() for word in MASK_WORDS)]
 
 
 def _split_rows(spec: DataSpec, csv_path, note=None) -> tuple[str, dict]:
