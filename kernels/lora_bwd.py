@@ -20,26 +20,27 @@ import triton
 import triton.language as tl
 
 from .lora_fwd import rank_proj
-from .tiles import (GRAD_ROW_ALIGN, autotune, dropout_keep, empty, gemm_configs, grad_configs, grouped_tile,
-                    m_bucket, r_pad, rank_in_loop)
+from .tiles import (GRAD_ROW_ALIGN, autotune, dot_kind, dropout_keep, empty, gemm_configs, grad_configs, grouped_tile,
+                    m_bucket, r_pad, rank_block, rank_in_loop, rank_product)
 
 __all__ = ["lora_backward", "rank_grad"]
 
 
 @autotune(gemm_configs("BK", "BN"), key=["M_BUCKET", "N", "K", "R", "DS_IN_LOOP", "DROPOUT"], out_block="BK")
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "seed"])
 def _lora_dx_kernel(
     dY_ptr, W_ptr, A_ptr, B_ptr, dS_ptr, dX_ptr,       # dY: [M, N] W: [N, K] A: [r, K] B: [N, r]
     M, N, K, r, M_BUCKET, scale, p_drop, seed,         # dS: [M, r]   dX: [M, K]
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_dsm, stride_dsr, stride_dxm, stride_dxk,
     DS_IN_LOOP: tl.constexpr, STORE_DS: tl.constexpr, DROPOUT: tl.constexpr,
-    R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+    R: tl.constexpr, RB: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dX = dY W + mask ⊙ (dS A)/(1-p) for one [BM, BK] tile (BN: the reduction block over N).
     DS_IN_LOOP (p = 0): dY B accumulates beside dY W in the N loop; dS = s · dY B is stored by the
     pid_k == 0 tiles for dA (STORE_DS) and dS A added at the end. Otherwise dS came from
-    _rank_proj_kernel and seeds the accumulator: acc = mask ⊙ (dS A)/(1-p), then the loop adds dY W."""
+    _rank_proj_kernel and seeds the accumulator: acc = mask ⊙ (dS A)/(1-p) (RB ranks at a time), then the
+    loop adds dY W."""
     pid_m, pid_k = grouped_tile(M, K, BM, BK, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = pid_k * BK + tl.arange(0, BK)
@@ -49,13 +50,11 @@ def _lora_dx_kernel(
     A_ptrs = A_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak
     dS_ptrs = dS_ptr + rm64[:, None] * stride_dsm + rr[None, :] * stride_dsr
 
+    acc = tl.zeros((BM, BK), dtype=tl.float32)                                  # dX tile, fp32
     if DS_IN_LOOP:
-        acc = tl.zeros((BM, BK), dtype=tl.float32)                              # dX tile, fp32
         dYB = tl.zeros((BM, R), dtype=tl.float32)
-    else:
-        dS = tl.load(dS_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)   # dS: [BM, R]
-        A = tl.load(A_ptrs, mask=r_ok[:, None] & k_ok[None, :], other=0.0)     # A: [R, BK]
-        acc = tl.dot(dS, A, input_precision="ieee")                             # dS A
+    else:                                                                       # acc = dS A
+        acc = rank_product(acc, dS_ptr, stride_dsm, stride_dsr, rm64, m_ok, A_ptr, stride_ar, stride_ak, rk, k_ok, r, R, RB)
         if DROPOUT:
             acc = tl.where(dropout_keep(seed, rm, rk, K, p_drop), acc * (1.0 / (1.0 - p_drop)), 0.0)
 
@@ -84,7 +83,7 @@ def _lora_dx_kernel(
 
 
 @autotune(grad_configs(), key=["M_BUCKET", "P", "R", "DROPOUT"])
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "seed"])
 def _rank_grad_kernel(
     X_ptr, Y_ptr, part_ptr,           # X: [M, P]  Y: [M, r]  part: [splits, P, r] fp32
     M, P, r, M_BUCKET, rows_per_split, c, p_drop, seed,
@@ -147,11 +146,11 @@ def rank_grad(X, Y, c, p_drop, seed):
 def lora_backward(dY, x, W, A, B, S, scale, p_drop, seed, need_dX, need_dA, need_dB, in_loop=None):
     """dY: [M, N], x: [M, K], S = s · xd A^T: [M, r] (needed for dB) -> (dX, dA fp32, dB fp32),
     None where not needed. in_loop: where dS is computed (None: the cost model `s_in_loop`; the
-    tests force each strategy); with dropout, or above r_pad = 32, dS is always computed first."""
+    tests force each strategy); with dropout, above r_pad = 32, or in fp32, dS is computed first."""
     M, N = dY.shape
     K = x.shape[1]
     r = A.shape[0]
-    in_loop = rank_in_loop(r, K, N, p_drop, prefer=in_loop)
+    in_loop = rank_in_loop(r, K, N, p_drop, dot_kind(dY.dtype), prefer=in_loop)
     dX = dS = dA = dB = None
     if need_dX:
         if in_loop:
@@ -165,7 +164,7 @@ def lora_backward(dY, x, W, A, B, S, scale, p_drop, seed, need_dX, need_dA, need
             dY, W, A, B, dS_arg, dX, M, N, K, r, m_bucket(M), scale, p_drop, seed,
             dY.stride(0), dY.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1),
             B.stride(0), B.stride(1), dS_arg.stride(0), dS_arg.stride(1), dX.stride(0), dX.stride(1),
-            DS_IN_LOOP=in_loop, STORE_DS=need_dA, DROPOUT=p_drop > 0, R=r_pad(r),
+            DS_IN_LOOP=in_loop, STORE_DS=need_dA, DROPOUT=p_drop > 0, R=r_pad(r), RB=rank_block(r, dot_kind(dY.dtype)),
         )
     elif need_dA:
         dS = rank_proj(dY, B.T, scale, 0.0, seed)

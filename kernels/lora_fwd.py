@@ -20,14 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (autotune, dropout_keep, empty, gemm_configs, grouped_tile, m_bucket, proj_configs, r_pad,
-                    rank_in_loop, s_in_loop)
+from .tiles import (autotune, dot_kind, dropout_keep, empty, gemm_configs, grouped_tile, m_bucket, proj_configs, r_pad,
+                    rank_block, rank_in_loop, rank_product, s_in_loop)
 
 __all__ = ["lora_forward", "rank_proj", "dropout_mask", "s_in_loop"]
 
 
 @autotune(proj_configs(), key=["M_BUCKET", "P", "R", "DROPOUT"], out_block="R")
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET", "seed"])
 def _rank_proj_kernel(
     X_ptr, Y_ptr, out_ptr,            # X: [M, P]  Y: [r, P]  out: [M, r]
     M, P, r, M_BUCKET, c, p_drop, seed,
@@ -57,19 +57,19 @@ def _rank_proj_kernel(
 
 
 @autotune(gemm_configs("BN", "BK"), key=["M_BUCKET", "N", "K", "R", "S_IN_LOOP"], out_block="BN")
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _lora_fwd_kernel(
     x_ptr, W_ptr, b_ptr, A_ptr, B_ptr, S_ptr, y_ptr,   # x: [M, K] W: [N, K] b: [N] A: [r, K] B: [N, r]
     M, N, K, r, M_BUCKET, scale,                       # S: [M, r]   y: [M, N]
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_sm, stride_sr, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, S_IN_LOOP: tl.constexpr, STORE_S: tl.constexpr,
-    R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    R: tl.constexpr, RB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = x W^T + b + S B^T for one [BM, BN] tile.
     S_IN_LOOP: x A^T accumulates beside x W^T in the K loop; S = s · x A^T is added at the end and
     the pid_n == 0 tiles store it for the backward (STORE_S). Otherwise S (from _rank_proj_kernel)
-    seeds the accumulator: acc = S B^T, then the K loop adds x W^T."""
+    seeds the accumulator: acc = S B^T (RB ranks at a time), then the K loop adds x W^T."""
     pid_m, pid_n = grouped_tile(M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -77,15 +77,13 @@ def _lora_fwd_kernel(
     m_ok, n_ok, r_ok = rm < M, rn < N, rr < r
     rm64 = rm.to(tl.int64)
 
-    Bt = tl.load(B_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
-                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)                 # B^T: [R, BN]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)                                  # y tile, fp32
     if S_IN_LOOP:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)                              # y tile, fp32
         xA = tl.zeros((BM, R), dtype=tl.float32)
-    else:
-        S = tl.load(S_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)             # S: [BM, R]
-        acc = tl.dot(S, Bt, input_precision="ieee")                             # S B^T
+        Bt = tl.load(B_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)             # B^T: [R, BN]
+    else:                                                                       # acc = S B^T
+        acc = rank_product(acc, S_ptr, stride_sm, stride_sr, rm64, m_ok, B_ptr, stride_br, stride_bn, rn, n_ok, r, R, RB)
 
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -101,7 +99,7 @@ def _lora_fwd_kernel(
             xA = tl.dot(x, At, xA, input_precision="ieee")
 
     if S_IN_LOOP:
-        S = (xA * scale).to(Bt.dtype)                                           # S = s · x A^T
+        S = (xA * scale).to(B_ptr.dtype.element_ty)                             # S = s · x A^T
         if STORE_S:
             if pid_n == 0:
                 tl.store(S_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr, S,
@@ -143,10 +141,10 @@ def lora_forward(x, W, b, A, B, scale, p_drop, seed, need_S, in_loop=None):
     """y = x W^T + b + s · xd A^T B^T.  x: [M, K] -> (y: [M, N], S = s · xd A^T: [M, r] or None).
 
     in_loop: where S is computed (None: the cost model `s_in_loop`; the tests force each strategy).
-    With dropout, or above r_pad = 32, S is always computed separately (tiles.rank_in_loop)."""
+    With dropout, above r_pad = 32, or in fp32, S is computed separately (tiles.rank_in_loop)."""
     M, K = x.shape
     N, r = B.shape
-    in_loop = rank_in_loop(r, N, K, p_drop, prefer=in_loop)
+    in_loop = rank_in_loop(r, N, K, p_drop, dot_kind(x.dtype), prefer=in_loop)
     if in_loop:
         S = empty((M, r), x.dtype, x.device) if need_S else None
     else:
@@ -159,7 +157,7 @@ def lora_forward(x, W, b, A, B, scale, p_drop, seed, need_S, in_loop=None):
         M, N, K, r, m_bucket(M), scale,
         x.stride(0), x.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1),
         B.stride(0), B.stride(1), S_arg.stride(0), S_arg.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=b is not None, S_IN_LOOP=in_loop, STORE_S=need_S, R=r_pad(r),
+        HAS_BIAS=b is not None, S_IN_LOOP=in_loop, STORE_S=need_S, R=r_pad(r), RB=rank_block(r, dot_kind(x.dtype)),
     )
     return y, S
 

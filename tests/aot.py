@@ -28,6 +28,7 @@ GRID_LIMIT = (2**31 - 1, 65535, 65535)
 GEMM_KERNELS = ("_lora_fwd_kernel", "_lora_dx_kernel")  # must use wgmma on sm_90
 TILE_NAMES = ("BM", "BN", "BK", "BP", "GROUP_M")         # autotuned block sizes
 
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names of torch dtypes
 WIDTHS = {"8M": 320, "35M": 480, "650M": 1280, "3B": 2560, "15B": 5120}  # ESM-2 d; FFN 4d
 DROPOUT_P = 0.1
 
@@ -73,7 +74,7 @@ def cover(full: bool) -> list[Launch]:
 
 def run_launch(fwd, bwd, launch: Launch, dtype: str) -> None:
     import torch
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    dt = getattr(torch, DTYPES[dtype])
     meta = lambda *shape: torch.empty(*shape, dtype=dt, device="meta")
     M, N, K, r = launch.M, launch.N, launch.K, launch.r
     x, W, A, B = meta(M, K), meta(N, K), meta(r, K), meta(N, r)
@@ -184,10 +185,11 @@ def config_label(tiles: dict, num_warps: int, num_stages: int) -> str:
     return " ".join(f"{k}{tiles[k]}" for k in TILE_NAMES if k in tiles) + f" w{num_warps} s{num_stages}"
 
 
-def compile_cover(arch: int, dtypes=("bf16", "fp16"), full_dtype="bf16", cache_dir=None, launches=None) -> dict:
+def compile_cover(arch: int, dtypes=("bf16", "fp16", "fp32"), full_dtypes=("bf16", "fp32"), cache_dir=None,
+                  launches=None) -> dict:
     """Run in a fresh process (TRITON_INTERPRET unset): compile every unit the cover reaches for
-    `arch`. full_dtype gets the full list of launches, the other dtypes the heavy ones
-    (launches: a list of Launch to run instead, in every dtype)."""
+    `arch`. full_dtypes get the full list of launches, the other dtypes one launch that reaches
+    every config (launches: a list of Launch to run instead, in every dtype)."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default on a GPU, said explicitly
     if cache_dir:
@@ -196,11 +198,12 @@ def compile_cover(arch: int, dtypes=("bf16", "fp16"), full_dtype="bf16", cache_d
     from esm2lite.kernels import lora_fwd as fwd
     rec = Recorder(arch)
     with targeting(arch, rec):
-        configs = {name: [config_label(c.kwargs, c.num_warps, c.num_stages) for c in plain_configs(at)]
+        configs = {name: {dt: [config_label(c.kwargs, c.num_warps, c.num_stages) for c in plain_configs(at, dt)]
+                          for dt in dtypes}
                    for name, at in autotuned(fwd, bwd).items()}
         bwd._target_programs = lambda device: 4 * SM_COUNT[arch]
         for dtype in dtypes:
-            for launch in launches or cover(full=dtype == full_dtype):
+            for launch in launches or cover(full=dtype in full_dtypes):
                 rec.launch = f"{launch} {dtype}"
                 with contextlib.suppress(Exception):  # recorded by Recorder.run
                     run_launch(fwd, bwd, launch, dtype)
@@ -210,11 +213,14 @@ def compile_cover(arch: int, dtypes=("bf16", "fp16"), full_dtype="bf16", cache_d
     return {"units": list(rec.units.values()), "failures": rec.failures, "configs": configs}
 
 
-def plain_configs(at) -> list:
-    """The configs an autotuner keeps at rank 16 without dropout on the current target: every
-    config a launch of the model can use (the others are pruned on this architecture)."""
+def plain_configs(at, dtype: str) -> list:
+    """The configs an autotuner keeps for a `dtype` launch at rank 16 without dropout on the current
+    target: every config a launch of the model can use in that dtype (the others are pruned on this
+    architecture, or serve the other dot kind)."""
+    import torch
     prune = at.early_config_prune
-    return prune(at.configs, {}, R=16, DROPOUT=False) if prune else at.configs
+    first = torch.empty(0, dtype=getattr(torch, DTYPES[dtype]), device="meta")  # the kernels' first argument
+    return prune(at.configs, {"first": first}, R=16, DROPOUT=False) if prune else at.configs
 
 
 def autotuned(*modules) -> dict:

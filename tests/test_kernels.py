@@ -22,6 +22,9 @@ GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# fp32 at real widths: a length-K fp32 sum is off by about sqrt(K) · 2^-24 relative (4e-6 at K = 5120,
+# the largest reduction the GPU tests run), against 2e-6 for the interpreter's K <= 45.
+GPU_TOL = {**TOL, torch.float32: 1e-5}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -330,6 +333,33 @@ def test_torch_frozen_base_gets_no_grad_and_1d_x():
     assert W.grad is None and b.grad is None and A.grad is not None
 
 
+def test_each_dtype_tunes_among_its_own_tiles():
+    """fp32 launches see only the FMA tiles, bf16/fp16 only the tensor-core tiles, for every kernel
+    (the compile check compiles each list in its own dtypes; a mix would compile fp32 into tiles
+    that spill)."""
+    from esm2lite.kernels import lora_bwd, lora_fwd, tiles
+    if tiles.INTERPRET:
+        pytest.skip("one shared config under the interpreter")
+    for kernel in (lora_fwd._rank_proj_kernel, lora_fwd._lora_fwd_kernel, lora_bwd._lora_dx_kernel,
+                   lora_bwd._rank_grad_kernel):
+        kept = {}
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            first = torch.empty(0, dtype=dtype, device="meta")
+            kept[dtype] = kernel.early_config_prune(kernel.configs, {"first": first}, R=16, DROPOUT=False)
+            want = "fma" if dtype == torch.float32 else "mma"
+            assert kept[dtype] and all(c.kinds == {want} for c in kept[dtype]), (kernel.base_fn.__name__, dtype)
+        assert all(len(c.kinds) == 1 for c in kernel.configs)  # no tile serves both kinds
+
+
+def test_fp32_keeps_the_rank_product_out_of_the_gemm_loop_unless_forced():
+    from esm2lite.kernels.tiles import rank_block, rank_in_loop
+    # d = 320 at r = 16: memory bound, so in the loop for the tensor cores
+    assert rank_in_loop(16, 320, 320, 0.0, "mma") and not rank_in_loop(16, 320, 320, 0.0, "fma")
+    assert rank_in_loop(16, 320, 320, 0.0, "fma", prefer=True)   # the tests force each strategy
+    assert not rank_in_loop(16, 320, 320, 0.1, "mma", prefer=True)  # dropout: never in the loop
+    assert (rank_block(128, "mma"), rank_block(128, "fma"), rank_block(8, "fma")) == (128, 16, 16)
+
+
 # ----------------------------------------------------------------------------- backends and errors
 
 def test_backend_selection(monkeypatch):
@@ -408,7 +438,7 @@ def test_gpu_large_vs_float64(dtype, p):
     try:
         x, W, b, A, B, dY = make_inputs(0, (8, 2048), 1280, 1280, 16, dtype, device="cuda",
                                         ab_dtype=torch.float32)
-        run_and_check(x, W, b, A, B, dY, 2.0, p, "triton", TOL[dtype] if dtype != torch.float32 else 1e-5)
+        run_and_check(x, W, b, A, B, dY, 2.0, p, "triton", GPU_TOL[dtype])
     finally:
         tiles.POISON_OUTPUTS = False
 
@@ -433,14 +463,17 @@ def test_gpu_s_strategies_bf16(K, N, r, in_loop, p):
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_compiled_kernels_do_not_spill():
-    """What the compile check says without a GPU, read from the loaded kernels on this one."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_compiled_kernels_do_not_spill(dtype):
+    """What the compile check says without a GPU, read from the loaded kernels on this one: the
+    heaviest launches of each dot kind (tensor-core tiles in bf16, FMA tiles in fp32), every
+    kernel this process loaded."""
     from triton.runtime.jit import JITFunction
 
     from esm2lite.kernels import lora_bwd, lora_fwd
     for K, N, r, p in [(1280, 1280, 16, 0.0), (320, 320, 32, 0.0), (1280, 5120, 64, 0.1), (5120, 1280, 128, 0.1)]:
-        x, W, b, A, B, dY = make_inputs(2, (4096,), K, N, r, torch.bfloat16, device="cuda")
-        run_and_check(x, W, b, A, B, dY, 2.0, p, "triton", TOL[torch.bfloat16])
+        x, W, b, A, B, dY = make_inputs(2, (4096,), K, N, r, dtype, device="cuda")
+        run_and_check(x, W, b, A, B, dY, 2.0, p, "triton", GPU_TOL[dtype])
     loaded = []
     for module in (lora_fwd, lora_bwd):
         for obj in vars(module).values():

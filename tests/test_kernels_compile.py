@@ -2,12 +2,13 @@
 machine without a GPU (how: tests/aot.py).
 
 One process per architecture compiles, through the project's own launchers and triton's own
-binder and autotuner, the units of `aot.cover`: in bf16 the ESM-2 shapes (d = 320 ... 5120 and
-4d), ranks 8 ... 128, token counts that are and are not multiples of 16, dropout on and off, with
-and without bias, the first layer (no dX), both S strategies; in fp16 the heaviest launches. Every
-kernel x autotune config x architecture x dtype is compiled at least once, at the heaviest flags
-the model reaches (the largest rank in and out of the loop, dropout, bias). Units are cached within
-the run (one triton cache); nothing is reused between runs.
+binder and autotuner, the units of `aot.cover`: in bf16 and fp32 the ESM-2 shapes (d = 320 ...
+5120 and 4d), ranks 8 ... 128, token counts that are and are not multiples of 16, dropout on and
+off, with and without bias, the first layer (no dX), both S strategies; in fp16 one launch that
+reaches every config. Every kernel x autotune config x architecture x dtype is compiled at least
+once; bf16/fp16 (tensor-core tiles) and fp32 (FMA tiles) at the heaviest flags the model reaches
+(the largest rank in and out of the loop, dropout, bias). Units are cached within the run (one
+triton cache); nothing is reused between runs.
 """
 
 import multiprocessing
@@ -19,15 +20,16 @@ import aot
 
 pytestmark = pytest.mark.slow
 ARCHS = (90, 80)
-DTYPES = ("bf16", "fp16")
+DTYPES = ("bf16", "fp16", "fp32")
+FULL = ("bf16", "fp32")  # the dtypes compiled at every shape and flag of the cover
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """arch -> {"units": [...], "failures": [...], "configs": {kernel: [config label, ...]}}."""
+    """arch -> {"units": [...], "failures": [...], "configs": {kernel: {dtype: [config label, ...]}}}."""
     cache = str(tmp_path_factory.mktemp("triton_cache"))
     with ProcessPoolExecutor(len(ARCHS), mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = {arch: pool.submit(aot.compile_cover, arch, DTYPES, "bf16", cache) for arch in ARCHS}
+        jobs = {arch: pool.submit(aot.compile_cover, arch, DTYPES, FULL, cache) for arch in ARCHS}
         return {arch: job.result() for arch, job in jobs.items()}
 
 
@@ -49,7 +51,7 @@ def test_every_kernel_config_arch_and_dtype_is_compiled(compiled):
     for arch in ARCHS:
         done = {(u["kernel"], u["dtype"], u["config"]) for u in compiled[arch]["units"]}
         for kernel, configs in compiled[arch]["configs"].items():
-            missing += [f"{kernel} sm_{arch} {dt} {c}" for dt in DTYPES for c in configs if (kernel, dt, c) not in done]
+            missing += [f"{kernel} sm_{arch} {dt} {c}" for dt in DTYPES for c in configs[dt] if (kernel, dt, c) not in done]
     assert not missing, "never compiled:\n" + "\n".join(missing)
     assert {u["kernel"] for u in units(compiled)} >= {"_dropout_mask_kernel", *compiled[90]["configs"]}
 
@@ -82,6 +84,7 @@ def test_no_register_spills(compiled):
 
 
 def test_hopper_gemms_use_warpgroup_mma(compiled):
-    gemms = [u for u in compiled[90]["units"] if u["kernel"] in aot.GEMM_KERNELS]
+    """bf16/fp16 GEMMs: Hopper's warpgroup MMA. (fp32 dots are ieee FMA by design: no TF32.)"""
+    gemms = [u for u in compiled[90]["units"] if u["kernel"] in aot.GEMM_KERNELS and u["dtype"] != "fp32"]
     assert gemms
     assert all(u["wgmma"] for u in gemms), "\n".join(where(u) for u in gemms if not u["wgmma"])
