@@ -1,6 +1,8 @@
-"""Inference benchmark: esm2lite vs transformers (eager and sdpa attention) on one set of sequences.
+"""Inference benchmark: esm2lite vs transformers (sdpa attention; eager too on the CPU) on one set
+of sequences.
 
-The same random-weight ESM-2 architecture (8M by default) is built with transformers, saved with
+The same random-weight ESM-2 architecture (8M on the CPU, 650M on a GPU by default; several --arch
+run one after the other, the JSON rewritten after each) is built with transformers, saved with
 save_pretrained and loaded by both libraries: transformers.EsmModel (no pooler, no LM head) and
 esm2lite.ESM2 (logits=False), so both compute the final hidden states and nothing else. The
 sequences (random residues, lengths uniform in [min-len, max-len]) are cut into the same
@@ -19,9 +21,9 @@ Peak memory above what the loaded model already holds:
 
 The CPU default (16 sequences, 1 thread) takes about 1-2 minutes; transformers-eager dominates.
 
-    python benchmarks/bench_infer.py                     # CPU: fp32, 1 thread; GPU if present: bf16
+    python benchmarks/bench_infer.py                     # CPU: 8M fp32, 1 thread; GPU if present: 650M bf16
     python benchmarks/bench_infer.py --num-seqs 16 --repeats 2
-    python benchmarks/bench_infer.py --arch esm2_t33_650M_UR50D --batch-tokens 16384   # on a GPU
+    python benchmarks/bench_infer.py --arch esm2_t33_650M_UR50D esm2_t36_3B_UR50D --batch-tokens 16384   # GPU
 """
 
 import argparse
@@ -34,9 +36,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after PYTHONPATH: see gpu_check.py
 
-from benchmarks.common import make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
+from benchmarks.common import OneLineParser, make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
 from esm2lite.batching import make_batches  # noqa: E402
 from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
@@ -49,9 +51,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = OneLineParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="esm2_t6_8M_UR50D", help="ESM-2 architecture name (random weights)")
+    p.add_argument("--arch", nargs="+", default=["esm2_t33_650M_UR50D" if cuda else "esm2_t6_8M_UR50D"],
+                   help="ESM-2 architecture names (random weights), measured in turn; default 650M on GPU, 8M on CPU")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS if not cuda else IMPLS[::2]),
+                   help="implementations (transformers-sdpa, the reference, is always included; "
+                        "default on a GPU: esm2lite and transformers-sdpa)")
     p.add_argument("--num-seqs", type=int, default=64 if cuda else 16, help="sequences in the set")
     p.add_argument("--min-len", type=int, default=50, help="shortest sequence (residues)")
     p.add_argument("--max-len", type=int, default=1000, help="longest sequence (residues)")
@@ -64,7 +70,15 @@ def parse_args(argv=None):
                    help="torch threads on CPU (default 1: stable timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (default benchmarks/results/infer_<device>.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("num_seqs", "min_len", "max_len", "batch_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.min_len > args.max_len:
+        p.error(f"--min-len {args.min_len} is above --max-len {args.max_len}")
+    if args.max_len + 2 > args.batch_tokens:
+        p.error(f"--batch-tokens {args.batch_tokens} cannot hold a sequence of --max-len {args.max_len} (+2 tokens)")
+    return args
 
 
 # ---------------------------------------------------------------- models and data
@@ -159,21 +173,36 @@ def max_abs_diff(impl, model, ref, batches) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
+    impls = [i for i in IMPLS if i in args.impls or i == "transformers-sdpa"]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     batches, lengths = make_batches_for(args.num_seqs, args.min_len, args.max_len, args.batch_tokens, args.seed)
     residues, padded = sum(lengths), sum(b.numel() for b in batches)
     print(f"{args.num_seqs} sequences, {residues} residues, {len(batches)} batches ({padded} tokens with "
-          f"padding), {args.arch} {args.dtype} on {device}" + (f", {args.threads} thread(s)" if device.type == "cpu" else ""))
+          f"padding), {args.dtype} on {device}" + (f", {args.threads} thread(s)" if device.type == "cpu" else ""))
+    doc = start_doc(args, device, lengths, batches, residues, padded)
+    for arch in args.arch:
+        try:
+            doc["results"][arch] = results = run_arch(arch, impls, args, device, dtype, batches, residues)
+            print_table(arch, results)
+        except Exception as e:  # recorded; the other architectures still run
+            doc["results"][arch] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{arch}: {doc['results'][arch]['error']}", flush=True)
+        doc["headline"] = headline(doc["results"])
+        write_json(doc["out"], doc)
+    print(f"\n{doc['headline']}\nwrote {doc['out']}")
 
+
+def run_arch(arch, impls, args, device, dtype, batches, residues) -> dict:
+    """Every implementation on one architecture: medians, peak memory, differences, ratios."""
     with tempfile.TemporaryDirectory() as model_dir:
-        make_checkpoint(args.arch, model_dir, args.seed)
+        make_checkpoint(arch, model_dir, args.seed, device=device, dtype=dtype if device.type == "cuda" else None)
         peak = {}
         if device.type == "cpu":
-            for impl in IMPLS:
+            for impl in impls:
                 peak[impl] = cpu_peak_memory(impl, model_dir, dtype, batches, args.threads)
-        models = {impl: load_model(impl, model_dir, dtype, device) for impl in IMPLS}
+        models = {impl: load_model(impl, model_dir, dtype, device) for impl in impls}
     batches = [b.to(device) for b in batches]
     for impl, model in models.items():  # warm-up, and the GPU peak memory
         forward(impl, model, batches[-1])
@@ -182,31 +211,47 @@ def main(argv=None):
     ref = forward("transformers-sdpa", models["transformers-sdpa"], batches[0])
     diffs = {impl: max_abs_diff(impl, m, ref, batches) for impl, m in models.items()}
 
-    times = {impl: [] for impl in IMPLS}
+    times = {impl: [] for impl in impls}
     for r in range(args.repeats):
         for impl, model in models.items():
             times[impl].append(run_pass(impl, model, batches, device))
-        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{i} {t[-1]:.2f}s" for i, t in times.items()), flush=True)
+        print(f"{arch} repeat {r + 1}/{args.repeats}: " + ", ".join(f"{i} {t[-1]:.2f}s" for i, t in times.items()),
+              flush=True)
+    del models
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     results = {}
-    for impl in IMPLS:
+    for impl in impls:
         median = statistics.median(times[impl])
         results[impl] = {"pass_s_median": median, "pass_s": times[impl], "seqs_per_s": args.num_seqs / median,
                          "residues_per_s": residues / median, "peak_memory_bytes": peak.get(impl),
                          "max_abs_diff_vs_sdpa": diffs[impl]}
     ref_impl = results["transformers-sdpa"]
-    for impl in IMPLS:
+    for impl in impls:
         r = results[impl]
         r["speedup_vs_sdpa"] = r["seqs_per_s"] / ref_impl["seqs_per_s"]
         if r["peak_memory_bytes"] and ref_impl["peak_memory_bytes"]:
             r["peak_memory_ratio_vs_sdpa"] = r["peak_memory_bytes"] / ref_impl["peak_memory_bytes"]
-
-    print_table(results)
-    write_results(args, device, results, lengths, batches, residues, padded)
+    return results
 
 
-def print_table(results) -> None:
-    print(f"\n{'implementation':<20} {'seq/s':>8} {'residues/s':>11} {'vs sdpa':>8} {'peak MiB':>9} {'mem vs sdpa':>11} {'max|Δ|':>9}")
+def headline(all_results) -> str:
+    parts = []
+    for arch, results in all_results.items():
+        size = arch.split("_")[2]
+        r = results.get("esm2lite", {})
+        if "speedup_vs_sdpa" in r:
+            mem = f", {r['peak_memory_ratio_vs_sdpa']:.2f}x peak memory" if "peak_memory_ratio_vs_sdpa" in r else ""
+            parts.append(f"{size}: {r['speedup_vs_sdpa']:.2f}x residues/s of transformers sdpa{mem}")
+        else:
+            parts.append(f"{size}: {results.get('error', 'incomplete')}")
+    return "; ".join(parts) or "nothing measured"
+
+
+def print_table(arch, results) -> None:
+    print(f"\n{arch}\n{'implementation':<20} {'seq/s':>8} {'residues/s':>11} {'vs sdpa':>8} {'peak MiB':>9} "
+          f"{'mem vs sdpa':>11} {'max|Δ|':>9}")
     for impl, r in results.items():
         mib = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "n/a"
         mem = f"{r['peak_memory_ratio_vs_sdpa']:.2f}x" if "peak_memory_ratio_vs_sdpa" in r else "n/a"
@@ -214,13 +259,13 @@ def print_table(results) -> None:
               f"{mib:>9} {mem:>11} {r['max_abs_diff_vs_sdpa']:>9.1e}")
 
 
-def write_results(args, device, results, lengths, batches, residues, padded) -> None:
+def start_doc(args, device, lengths, batches, residues, padded) -> dict:
     import transformers
 
-    out = args.out or os.path.join(RESULTS, f"infer_{device.type}.json")
-    doc = {
-        "benchmark": "inference: esm2lite vs transformers EsmModel (eager, sdpa), final hidden states",
+    return {
+        "benchmark": "inference: esm2lite vs transformers EsmModel (sdpa; eager on the CPU), final hidden states",
         **run_info(device, transformers=transformers.__version__),
+        "out": args.out or os.path.join(RESULTS, f"infer_{device.type}.json"),
         "settings": {**vars(args), "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
                      "cpu_count": os.cpu_count()},
         "data": {"num_seqs": len(lengths), "residues": residues, "tokens_with_padding": padded,
@@ -231,10 +276,8 @@ def write_results(args, device, results, lengths, batches, residues, padded) -> 
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "note": ("timings on a shared 2-core machine (other jobs running); implementations interleaved per repeat"
                  if device.type == "cpu" else ""),
-        "results": results,
+        "results": {}, "headline": "nothing measured yet",
     }
-    write_json(out, doc)
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

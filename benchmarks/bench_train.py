@@ -22,15 +22,21 @@ Each implementation runs in its own fresh process (sequentially), so its peak me
 
 CPU (default without CUDA): fp32, 8M architecture. GPU: bf16 autocast, 650M architecture, and MFU =
 4 * parameters * tokens/s / a bf16 matmul rate measured here (4 = 2 forward + 2 backward-to-input
-FLOPs per frozen weight; LoRA and attention FLOPs are not counted).
+FLOPs per frozen weight; LoRA and attention FLOPs are not counted). Several --arch run one after
+the other; the random checkpoint is built on the benchmark's device (bf16 on a GPU), and on a GPU
+the fused LoRA kernels of the architecture are compiled in parallel worker processes first
+(--compile-workers, benchmarks/warm.py). The JSON is rewritten after every implementation, so a
+run stopped early keeps what it measured. Data too small for --warmup + --steps batches is one
+line and exit status 2, before anything is built.
 
     python benchmarks/bench_train.py                    # CPU: 8M fp32, 1 thread; GPU: 650M bf16
-    python benchmarks/bench_train.py --steps 20 --batch-tokens 16384     # on a GPU
+    python benchmarks/bench_train.py --arch esm2_t33_650M_UR50D esm2_t36_3B_UR50D   # on a GPU
 """
 
 import argparse
 import multiprocessing as mp
 import os
+from queue import Empty
 import statistics
 import sys
 import tempfile
@@ -38,9 +44,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after PYTHONPATH: see gpu_check.py
 
-from benchmarks.common import make_checkpoint, rss_bytes, run_info, saved_bytes, sync  # noqa: E402
+from benchmarks.common import OneLineParser, make_checkpoint, rss_bytes, run_info, saved_bytes, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
 from esm2lite.config import ESM2Config  # noqa: E402
 from esm2lite.batching import make_batches  # noqa: E402
@@ -54,11 +60,12 @@ HF_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.d
 
 def parse_args(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = OneLineParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="esm2_t33_650M_UR50D" if cuda else "esm2_t6_8M_UR50D",
-                   help="ESM-2 architecture (random weights); default 650M on GPU, 8M on CPU")
-    p.add_argument("--num-seqs", type=int, default=512, help="size of the data pool batches are cut from")
+    p.add_argument("--arch", nargs="+", default=["esm2_t33_650M_UR50D" if cuda else "esm2_t6_8M_UR50D"],
+                   help="ESM-2 architectures (random weights), measured in turn; default 650M on GPU, 8M on CPU")
+    p.add_argument("--num-seqs", type=int, help="size of the data pool batches are cut from "
+                   "(default: enough for --warmup + --steps batches)")
     p.add_argument("--min-len", type=int, default=50)
     p.add_argument("--max-len", type=int, default=600)
     p.add_argument("--batch-tokens", type=int, default=16384 if cuda else 2048, help="tokens per batch, padding included")
@@ -72,8 +79,21 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1: stable timings)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1) if cuda else 0,
+                   help="processes compiling the LoRA kernels before the timed runs (GPU; 0: compile in the run)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/train_<device>.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("warmup", "steps", "batch_tokens", "min_len", "max_len", "rank"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else 'positive'}")
+    if args.min_len > args.max_len:
+        p.error(f"--min-len {args.min_len} is above --max-len {args.max_len}")
+    if args.max_len + 2 > args.batch_tokens:
+        p.error(f"--batch-tokens {args.batch_tokens} cannot hold a sequence of --max-len {args.max_len} (+2 tokens)")
+    if args.num_seqs is None:  # batches hold about batch_tokens / (mean length + 2) sequences
+        per_batch = max(1, args.batch_tokens // (args.max_len + 2))
+        args.num_seqs = per_batch * (args.warmup + args.steps) * 2
+    return args
 
 
 # ---------------------------------------------------------------- data and models
@@ -89,9 +109,14 @@ def make_data(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
     order = make_batches([n + 2 for n in lengths], args.batch_tokens, shuffle=True, seed=args.seed)
     need = args.warmup + args.steps
     if len(order) < need:
-        raise SystemExit(f"--num-seqs {args.num_seqs} gives {len(order)} batches, fewer than warmup + steps = {need}")
+        raise DataTooSmall(f"--num-seqs {args.num_seqs} gives {len(order)} batches of {args.batch_tokens} tokens, "
+                           f"fewer than --warmup + --steps = {need}: raise --num-seqs (or leave it out)")
     tok = Tokenizer()
     return [(tok.batch_encode([seqs[i] for i in idx]), targets[idx]) for idx in order[:need]]
+
+
+class DataTooSmall(ValueError):
+    pass
 
 
 def build_esm2lite(model_dir, args, device):
@@ -119,7 +144,7 @@ def build_transformers(model_dir, args, device):
     from transformers import EsmForSequenceClassification
 
     base = EsmForSequenceClassification.from_pretrained(model_dir, num_labels=1, problem_type="regression",
-                                                        attn_implementation="sdpa")
+                                                        attn_implementation="sdpa", dtype=torch.float32)
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
                         target_modules=HF_TARGETS)
     model = get_peft_model(base, config).to(device)
@@ -186,13 +211,24 @@ def run_impl(impl, model_dir, args, queue) -> None:
 
 
 def run_in_child(impl, model_dir, args) -> dict:
+    """run_impl in a fresh spawned process; its result, or RuntimeError as soon as the child dies
+    without one (never waits on a dead child)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=run_impl, args=(impl, model_dir, args, queue))
     proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    try:
+        while True:
+            try:
+                return queue.get(timeout=1.0)
+            except Empty:
+                if not proc.is_alive() and queue.empty():
+                    raise RuntimeError(f"{impl}: the benchmark process died (exit code {proc.exitcode}) "
+                                       f"without a result") from None
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
 
 
 def bf16_matmul_flops(device, n: int = 8192, reps: int = 20) -> float:
@@ -215,64 +251,120 @@ def bf16_matmul_flops(device, n: int = 8192, reps: int = 20) -> float:
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    print(f"{args.arch}, LoRA r={args.rank} alpha={args.alpha:g}, {args.precision} on {device}, "
+    try:
+        make_data(args)  # refuses a pool too small for the steps now, not in a child minutes later
+    except DataTooSmall as e:
+        print(f"bench_train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{', '.join(args.arch)}: LoRA r={args.rank} alpha={args.alpha:g}, {args.precision} on {device}, "
           f"{args.batch_tokens} tokens/batch, {args.warmup} warm-up + {args.steps} timed steps"
           + (f", {args.threads} thread(s)" if device.type == "cpu" else ""), flush=True)
-    results = {}
-    with tempfile.TemporaryDirectory() as model_dir:
-        make_checkpoint(args.arch, model_dir, args.seed)
-        for impl in IMPLS:
-            results[impl] = r = run_in_child(impl, model_dir, args)
-            r["tokens_per_s"] = r["tokens_per_step"] / r["step_s_median"]
-            print(f"{impl}: median step {r['step_s_median']:.3f}s, {r['tokens_per_s']:.0f} tokens/s", flush=True)
-    ref = results["transformers+peft"]
-    for r in results.values():
-        r["speedup_vs_transformers"] = r["tokens_per_s"] / ref["tokens_per_s"]
-        if r["peak_memory_bytes"] and ref["peak_memory_bytes"]:
-            r["peak_memory_ratio_vs_transformers"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
-    matmul = None
+    doc = start_doc(args, device)
     if device.type == "cuda":
-        matmul = bf16_matmul_flops(device)
-        for r in results.values():
-            # encoder weights only: the (tiny) heads and LoRA factors are left out
-            r["mfu"] = 4 * ESM2Config.from_name(args.arch).num_parameters() * r["tokens_per_s"] / matmul
-    print_table(results)
-    write_results(args, device, results, matmul)
+        doc["bf16_matmul_flops"] = bf16_matmul_flops(device)
+        doc["compile"] = warm_up(args)
+    for arch in args.arch:
+        doc["results"][arch] = results = {}
+        with tempfile.TemporaryDirectory() as model_dir:
+            make_checkpoint(arch, model_dir, args.seed, device=device,
+                            dtype=torch.bfloat16 if device.type == "cuda" else None)
+            for impl in IMPLS:
+                try:
+                    results[impl] = r = run_in_child(impl, model_dir, args_for(args, arch))
+                    r["tokens_per_s"] = r["tokens_per_step"] / r["step_s_median"]
+                    print(f"{arch} {impl}: median step {r['step_s_median']:.3f}s, {r['tokens_per_s']:.0f} tokens/s",
+                          flush=True)
+                except Exception as e:  # recorded; the other implementation and architectures still run
+                    results[impl] = {"error": f"{type(e).__name__}: {e}"}
+                    print(f"{arch} {impl}: {results[impl]['error']}", flush=True)
+                compare(arch, results, doc.get("bf16_matmul_flops"))
+                doc["headline"] = headline(doc["results"])
+                write_json(doc["out"], doc)
+        print_table(arch, results)
+    print(f"\n{doc['headline']}\nwrote {doc['out']}")
+    return 0
 
 
-def print_table(results) -> None:
-    print(f"\n{'implementation':<18} {'step s':>8} {'tokens/s':>9} {'vs HF':>7} {'peak MiB':>9} {'mem vs HF':>9} "
+def args_for(args, arch):
+    """The settings one implementation's process runs with: one architecture."""
+    return argparse.Namespace(**{**vars(args), "arch": arch})
+
+
+def warm_up(args):
+    """Compile the fused LoRA kernels of every architecture's six adapted linears, in parallel processes."""
+    from benchmarks.warm import model_launches, warm
+    dtype = "bf16" if args.precision == "bf16" else "fp32"
+    launches = []
+    for arch in args.arch:
+        config = ESM2Config.from_name(arch)
+        launches += model_launches(config.d_model, config.ffn_dim, args.rank, dtype)
+    return warm(launches, args.compile_workers, say=lambda m: print(m, flush=True))
+
+
+def compare(arch, results, matmul) -> None:
+    """Ratios against transformers + peft (when both ran) and MFU, in place."""
+    ref = results.get("transformers+peft", {})
+    for r in results.values():
+        if "tokens_per_s" not in r:
+            continue
+        if "tokens_per_s" in ref:
+            r["speedup_vs_transformers"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            if r["peak_memory_bytes"] and ref["peak_memory_bytes"]:
+                r["peak_memory_ratio_vs_transformers"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
+        if matmul:  # encoder weights only: the (tiny) heads and LoRA factors are left out
+            r["mfu"] = 4 * ESM2Config.from_name(arch).num_parameters() * r["tokens_per_s"] / matmul
+
+
+def headline(all_results) -> str:
+    parts = []
+    for arch, results in all_results.items():
+        size = arch.split("_")[2]
+        r = results.get("esm2lite", {})
+        if "speedup_vs_transformers" in r:
+            mem = (f", {r['peak_memory_ratio_vs_transformers']:.2f}x peak memory"
+                   if "peak_memory_ratio_vs_transformers" in r else "")
+            mfu = f", MFU {100 * r['mfu']:.0f}%" if "mfu" in r else ""
+            parts.append(f"{size}: {r['speedup_vs_transformers']:.2f}x tokens/s of transformers+peft{mem}{mfu}")
+        else:
+            failed = [impl for impl, x in results.items() if "error" in x]
+            parts.append(f"{size}: " + (f"{', '.join(failed)} failed" if failed else "incomplete"))
+    return "; ".join(parts) or "nothing measured"
+
+
+def print_table(arch, results) -> None:
+    print(f"\n{arch}\n{'implementation':<18} {'step s':>8} {'tokens/s':>9} {'vs HF':>7} {'peak MiB':>9} {'mem vs HF':>9} "
           f"{'saved MiB':>9} {'MFU':>6}")
     for impl, r in results.items():
+        if "error" in r:
+            print(f"{impl:<18} {r['error']}")
+            continue
         mib = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "n/a"
         mem = f"{r['peak_memory_ratio_vs_transformers']:.2f}x" if "peak_memory_ratio_vs_transformers" in r else "n/a"
+        vs = f"{r['speedup_vs_transformers']:.2f}x" if "speedup_vs_transformers" in r else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
-        print(f"{impl:<18} {r['step_s_median']:>8.3f} {r['tokens_per_s']:>9.0f} {r['speedup_vs_transformers']:>6.2f}x "
+        print(f"{impl:<18} {r['step_s_median']:>8.3f} {r['tokens_per_s']:>9.0f} {vs:>7} "
               f"{mib:>9} {mem:>9} {r['saved_activation_bytes_first_timed_batch'] / 2**20:>9.0f} {mfu:>6}")
 
 
-def write_results(args, device, results, matmul) -> None:
+def start_doc(args, device) -> dict:
     import peft
     import transformers
 
-    out = args.out or os.path.join(RESULTS, f"train_{device.type}.json")
-    doc = {
+    return {
         "benchmark": "LoRA fine-tuning step (regression): esm2lite vs transformers EsmForSequenceClassification + peft",
         **run_info(device, transformers=transformers.__version__, peft=peft.__version__),
+        "out": args.out or os.path.join(RESULTS, f"train_{device.type}.json"),
         "settings": {**vars(args), "lora_dropout": 0.0, "hf_target_modules": HF_TARGETS, "optimizer": "AdamW",
                      "cpu_count": os.cpu_count()},
         "tokens_counted": "non-pad tokens (residues + <cls> + <eos>) of the timed batches",
         "memory_method": ("torch.cuda.max_memory_allocated over the timed steps" if device.type == "cuda"
                           else "peak RSS (VmHWM after /proc/self/clear_refs) over the timed steps minus RSS before "
                                "them, one fresh process per implementation"),
-        "bf16_matmul_flops": matmul,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "note": ("timings on a shared 2-core machine (other jobs running)" if device.type == "cpu" else ""),
-        "results": results,
+        "bf16_matmul_flops": None, "compile": [], "results": {}, "headline": "nothing measured yet",
     }
-    write_json(out, doc)
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

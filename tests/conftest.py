@@ -41,3 +41,40 @@ def forkrun():
     zygote = Zygote(env)
     yield zygote
     zygote.close()
+
+
+# ----------------------------------------------------------------------------- benchmarks/gpu_check.py
+# Two environment variables that the device command sets; without them pytest is unchanged.
+
+def pytest_collection_modifyitems(config, items):
+    """ESM2LITE_TEST_SHARD="k/n": run only every n-th test from the k-th (k = 0 .. n-1), so n
+    processes share a run (the GPU tests compile their kernels in parallel that way)."""
+    import os
+
+    shard = os.environ.get("ESM2LITE_TEST_SHARD")
+    if not shard:
+        return
+    k, n = (int(v) for v in shard.split("/"))
+    if not 0 <= k < n:
+        raise pytest.UsageError(f"ESM2LITE_TEST_SHARD={shard}: want k/n with 0 <= k < n")
+    keep, drop = items[k::n], [item for i, item in enumerate(items) if i % n != k]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+
+
+def pytest_runtest_logreport(report):
+    """ESM2LITE_TEST_REPORT=FILE: one JSON line per test appended to FILE as soon as it ends
+    (outcome, seconds, the failure's text), so a run stopped at a time limit keeps what ran."""
+    import json
+    import os
+
+    path = os.environ.get("ESM2LITE_TEST_REPORT")
+    if not path or not (report.when == "call" or report.outcome != "passed"):
+        return
+    line = {"test": report.nodeid, "outcome": report.outcome, "when": report.when,
+            "seconds": round(report.duration, 3)}
+    if report.outcome != "passed":
+        line["message"] = str(report.longrepr)[-4000:]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")

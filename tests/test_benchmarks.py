@@ -1,0 +1,62 @@
+"""The benchmarks' own failure modes: nothing hangs, a bad setting is one line in seconds."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_train_benchmark_refuses_a_pool_too_small_for_its_steps_in_seconds():
+    """The data pool is checked before any model or process exists (it used to hang forever: the
+    child raised, the parent waited on its queue)."""
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--num-seqs", "8",
+                        "--steps", "20", "--warmup", "3"], capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 30
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [r.stderr.strip()] and "fewer than --warmup + --steps = 23" in r.stderr
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("bench_train.py", ["--min-len", "90", "--max-len", "80"], "--min-len 90 is above --max-len 80"),
+    ("bench_train.py", ["--batch-tokens", "100"], "cannot hold a sequence of --max-len 600"),
+    ("bench_infer.py", ["--repeats", "0"], "--repeats must be positive"),
+    ("bench_lora_linear.py", ["--dtype", "int8"], "invalid choice"),
+])
+def test_bad_benchmark_settings_are_one_line(script, args, message):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_a_benchmark_process_that_dies_is_noticed_at_once(tmp_path, monkeypatch):
+    """run_in_child returns an error as soon as the child is gone, instead of waiting for a result."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench_train
+
+    args = bench_train.parse_args(["--arch", "esm2_t6_8M_UR50D", "--steps", "1", "--warmup", "0"])
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"esm2lite: the benchmark process died \(exit code 1\)"):
+        bench_train.run_in_child("esm2lite", str(tmp_path / "no-such-model"), bench_train.args_for(args, args.arch[0]))
+    assert time.monotonic() - start < 60
+
+
+def test_kernel_warm_up_runs_one_launch_per_compile_class(monkeypatch):
+    """Launches that compile the same binaries are warmed once; dtype, rank, gradients and the S strategy
+    each make their own class (the launchers' own choice decides the strategy)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.warm import Launch, compile_class, distinct, model_launches
+
+    same = [Launch(5120, 5120, 16), Launch(2560, 2560, 16)]  # both outside the loop (r_pad · N > ridge · BN)
+    assert compile_class(same[0]) == compile_class(same[1]) and distinct(same) == same[:1]
+    others = [Launch(320, 320, 16), Launch(5120, 5120, 8), Launch(5120, 5120, 16, "fp32"),
+              Launch(5120, 5120, 16, grads=()), Launch(5120, 5120, 16, p=0.1), Launch(5120, 5120, 16, bias=False)]
+    assert len(distinct(same + others)) == 1 + len(others)
+    layers = model_launches(1280, 5120, 16, "bf16")
+    assert {(x.N, x.K) for x in layers} == {(1280, 1280), (5120, 1280), (1280, 5120)}
+    assert [x.grads for x in layers].count(("A", "B")) == 1  # the first block's q, k, v: frozen input
