@@ -27,7 +27,6 @@ The CPU default (16 sequences, 1 thread) takes about 1-2 minutes; transformers-e
 """
 
 import argparse
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after PYTHONPATH: see gpu_check.py
 
-from benchmarks.common import OneLineParser, make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
+from benchmarks.common import OneLineParser, in_child, make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
 from esm2lite.batching import make_batches  # noqa: E402
 from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
@@ -143,13 +142,7 @@ def cpu_peak_child(impl, model_dir, dtype, batches, threads, queue) -> None:
 def cpu_peak_memory(impl, model_dir, dtype, batches, threads) -> int | None:
     if not os.path.exists("/proc/self/clear_refs"):
         return None  # not Linux: no per-pass peak RSS
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=cpu_peak_child, args=(impl, model_dir, dtype, batches, threads, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_child(impl, cpu_peak_child, impl, model_dir, dtype, batches, threads)
 
 
 def gpu_peak_memory(impl, model, batches, device) -> int:

@@ -34,9 +34,7 @@ line and exit status 2, before anything is built.
 """
 
 import argparse
-import multiprocessing as mp
 import os
-from queue import Empty
 import statistics
 import sys
 import tempfile
@@ -46,7 +44,7 @@ import torch
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after PYTHONPATH: see gpu_check.py
 
-from benchmarks.common import OneLineParser, make_checkpoint, rss_bytes, run_info, saved_bytes, sync  # noqa: E402
+from benchmarks.common import OneLineParser, in_child, make_checkpoint, rss_bytes, run_info, saved_bytes, sync  # noqa: E402
 from esm2lite.atomic import write_json  # noqa: E402
 from esm2lite.config import ESM2Config  # noqa: E402
 from esm2lite.batching import make_batches  # noqa: E402
@@ -211,24 +209,8 @@ def run_impl(impl, model_dir, args, queue) -> None:
 
 
 def run_in_child(impl, model_dir, args) -> dict:
-    """run_impl in a fresh spawned process; its result, or RuntimeError as soon as the child dies
-    without one (never waits on a dead child)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=run_impl, args=(impl, model_dir, args, queue))
-    proc.start()
-    try:
-        while True:
-            try:
-                return queue.get(timeout=1.0)
-            except Empty:
-                if not proc.is_alive() and queue.empty():
-                    raise RuntimeError(f"{impl}: the benchmark process died (exit code {proc.exitcode}) "
-                                       f"without a result") from None
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+    """run_impl in a fresh process (its peak memory is its own); an error as soon as it dies."""
+    return in_child(impl, run_impl, impl, model_dir, args)
 
 
 def bf16_matmul_flops(device, n: int = 8192, reps: int = 20) -> float:

@@ -2,6 +2,8 @@
 whose errors are one line."""
 
 import argparse
+import multiprocessing as mp
+from queue import Empty
 
 import torch
 
@@ -77,3 +79,24 @@ def run_info(device, **versions) -> dict:
         "device_type": device.type,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, **versions},
     }
+
+
+def in_child(what: str, target, *args):
+    """target(*args, queue) in a fresh spawned process; what it puts on the queue, or RuntimeError
+    as soon as the process is gone without a result (never a wait on a dead child)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    try:
+        while True:
+            try:
+                return queue.get(timeout=1.0)
+            except Empty:
+                if not proc.is_alive() and queue.empty():
+                    raise RuntimeError(f"{what}: the benchmark process died (exit code {proc.exitcode}) "
+                                       f"without a result") from None
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
