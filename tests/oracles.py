@@ -2,6 +2,7 @@
 checkpoint layouts. No download: both libraries construct models from a config."""
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -11,6 +12,68 @@ import torch
 
 TINY = dict(layers=2, d=64, heads=4)
 ESM2_8M = dict(layers=6, d=320, heads=20)
+EPS32 = torch.finfo(torch.float32).eps
+
+
+# ---------------------------------------------------------------- fp32 tolerances that travel
+# CPU kernels sum in a machine-dependent order (SIMD width, oneDNN/MKL path, threads), so an fp32
+# result's rounding error differs between machines: no bare fp32 tolerance here.
+
+
+def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same reference model (same fp32 weights, exactly widened) computing in float64.
+    Rotary tables cached by an earlier fp32 forward are dropped, so they are recomputed in float64
+    (fair-esm caches them per length and does not check the dtype). Both references keep a few fp32
+    steps inside (transformers' rotary casts q, k, cos and sin to fp32; fair-esm's softmax
+    is in fp32): rounding of single values, far below what an fp32 forward accumulates."""
+    ref = copy.deepcopy(model).double()
+    for m in ref.modules():
+        if hasattr(m, "_seq_len_cached"):
+            m._seq_len_cached = None
+    return ref
+
+
+def _stats(ours, theirs32, ref64, keep):
+    f64 = lambda t: torch.as_tensor(t, dtype=torch.float64).detach()
+    ours, theirs32, ref64 = f64(ours), f64(theirs32), f64(ref64)
+    if keep is not None:
+        ours, theirs32, ref64 = ours[keep], theirs32[keep], ref64[keep]
+    return ((ours - ref64).abs().max().item(), (theirs32 - ref64).abs().max().item(), ref64.abs().max().item())
+
+
+def assert_fp32_agrees(ours, theirs32, ref64, keep=None, slack=4.0, what=""):
+    """esm2lite's fp32 result is as close to the float64 run of an independent implementation as
+    that implementation's own fp32 run is:
+
+        max|ours - ref64| <= slack * max|theirs32 - ref64| + 16 * eps32 * max|ref64|
+
+    Both errors come from this machine's summation order, so the bound travels between machines;
+    a real bug does not fit under it (one weight matrix scaled by 1.001 trips every comparison it
+    reaches, at 6 to 280 times the bound; a wrong mapping or a missing scale is off by far more).
+    slack: our kernels may round a few times worse than theirs (measured: at most 3x, for 4 scores).
+    keep: boolean mask of the compared positions (e.g. non-pad tokens). Tensors or lists of numbers.
+    Returns (ours_err, theirs_err)."""
+    ours_err, theirs_err, mag = _stats(ours, theirs32, ref64, keep)
+    bound = slack * theirs_err + 16 * EPS32 * mag
+    assert ours_err <= bound, (f"{what}: esm2lite is {ours_err:.3g} from the float64 reference, more than {slack} x "
+                               f"the reference's own fp32 error {theirs_err:.3g} + 16 eps32 x {mag:.3g} (values' "
+                               f"magnitude) = {bound:.3g}")
+    return ours_err, theirs_err
+
+
+def assert_fp32_close(got, want, ulps, keep=None, what=""):
+    """Two fp32 computations of esm2lite itself that may differ only in rounding (batched vs alone,
+    merged vs unmerged adapters, windows vs direct, two ranks vs one):
+    max|got - want| <= ulps * eps32 * max|want|. ulps: the rounding budget, justified where it is
+    called (depth and accumulation lengths of what differs between the two)."""
+    f64 = lambda t: torch.as_tensor(t, dtype=torch.float64).detach()
+    got, want = f64(got), f64(want)
+    if keep is not None:
+        got, want = got[keep], want[keep]
+    err, mag = (got - want).abs().max().item(), want.abs().max().item()
+    assert err <= ulps * EPS32 * mag, (f"{what}: differ by {err:.3g}, more than {ulps} eps32 x {mag:.3g} (values' "
+                                       f"magnitude) = {ulps * EPS32 * mag:.3g}")
+    return err
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:

@@ -52,6 +52,9 @@ def log(out):
 
 
 def assert_same_trajectory(a, b, rel=1e-5):
+    """Relative to the loss: the same gradients summed in another fp32 order (all-reduced over 2 ranks vs
+    2 micro-batches accumulated), the difference carried through up to 6 optimizer steps: measured
+    <= 8 eps32 relative; rel 1e-5 is ~84 eps32."""
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= rel * abs(x["loss"]), (x, y)
@@ -66,7 +69,8 @@ def test_two_ranks_follow_the_single_process_trajectory(hf_tiny, data, tmp_path,
     assert_same_trajectory(log(tmp_path / "two"), log(tmp_path / "one"))
     s2, s1 = (json.load(open(tmp_path / d / "summary.json")) for d in ("two", "one"))
     assert s2["world_size"] == 2 and s2["best_step"] == s1["best_step"]
-    for k, v in s1["valid"].items():
+    for k, v in s1["valid"].items():  # float64 metrics of the trajectories above: ~84 eps32 of their scale
+        # (the value, or 1 for correlations and r2, bounded and possibly near 0); measured <= 12 eps32
         assert abs(s2["valid"][k] - v) <= 1e-5 * max(1.0, abs(v)), k
 
 
@@ -103,9 +107,11 @@ def partial_copy(src, dst, step):
 
 
 def assert_close_weights(a, b, rel=1e-5):
+    """Relative to each tensor's norm (as assert_same_trajectory: other fp32 summation orders carried through
+    the steps; measured <= 0.5 eps32). Equal tensors, zero ones included, pass; no absolute floor."""
     assert a.keys() == b.keys()
     for k in a:
-        assert (a[k] - b[k]).norm() <= rel * a[k].norm() + 1e-7, k
+        assert (a[k] - b[k]).norm() <= rel * a[k].norm(), k
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -166,7 +172,11 @@ def test_full_fine_tune_from_one_process_resumes_on_two_ranks_and_predicts(hf_ti
     preds = [float(line.split(",")[2]) for line in (tmp_path / "pred.csv").read_text().splitlines()[1:]]
     mse = sum((p - float(t)) ** 2 for p, (_, t, _) in zip(preds, valid)) / len(valid)
     reported = json.load(open(two / "summary.json"))["valid"]["mse"]
-    assert abs(mse - reported) <= 1e-5 * reported, (mse, reported)
+    # each prediction is off the 2-rank evaluation's by fp32 rounding only (other batches, another process):
+    # delta = 64 eps32 x max|prediction|; the mse (float64) then moves by at most 2 mean|residual| delta + delta^2
+    delta = 64 * oracles.EPS32 * max(map(abs, preds))
+    mean_residual = sum(abs(p - float(t)) for p, (_, t, _) in zip(preds, valid)) / len(valid)
+    assert abs(mse - reported) <= 2 * mean_residual * delta + delta ** 2, (mse, reported)
 
 
 def test_bad_row_ends_every_rank_with_the_same_error(hf_tiny, data, tmp_path):
@@ -204,7 +214,12 @@ def test_data_parallel_inference_keeps_order_and_values(hf_tiny, data, tmp_path)
     rows1 = (tmp_path / "one.csv").read_text().splitlines()
     rows2 = (tmp_path / "two.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows2] == ["id"] + [f"s{i}" for i in range(9)]
-    for a, b in zip(rows1[1:], rows2[1:]):
-        assert a.split(",")[:2] == b.split(",")[:2] and abs(float(a.split(",")[2]) - float(b.split(",")[2])) <= 1e-6
+    assert [r.split(",")[:2] for r in rows1] == [r.split(",")[:2] for r in rows2]
+    # the same forwards in other batches on each rank: rounding only (equal here); two fp32 forwards of the
+    # tiny model, each a few eps32 x max|h| from float64 (test_parity), 64 leaves room for other machines
+    oracles.assert_fp32_close([float(r.split(",")[2]) for r in rows2[1:]], [float(r.split(",")[2]) for r in rows1[1:]],
+                              64, what="predictions")
     e1, e2 = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
-    assert e1.keys() == e2.keys() and all((e1[k] - e2[k]).abs().max() <= 1e-6 for k in e1)
+    assert e1.keys() == e2.keys()
+    for k in e1:
+        oracles.assert_fp32_close(e2[k], e1[k], 64, what=k)

@@ -18,6 +18,7 @@ from esm2lite.reading import load_splits
 from esm2lite.records import DataSpec
 from esm2lite.tokenizer import Tokenizer
 from esm2lite.train import TrainConfig, train_model
+import oracles
 from test_infer import assert_one_line_error, infer_in_process, load_cli, trained_run
 from oracles import read_rows, write_rows
 from test_tasks import charge_pairs, token_rows
@@ -73,8 +74,13 @@ def metrics_file(output):
 
 
 def assert_training_metrics(got: dict, expected: dict, keys):
+    """Each metric is a float64 function of outputs that differ from training's by fp32 rounding only
+    (merged adapters, other batches; ~1 eps32 relative measured). 64 eps32 of the metric's scale: its value
+    for loss / mse / rmse, 1 for correlations, r2, accuracy and F1 (bounded, and possibly near 0, where a
+    relative bound means nothing); the room covers conditioning (r2 ~0.03 here magnifies relative changes)."""
     for k in keys:
-        assert got[k] == pytest.approx(expected[k], rel=1e-5, abs=1e-6), k
+        scale = abs(expected[k]) if k.startswith(("loss", "mse", "rmse")) else 1.0
+        assert abs(got[k] - expected[k]) <= 64 * oracles.EPS32 * scale, (k, got[k], expected[k])
 
 
 # ---------------------------------------------------------------- columns kept, metrics
@@ -93,7 +99,8 @@ def test_regression_keeps_the_input_columns_and_reports_trainings_test_metrics(r
     assert [(r["id"], r["note"], r["target"]) for r in rows] == [(f"v{k}", f"n,{k}", t["target"])
                                                                  for k, t in enumerate(truth)]
     library = predict(os.path.join(regression["run"], "best"), [t["sequence"] for t in truth])
-    assert [float(r["prediction"]) for r in rows] == pytest.approx([p["prediction"] for p in library], abs=1e-6)
+    # infer.py runs predict()'s computation (same defaults, same batches) and writes repr(): equal
+    assert [float(r["prediction"]) for r in rows] == [p["prediction"] for p in library]
     with open(os.path.join(regression["run"], "summary.json")) as f:
         expected = json.load(f)["test"]  # what training's evaluate() reported on these rows
     metrics = metrics_file(out)
@@ -164,9 +171,11 @@ def test_per_residue_metrics_with_the_mask_and_class_probabilities(per_residue, 
         assert [int(r["position"]) for r in mine] == list(range(1, len(row["sequence"]) + 1))
         assert "".join(r["prediction"] for r in mine) == row["prediction"]
         expected = logits[k, 1: len(mine) + 1].softmax(-1)
-        got = torch.tensor([[float(r[f"prob_{c}"]) for c in "CEH"] for r in mine])
-        assert (got - expected).abs().max() <= 1e-5
-        assert (got.sum(-1) - 1).abs().max() <= 1e-5
+        got = torch.tensor([[float(r[f"prob_{c}"]) for c in "CEH"] for r in mine], dtype=torch.float64)
+        # written to 6 decimals (0.5e-6 each); beyond that fp32 rounding of probabilities <= 1 computed from
+        # logits of another batch (64 eps32, as the other two-forward comparisons)
+        assert (got - expected).abs().max() <= 0.5e-6 + 64 * oracles.EPS32
+        assert (got.sum(-1) - 1).abs().max() <= 3 * 0.5e-6 + 64 * oracles.EPS32  # three rounded values
     assert len(residues) == sum(len(r["sequence"]) for r in rows)
 
 
@@ -177,7 +186,9 @@ def test_per_residue_outputs_do_not_depend_on_padding(per_residue):
     with torch.no_grad():
         alone = model(Tokenizer().batch_encode(seqs[:1]))[0]
         padded = model(Tokenizer().batch_encode([seqs[0], seqs[0] + "A" * 10]))[0, : alone.shape[0]]
-    assert (alone - padded).abs().max() <= 1e-5
+    # the same forward in another matrix shape: rounding only (two fp32 forwards of the tiny model, each a few
+    # eps32 x max|h| from float64, test_parity); padding that leaked would be of the values' size
+    oracles.assert_fp32_close(padded, alone, 64, what="padded vs alone")
 
 
 def test_per_residue_labels_without_the_mask_warn(per_residue, tmp_path, cli, capsys):
@@ -226,7 +237,8 @@ def test_truncated_regression_predictions_equal_the_library(regression, tmp_path
     rows = read_rows(out)
     library = predict(os.path.join(regression["run"], "best"), [r["sequence"] for r in rows], max_residues=20,
                       truncate=True)
-    assert [float(r["prediction"]) for r in rows] == pytest.approx([p["prediction"] for p in library], abs=1e-6)
+    # infer.py runs predict()'s computation (same defaults, same batches) and writes repr(): equal
+    assert [float(r["prediction"]) for r in rows] == [p["prediction"] for p in library]
     assert [int(r["residues_scored"]) for r in rows] == [min(len(r["sequence"]), 20) for r in rows]
     assert math.isfinite(metrics_file(out)["mse"])
 

@@ -27,11 +27,6 @@ def batch():
     return Tokenizer().batch_encode(oracles.random_sequences(4, 5, 30, seed=12))  # padded, with <mask>
 
 
-def nonpad_diff(a, b, tokens):
-    keep = tokens.ne(1)
-    return (a[keep] - b[keep]).abs().max().item()
-
-
 def random_lora_(model, seed):
     """Non-zero A and B everywhere (B's zero init would hide a dropped or misplaced tensor)."""
     g = torch.Generator().manual_seed(seed)
@@ -63,15 +58,17 @@ def test_adapters_peft_saved_on_each_class_load_into_esm2lite(hf_tiny, tmp_path,
     ours = ESM2.from_pretrained(hf_tiny)
     got_heads = load_peft_adapter(ours, tmp_path / "adapter")
     assert sorted(got_heads) == heads  # modules_to_save come back, not dropped
-    encoder = oracles.hf_encoder(theirs.get_base_model())
+    theirs64 = oracles.float64_copy(theirs)  # the fp32 comparison's yardstick: peft + transformers in float64
     with torch.no_grad():
-        want = encoder(input_ids=batch, attention_mask=batch.ne(1)).last_hidden_state
+        want, ref = (oracles.hf_encoder(m.get_base_model())(input_ids=batch, attention_mask=batch.ne(1)).last_hidden_state
+                     for m in (theirs, theirs64))
         got = ours.eval()(batch)
-    assert nonpad_diff(got["last_hidden_state"], want, batch) <= 5e-5
+    keep = batch.ne(1)  # padding rows are garbage in every implementation
+    oracles.assert_fp32_agrees(got["last_hidden_state"], want, ref, keep, what="last_hidden_state")
     if cls == "EsmForMaskedLM":
         with torch.no_grad():
-            logits = theirs(input_ids=batch, attention_mask=batch.ne(1)).logits
-        assert nonpad_diff(got["logits"], logits, batch) <= 5e-5
+            logits, ref = (m(input_ids=batch, attention_mask=batch.ne(1)).logits for m in (theirs, theirs64))
+        oracles.assert_fp32_agrees(got["logits"], logits, ref, keep, what="logits")
 
 
 @pytest.mark.parametrize("cls", ["EsmModel", "EsmForMaskedLM", "EsmForSequenceClassification",
@@ -86,9 +83,10 @@ def test_a_layer_and_target_subset_lands_on_exactly_those_modules(hf_tiny, tmp_p
                if n.endswith(".lora_A")}
     assert adapted == {f"{prefix}encoder.layer.1.attention.self.key", f"{prefix}encoder.layer.1.output.dense"}
     with torch.no_grad():
-        want = ours.eval()(batch, logits=False)["last_hidden_state"]
-        got = oracles.hf_encoder(theirs.get_base_model())(input_ids=batch, attention_mask=batch.ne(1))
-    assert nonpad_diff(got.last_hidden_state, want, batch) <= 5e-5
+        ours_h = ours.eval()(batch, logits=False)["last_hidden_state"]
+        theirs_h, ref = (oracles.hf_encoder(m.get_base_model())(input_ids=batch, attention_mask=batch.ne(1))
+                         .last_hidden_state for m in (theirs, oracles.float64_copy(theirs)))
+    oracles.assert_fp32_agrees(ours_h, theirs_h, ref, batch.ne(1), what="last_hidden_state")
 
 
 def test_target_regex_matches_exactly_its_paths_in_peft():
