@@ -391,6 +391,12 @@ CASES = [
         lambda run: ((run / "config.json").unlink(), (run / "config.json").symlink_to("/dev/zero")))},
          resume(), ["{d}/run/config.json", "binary"]),
 
+    # ---------------------------------------------------------------- never destroy what is not ours (issue 25 A)
+
+    # ---------------------------------------------------------------- inputs that changed; ranks that disagree (issue 25 B)
+
+    # ---------------------------------------------------------------- bounded reading, numbers, BioNeMo's QKV flag (issue 25 C)
+
     # ---------------------------------------------------------------- inputs that must be accepted
     Case("infer_bom_crlf_csv_and_truncation",
          {"in.csv": ("\ufeff" + csv_text("name,sequence", "a,MKV", f"b,{LONG}", eol="\r\n")).encode()},
