@@ -115,7 +115,7 @@ def test_classification_end_to_end(hf_tiny, tmp_path, capsys):
         assert list(r)[:3] == ["id", "sequence", "prediction"] and sorted(list(r)[3:]) == prob_cols
         probs = [r[c] for c in prob_cols]
         assert all(0.0 <= p <= 1.0 for p in probs)
-        assert math.fsum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert math.fsum(probs) == pytest.approx(1.0, abs=1e-5)  # an fp32 softmax: a few eps32 per class
         assert r["prediction"] == classes[int(np.argmax(probs))]  # the class of the largest probability
 
     pred = [r["prediction"] for r in rows]
@@ -140,7 +140,7 @@ def test_classification_end_to_end(hf_tiny, tmp_path, capsys):
     assert [r["id"] for r in cli_rows] == ids and [r["prediction"] for r in cli_rows] == pred
     for a, b in zip(cli_rows, rows):
         for c in prob_cols:
-            assert float(a[c]) == pytest.approx(b[c], abs=1e-5)
+            assert float(a[c]) == pytest.approx(b[c], abs=1e-5)  # the same model on the same rows; the CSV's rounding
 
 
 # ---------------------------------------------------------------- per-residue
@@ -224,6 +224,8 @@ def test_two_target_regression_end_to_end(hf_tiny, tmp_path):
         t = np.array([x[1 + j] for x in data["test"]], dtype=np.float64)
         mse = float(np.mean((p - t) ** 2))
         per_target[name] = mse
+        # predict() batches the rows otherwise than training's evaluation: predictions agree to fp32 rounding
+        # (~1e-6 relative), the metrics to far less than these bounds
         assert mse == pytest.approx(summary[f"mse_{name}"], rel=1e-4)
         assert float(np.corrcoef(p, t)[0, 1]) == pytest.approx(summary[f"pearson_{name}"], abs=1e-5)
         assert 1 - np.sum((t - p) ** 2) / np.sum((t - t.mean()) ** 2) == pytest.approx(summary[f"r2_{name}"],
