@@ -147,23 +147,41 @@ def check_options(p, args) -> None:
         p.error("--layers are 0 (input embeddings) .. the number of layers")
 
 
+def inputs_of(args) -> list:
+    """What this command reads, which no output may be, lie inside or hold (esm2lite.paths): the input
+    file, the wild-type file, the base model, and the checkpoint (with --run: every file of the run)."""
+    from esm2lite.checkpointer import reader_inputs
+    from esm2lite.paths import Input
+
+    found = [Input(args.input, f"the input (--input {args.input})")]
+    if args.wildtype and os.path.isfile(args.wildtype):
+        found.append(Input(args.wildtype, f"the wild-type file (--wildtype {args.wildtype})"))
+    if args.base:
+        found.append(Input(args.base, f"the base model (--base {args.base})"))
+    return found + reader_inputs(args.run, args.checkpoint, args.base_path)
+
+
 def check_outputs(args) -> list[str]:
-    """Every file this run may write: distinct, none the input, each writable. Checked before any work."""
+    """Every file this run may write: distinct, none an input (whatever the spelling) nor inside one,
+    none a dangling link, each writable. Checked before any work (before the model is loaded)."""
     from esm2lite.errors import DataError
     from esm2lite.infer import check_writable
+    from esm2lite.paths import check_output
 
+    flags = {args.output: "--output", args.embeddings: "--embeddings", args.residue_probs: "--residue-probs"}
     paths = [x for x in (args.output, args.embeddings, args.residue_probs) if x]
-    if args.output:
-        paths.append(metrics_path(args.output))
-    elif args.residue_probs:
-        paths.append(metrics_path(args.residue_probs))
+    if args.output or args.residue_probs:  # the metrics JSON beside the predictions
+        paths.append(metrics_path(args.output or args.residue_probs))
+        flags[paths[-1]] = flags[args.output or args.residue_probs]
+    inputs = inputs_of(args)
+    for path in paths:
+        check_output(path, flags[path], inputs)
     real = [os.path.realpath(x) for x in paths]
     clash = next((x for x, r in zip(paths, real) if real.count(r) > 1), None)
     if clash is not None:
         raise DataError(f"{clash}: two outputs would be written to this one file; give each its own name")
-    inputs = [args.input] + ([args.wildtype] if args.wildtype and os.path.isfile(args.wildtype) else [])
     for path in paths:
-        check_writable(path, inputs=inputs)
+        check_writable(path)
     return paths
 
 
@@ -180,10 +198,11 @@ def main(argv):
     try:
         if args.score and d.world > 1:
             raise Esm2liteError("--score runs in one process: start it with python, not torchrun")
-        if args.score:
-            score_and_write(args, device)
-        else:
-            predict_and_write(args, d, device, demo)
+        with distributed.lost_ranks_reported(distributed.DIST_TIMEOUT):  # a lost rank: one line, not a traceback
+            if args.score:
+                score_and_write(args, device)
+            else:
+                predict_and_write(args, d, device, demo)
     finally:
         distributed.teardown(d)
 
@@ -192,7 +211,7 @@ def main(argv):
 
 
 def score_and_write(args, device):
-    from esm2lite.atomic import write_csv, write_json
+    from esm2lite.atomic import csv_text, json_text, write_together
     from esm2lite.checkpoint import load_pretrained
     from esm2lite.errors import CheckpointError
     from esm2lite.infer_score import read_wildtype, score_file
@@ -206,8 +225,7 @@ def score_and_write(args, device):
                         score_column=args.dms_score_column, sequence_column=args.sequence_column, offset=args.offset,
                         max_residues=args.max_residues, batch_tokens=args.batch_tokens, precision=args.precision)
     s = scored.summary
-    write_json(metrics_path(args.output), s)
-    write_csv(args.output, scored.rows)
+    write_together([(args.output, csv_text(scored.rows)), (metrics_path(args.output), json_text(s))])
     window = ("none: every protein fit in --max-residues" if s["window"] == "none" else
               f"optimal: proteins over {args.max_residues} residues scored in windows of {s['window_tokens']} tokens")
     print(f"scored {s['variants']} rows by {s['method']}: {s['forwards']} forwards in {s['batches']} batches; "
@@ -297,23 +315,30 @@ def predict_and_write(args, d, device, demo):
 
 
 def write_predictions(args, out, table):
-    from esm2lite.atomic import write_csv, write_json
+    """The predictions CSV, the per-residue CSV and the metrics JSON, replaced as one set (the metrics
+    last: atomic.write_together), so that no kill leaves new predictions beside an earlier run's
+    metrics, or the reverse. Without labels, an earlier metrics JSON is removed."""
+    from esm2lite.atomic import csv_text, json_text, write_together
 
-    path = metrics_path(args.output or args.residue_probs) if out else None
-    if out.get("metrics") is not None:
-        write_json(path, {"input": args.input, "rows": len(table.ids), **out["metrics"]})
+    if not out:
+        return
+    path = metrics_path(args.output or args.residue_probs)
+    metrics = None if out["metrics"] is None else {"input": args.input, "rows": len(table.ids), **out["metrics"]}
+    stale = metrics is None and os.path.isfile(path)
+    files = [(args.output, csv_text(out["rows"]))] if args.output else []
+    if args.residue_probs:
+        files.append((args.residue_probs, csv_text(out["residues"])))
+    write_together(files + [(path, None if metrics is None else json_text(metrics))])
+    if metrics is not None:
         print("metrics vs the input's labels: " + ", ".join(f"{k} {v:.4f}" for k, v in out["metrics"].items())
               + f" (written to {path})")
-    elif path and os.path.isfile(path):  # an earlier run's metrics must not pass for these predictions'
-        os.remove(path)
+    elif stale:  # an earlier run's metrics must not pass for these predictions'
         print(f"removed {path}, an earlier run's metrics (this input has no label columns)")
     if args.output:
-        write_csv(args.output, out["rows"])
         print(f"wrote {len(out['rows'])} predictions to {args.output}")
     if args.residue_probs:
-        write_csv(args.residue_probs, out["residues"])
         print(f"wrote per-residue probabilities of {len(out['rows'])} sequences to {args.residue_probs}")
-    if out and args.truncate:
+    if args.truncate:
         print(f"--truncate: {out['cut']} sequence(s) cut to {args.max_residues} residues (column residues_scored)")
 
 

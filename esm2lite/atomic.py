@@ -37,9 +37,8 @@ def _is_write_error(e: Exception) -> bool:
     return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"  # safetensors' I/O errors
 
 
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
+def _temporary(path: str) -> str:
+    """A new empty hidden file beside `path` (.NAME.*.tmp)."""
     parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)
@@ -47,11 +46,23 @@ def atomic_path(path: str):
         os.close(fd)
     except OSError as e:
         raise _write_error(path, e) from None
+    return tmp
+
+
+def _seal(tmp: str) -> None:
+    """The umask's permissions, and the data on disk, before the rename that publishes it."""
+    os.chmod(tmp, 0o666 & ~umask())
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
+    tmp = _temporary(path)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~umask())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _seal(tmp)
         os.replace(tmp, path)
     except Exception as e:
         if _is_write_error(e):
@@ -67,17 +78,61 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
-    """Rows (dicts with the same keys, in column order) as a CSV with a header; written atomically."""
+def csv_text(rows: list[dict]) -> str:
+    """Rows (dicts with the same keys, in column order) as CSV text with a header."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def json_text(obj) -> str:
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """Rows (dicts with the same keys, in column order) as a CSV with a header; written atomically."""
+    write_text(path, csv_text(rows))
 
 
 def write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    write_text(path, json_text(obj))
+
+
+def write_together(files: list[tuple[str, str | None]]) -> None:
+    """Text files (path, text) replaced as one set, such as predictions and the metrics that describe
+    them: whenever a kill comes, what is there is old files only or new files only, never a new file
+    beside an old one of the set. text None: the file is removed (an old metrics JSON must not pass
+    for predictions that have none).
+
+    1. every new file is written in full under a hidden temporary name;
+    2. the old versions are removed, all but the first file's (its rename replaces it at once);
+    3. the new files are renamed into place, in list order.
+
+    A kill in 1 leaves the old set; in 2, part of the old set; in 3, the first k new files and no old
+    one. So the file that vouches for the others goes last: the metrics appear only beside the
+    predictions they were computed from."""
+    staged = []
+    try:
+        for path, text in files:
+            if text is not None:
+                staged.append((path, tmp := _temporary(path)))
+                with open(tmp, "w", encoding="utf-8", newline="") as f:
+                    f.write(text)
+                _seal(tmp)
+        for path, _ in files:
+            if not staged or path != staged[0][0]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        for path, tmp in staged:
+            os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    finally:
+        for _, tmp in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 @contextlib.contextmanager

@@ -8,8 +8,11 @@ modeling file beside it, modeling_esm_te.py (NVEsmConfig, NVEsmForMaskedLM, NVEs
 
     P encoder.layers.{i}.self_attention.layernorm_qkv.weight   [3d, d]  fused q, k, v
     P encoder.layers.{i}.self_attention.layernorm_qkv.bias     [3d]
-        rows [H, 3, hd] (per head: its q, k, v rows) when qkv_weight_interleaved (NVEsmConfig's
-        default, the only order the converter writes); [3, H, hd] (all q, all k, all v) otherwise
+        rows [H, 3, hd] (per head: its q, k, v rows): the only order NVIDIA's converter writes,
+        whatever the config's qkv_weight_interleaved says (NVEsmConfig's default: true). A file
+        saying false is refused: TransformerEngine would read its rows as [3, H, hd] (all q, all k,
+        all v), the converter wrote [H, 3, hd], and nothing in the file tells which it holds (the
+        two orders are the same shape, and any split of random or trained rows is plausible)
     P encoder.layers.{i}.self_attention.layernorm_qkv.layer_norm_{weight,bias}  attention LayerNorm
     P encoder.layers.{i}.self_attention.proj.{weight,bias}          attention output
     P encoder.layers.{i}.layernorm_mlp.layer_norm_{weight,bias}     FFN LayerNorm
@@ -33,6 +36,7 @@ ESM-2 as Meta, transformers and fair-esm do (exact erf GELU), so its outputs on 
 equal transformers' EsmForMaskedLM, not NVEsm's bit for bit.
 """
 
+import json
 import re
 
 import torch
@@ -82,8 +86,13 @@ def check_config(hf_config: dict, source: str) -> None:
             raise CheckpointError(
                 f"{source}: config.json field {field} is {got!r}; esm2lite reads BioNeMo checkpoints "
                 f"with {field} {want!r} (NVEsmConfig's default)")
-    if not isinstance(hf_config.get("qkv_weight_interleaved", True), bool):
-        raise CheckpointError(f"{source}: config.json field qkv_weight_interleaved must be true or false")
+    interleaved = hf_config.get("qkv_weight_interleaved", True)
+    if interleaved is not True:  # see the module docstring: false does not say how the rows are stored
+        raise CheckpointError(
+            f"{source}: config.json field qkv_weight_interleaved is {json.dumps(interleaved)[:40]}, which does not say how "
+            "the fused QKV rows are stored (NVIDIA's converter writes per-head interleaved rows whatever this field "
+            "says; TransformerEngine reads [q; k; v] rows with it false), so esm2lite refuses to guess; set it to "
+            "true if the file came from NVIDIA's converter")
 
 
 def padded_rows(hf_config: dict, source: str) -> int:
@@ -96,16 +105,13 @@ def padded_rows(hf_config: dict, source: str) -> int:
     return rows
 
 
-def split_qkv(fused: torch.Tensor, num_heads: int, interleaved: bool, key: str, source: str) -> tuple:
-    """fused [3d, ...] -> (q, k, v), each [d, ...]. Rows are [H, 3, hd] when interleaved, else [3, H, hd]."""
+def split_qkv(fused: torch.Tensor, num_heads: int, key: str, source: str) -> tuple:
+    """fused [3d, ...] -> (q, k, v), each [d, ...], from per-head interleaved rows [H, 3, hd]."""
     rows, rest = fused.shape[0], tuple(fused.shape[1:])
     if rows % (3 * num_heads):
         raise CheckpointError(f"{source}: {key} has {rows} rows, not 3 x {num_heads} heads x head size")
     hd = rows // (3 * num_heads)
-    if interleaved:
-        parts = fused.reshape(num_heads, 3, hd, *rest).transpose(0, 1)  # [3, H, hd, ...]
-    else:
-        parts = fused.reshape(3, num_heads, hd, *rest)
+    parts = fused.reshape(num_heads, 3, hd, *rest).transpose(0, 1)  # [3, H, hd, ...]
     return tuple(parts[j].reshape(num_heads * hd, *rest).contiguous() for j in range(3))  # [d, ...] each
 
 
@@ -122,7 +128,6 @@ def to_hf_names(tensors: dict, hf_config: dict, num_heads: int, head_dim: int, s
     check_config(hf_config, source)
     prefix = next(m.group("prefix") or "" for m in map(TE_LAYER.match, tensors) if m)
     rows, vocab = padded_rows(hf_config, source), hf_config.get("vocab_size", 33)
-    interleaved = hf_config.get("qkv_weight_interleaved", True)
     out, origin = {}, {}
     for key, value in tensors.items():
         if TE_EXTRA_STATE.search(key):
@@ -131,7 +136,7 @@ def to_hf_names(tensors: dict, hf_config: dict, num_heads: int, head_dim: int, s
         qkv = TE_QKV.match(bare or "")
         if qkv:
             i, p = qkv.group("i"), qkv.group("p")
-            for part, tensor in zip(("query", "key", "value"), split_qkv(value, num_heads, interleaved, key, source)):
+            for part, tensor in zip(("query", "key", "value"), split_qkv(value, num_heads, key, source)):
                 name = f"esm.encoder.layer.{i}.attention.self.{part}.{p}"
                 out[name], origin[name] = tensor, key
             continue

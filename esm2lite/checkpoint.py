@@ -34,6 +34,7 @@ from .layouts import (FAIR_IGNORED, FAIR_NAMES, FAIR_PREFIX, FAIR_TASK_HEADS, FA
 from .model import ESM2
 from .names import rename
 from .tokenizer import TOKENS
+from .textfiles import MAX_JSON_BYTES, open_file, read_text
 
 __all__ = ["HF_NAMES", "FAIR_NAMES", "rename", "load_pretrained", "load_base", "random_base", "build_model",
            "check_keys", "read_checkpoint", "save_hf_dir", "resolve_dtype", "weights_hash", "WeightsHash"]
@@ -55,12 +56,23 @@ def resolve_dtype(dtype) -> torch.dtype:
 # ---------------------------------------------------------------- reading files
 
 
+def _regular_file(path: str) -> None:
+    """CheckpointError unless `path` is a regular file (a FIFO or a device would block or never end
+    a read); checked on the opened descriptor, without blocking (textfiles.open_file)."""
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: file not found")
+    open_file(path, CheckpointError, regular=True)[0].close()
+
+
 def _read_safetensors(path: str) -> dict:
+    _regular_file(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except MemoryError:
+        raise  # cli.run_main: one line saying so, not "corrupt"
     except Exception as e:  # safetensors raises its own error types for bad headers / sizes
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
 
@@ -73,11 +85,11 @@ def read_hf_dir(path: str) -> tuple[dict, ESM2Config, dict]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
+        text = read_text(index, CheckpointError, MAX_JSON_BYTES, regular=True)
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = json.loads(text)["weight_map"]
             files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({_one_line(e)})") from None
         for name in files:  # shards are plain file names inside the directory, nothing else
             if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
@@ -102,6 +114,7 @@ def _one_line(e: Exception) -> str:
 
 def read_fair_esm(path: str) -> tuple[ESM2Config, dict]:
     """fair-esm .pt -> (config, {fair-esm key without prefix: tensor}). Never runs pickled code."""
+    _regular_file(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -114,6 +127,8 @@ def read_fair_esm(path: str) -> tuple[ESM2Config, dict]:
             "are allowed, and esm2lite never unpickles with weights_only=False") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except MemoryError:
+        raise  # cli.run_main: one line saying so, not "unreadable"
     except Exception as e:  # truncated zip, not a pickle at all, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(e)})") from None
     if not (isinstance(data, dict) and isinstance(data.get("model"), dict)

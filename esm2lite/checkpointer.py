@@ -24,6 +24,14 @@ so that a kill at any instant leaves a state --resume completes to exactly the u
 rebuilds best/ from the best step's checkpoint when best/ is missing or holds another step, and
 removes what writes cut short by a kill left. A directory that never reached its first checkpoint
 is started afresh.
+
+Never destroy what is not ours. A run writes, replaces and removes files only in a directory that is
+ours: one that does not exist, is empty (but for .lock and the temporaries of a start a kill cut
+short), or whose config.json is a run's (RUN_FORMAT; a run written before the format field
+existed is known by its settings and its metrics.jsonl). Any other directory is refused in one line
+before anything is created in it, and even in ours only the files named above (and the hidden
+temporaries of their writes) are ever touched. --out must not be, or lie inside, the base model or
+a data file, and no file of the run may be one of them (paths.py: whatever spelling reaches them).
 """
 
 import contextlib
@@ -42,9 +50,20 @@ from . import ckpt_dir, distributed
 from .atomic import remove_dir, write_csv, write_json, write_text
 from .distributed import Dist
 from .errors import Esm2liteError
-from .textfiles import read_json, read_text
+from .paths import Input, check_output
+from .textfiles import open_file, read_json, read_text
 
-UNCHECKED = ("out", "device", "grad_accum")  # may change on --resume (grad_accum x ranks may not)
+UNCHECKED = ("out", "device", "dist_timeout", "grad_accum")  # may change on --resume (grad_accum x ranks may not)
+RUN_FORMAT = "esm2lite-run"  # config.json's "format": this directory is a run's, ours to write in
+OWN = ("config.json", "metrics.jsonl", "summary.json", "predictions_valid.csv", "predictions_test.csv", "plots",
+       "best", "checkpoints", ".lock")  # everything a run writes in its directory (as in Checkpointer)
+# The hidden temporaries of a write to one of them (atomic.py: .NAME.<8 random characters>.tmp / .old)
+LEFTOVER = re.compile(r"\.(config\.json|metrics\.jsonl|summary\.json|predictions_(valid|test)\.csv|plots|best)"
+                      r"\.[a-z0-9_]+\.(tmp|old)")
+STEP_LEFTOVER = re.compile(r"\.step_\d+\.[a-z0-9_]+\.(tmp|old)")  # the same, in checkpoints/
+INPUT_OPTIONS = {"checkpoint": "the base model", "train_csv": "a data file this run reads",
+                "valid_csv": "a data file this run reads", "test_csv": "a data file this run reads",
+                "csv": "a data file this run reads"}  # the run's inputs, by TrainConfig field
 
 
 class Checkpointer:
@@ -75,7 +94,9 @@ class Checkpointer:
 
     def check(self, settings: dict, resume: bool, note: bool = True) -> bool:
         """Can this run start here? True when it continues from a checkpoint."""
+        self._check_inputs(settings)
         _check_creatable(self.out)
+        self._check_ours()
         if self._lock is None and self.d.main:  # rank 0 speaks for the run (ranks probing at once would collide)
             self._take_lock(probe=True)  # another run working here: say so, whatever else holds
         started = bool(self.step_dirs())
@@ -86,6 +107,33 @@ class Checkpointer:
         elif resume and note and self.d.main:
             print(f"--resume: {self.out} holds no checkpoint to continue from; starting at step 0", flush=True)
         return started
+
+    def own_paths(self) -> list[str]:
+        return [os.path.join(self.out, name) for name in OWN]
+
+    def _check_inputs(self, settings: dict) -> None:
+        """--out is not a dangling link, not the base model or a data file nor inside one, and none
+        of the run's files is (or holds) one of them."""
+        inputs = [Input(settings.get(k), f"{what} (--{k.replace('_', '-')} {settings.get(k)})")
+                  for k, what in INPUT_OPTIONS.items()]
+        check_output(self.out, "--out", inputs)
+        for path in self.own_paths():
+            check_output(path, "--out", inputs, replaces=True)
+
+    def _check_ours(self) -> None:
+        """Esm2liteError, before anything is created in it, unless --out is ours to write in: absent,
+        empty (but for our lock and the temporaries of a start that was cut short), or a run's."""
+        if not os.path.isdir(self.out):
+            return
+        others = [n for n in os.listdir(self.out) if n != ".lock" and not LEFTOVER.fullmatch(n)]
+        if not others:
+            return
+        if not os.path.lexists(self.config):
+            raise Esm2liteError(f"{self.out}: is not empty and is not a train.py run directory (no config.json); "
+                                "nothing in it was changed: choose a new or empty --out")
+        if not is_run_config(read_json(self.config), os.path.exists(self.metrics)):
+            raise Esm2liteError(f"{self.out}: is not a train.py run directory (its config.json is not a run's "
+                                "settings); nothing in it was changed: choose a new or empty --out")
 
     def _check_same_settings(self, settings: dict) -> None:
         saved = read_json(self.config)
@@ -105,6 +153,7 @@ class Checkpointer:
         settings and an empty log; a resumed one loses the leftovers of writes a kill cut short."""
         if not self.d.main:
             return
+        self._check_ours()  # before the lock file is created in it
         self._take_lock()
         if self.check(settings, resume, note=False):
             self._remove_leftovers()
@@ -115,7 +164,7 @@ class Checkpointer:
         for path in (self.summary, self.predictions("valid"), self.predictions("test")):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-        write_json(self.config, settings)
+        write_json(self.config, {"format": RUN_FORMAT, **settings})
         write_text(self.metrics, "")
 
     def _take_lock(self, probe: bool = False) -> None:
@@ -149,12 +198,13 @@ class Checkpointer:
             self._lock = None
 
     def _remove_leftovers(self) -> None:
-        """Hidden temporaries of writes a kill cut short (never read: their names start with '.')."""
-        for parent in (self.out, self.checkpoints):
+        """Hidden temporaries of our writes a kill cut short (never read: their names start with '.');
+        only ours, by name: a user's own hidden files stay."""
+        for parent, ours in ((self.out, LEFTOVER), (self.checkpoints, STEP_LEFTOVER)):
             for name in os.listdir(parent) if os.path.isdir(parent) else ():
                 path = os.path.join(parent, name)
-                if name.startswith(".") and name.endswith((".tmp", ".old")):
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                if ours.fullmatch(name):
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
     # ------------------------------------------------------------ resuming (collective)
 
@@ -162,7 +212,7 @@ class Checkpointer:
         """Load the last step checkpoint into the model and optimizer (RNG too) and return its
         trainer state; first bring best/, the step checkpoints and metrics.jsonl to that step."""
         _, last = self.step_dirs()[-1]
-        best_step = ckpt_dir.read_trainer_state(last)["best_step"]
+        best_step = ckpt_dir.read_trainer_state(last)["best_step"]  # its sha256 checked first
         if best_step is not None and ckpt_dir.saved_step(self.best) != best_step:
             self._rebuild_best(model, spec, best_step)
         self._prune(keep_last, best_step)
@@ -185,14 +235,16 @@ class Checkpointer:
 
     def _truncate_log(self, step: int) -> None:
         """Drop records written after `step` (and a line cut short by a kill), and test results."""
-        keep = []
-        with open(self.metrics, encoding="utf-8", errors="replace") if os.path.exists(self.metrics) \
-                else contextlib.nullcontext([]) as f:
-            for line in f:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    record = json.loads(line)
-                    if record["step"] <= step and record["split"] != "test":
-                        keep.append(json.dumps(record) + "\n")
+        keep, text = [], ""
+        if os.path.exists(self.metrics):  # a regular file only (a FIFO there would block); any bytes a kill left
+            f, _ = open_file(self.metrics, Esm2liteError, regular=True)
+            with f:
+                text = f.read().decode("utf-8", errors="replace")
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                if record["step"] <= step and record["split"] != "test":
+                    keep.append(json.dumps(record) + "\n")
         write_text(self.metrics, "".join(keep))
 
     # ------------------------------------------------------------ during the run
@@ -259,6 +311,55 @@ class Checkpointer:
             except ValueError:
                 raise Esm2liteError(f"{self.metrics}, line {i}: not JSON") from None
         return log
+
+
+def is_run_config(saved, has_log: bool) -> bool:
+    """Whether a config.json's value is a run's settings: it says so (RUN_FORMAT), or it was written
+    before that field existed (a run's settings: grad_accum, world_size, out, task, mode) and the
+    run's metrics.jsonl is beside it."""
+    if not isinstance(saved, dict):
+        return False
+    if saved.get("format") == RUN_FORMAT:
+        return True
+    legacy = "format" not in saved and isinstance(saved.get("grad_accum"), int) and \
+        {"world_size", "out", "task", "mode"} <= saved.keys()
+    return legacy and has_log
+
+
+def reader_inputs(run: str | None, checkpoint: str | None, base_path: str | None) -> list[Input]:
+    """What a command that reads a run's best/ (--run) or a checkpoint must never write into: that
+    checkpoint, the files of its run (--run, or the run that holds the checkpoint as best/ or
+    checkpoints/step_N), and the base model (--base-path, else the one recorded)."""
+    if not (run or checkpoint):
+        return []
+    ckpt, flag = (os.path.join(run, "best"), f"--run {run}") if run else (checkpoint, f"--checkpoint {checkpoint}")
+    found = [Input(ckpt, f"the checkpoint this command reads ({flag})")]
+    run = run or _run_holding(checkpoint)
+    if run:
+        found += [Input(os.path.join(run, name), f"a file of the run this command reads ({flag})") for name in OWN]
+    if base_path:
+        found.append(Input(base_path, f"the base model (--base-path {base_path})"))
+    else:
+        with contextlib.suppress(Esm2liteError):  # a damaged checkpoint is reported when it is loaded
+            recorded = ckpt_dir.read_spec(ckpt).base.path
+            found.append(Input(recorded, f"the base model of the checkpoint this command reads ({flag})"))
+    return found
+
+
+def _run_holding(checkpoint: str) -> str | None:
+    """The run directory whose best/ or checkpoints/step_N `checkpoint` is, if it is one."""
+    real = os.path.realpath(checkpoint)
+    name, parent = os.path.basename(real), os.path.dirname(real)
+    if name == "best":
+        run = parent
+    elif os.path.basename(parent) == "checkpoints":
+        run = os.path.dirname(parent)
+    else:
+        return None
+    with contextlib.suppress(Esm2liteError):
+        if is_run_config(read_json(os.path.join(run, "config.json")), os.path.exists(os.path.join(run, "metrics.jsonl"))):
+            return run
+    return None
 
 
 def _check_creatable(path: str) -> None:

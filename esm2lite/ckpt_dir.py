@@ -37,9 +37,12 @@ from .modes import MODE
 from .sharded import DIRNAME, has_sharded, load_sharded, read_sharded, save_sharded
 from .spec import FORMAT, CheckpointSpec
 from .task_model import TaskModel
-from .textfiles import read_json
+from .textfiles import (MAX_JSON_BYTES, changed_while_read, decode_text, open_file, parse_json, read_bytes,
+                        read_json)
 
 CONFIG, WEIGHTS, STATE, SUMS = "config.json", "model.safetensors", "trainer_state", "SHA256SUMS"
+MAX_SUMS_BYTES = 16 << 20  # SHA256SUMS: about 100 bytes a file
+MAX_FILE_BYTES = 1 << 40  # any one file of a checkpoint (a 15B full fine-tune's one-rank shard with AdamW: ~180 GB)
 STATE_FIELDS = {"step": int, "epoch": int, "index": int, "skipped": int, "world_size": int}
 
 
@@ -102,14 +105,34 @@ def _trainer_tensors(model, optimizer, d: Dist, moments: bool) -> dict:
 
 
 def _sha256(path: str) -> str:
+    """The sha256 of a regular file (a device, FIFO or socket is refused before a byte is read),
+    in chunks; a file that grows or changes while it is hashed is an error, so the read is bounded."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    f, st = open_file(path, CheckpointError, regular=True, limit=MAX_FILE_BYTES)
+    with f:
+        size = 0
         while chunk := f.read(1 << 22):
+            size += len(chunk)
+            if size > st.st_size:
+                break
             h.update(chunk)
+        if size != st.st_size or changed_while_read(st, f):
+            raise CheckpointError(f"{path}: changed while it was being hashed (is it still being written?)")
     return h.hexdigest()
 
 
+def _member(ckpt_dir: str, name: str) -> str:
+    """The path of a file a checkpoint lists: a relative name whose real path (symlinks resolved)
+    is inside the checkpoint directory, or CheckpointError."""
+    path = os.path.join(ckpt_dir, name)
+    top = os.path.realpath(ckpt_dir)
+    if os.path.isabs(name) or ".." in name.split("/") or os.path.commonpath([top, os.path.realpath(path)]) != top:
+        raise CheckpointError(f"{path}: outside the checkpoint directory {ckpt_dir} (a link out of it?); refused")
+    return path
+
+
 def _listed(ckpt_dir: str) -> list[str]:
+    """Every file under ckpt_dir but SHA256SUMS, as relative names (symlinked directories are not entered)."""
     out = []
     for root, _, files in os.walk(ckpt_dir):
         out += [os.path.relpath(os.path.join(root, f), ckpt_dir) for f in files]
@@ -129,50 +152,70 @@ def _write_sums(tmp: str, d: Dist) -> None:
 def read_sums(ckpt_dir: str) -> dict[str, str] | None:
     """{file: sha256} from SHA256SUMS; None for a checkpoint written before it existed."""
     path = os.path.join(ckpt_dir, SUMS)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
     sums = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            digest, _, name = line.rstrip("\n").partition("  ")
-            if len(digest) != 64 or not name or os.path.isabs(name) or ".." in name.split("/"):
-                raise CheckpointError(f"{path}: damaged (a line is not '<sha256>  <file name>')")
-            sums[name] = digest
+    text = read_bytes(path, CheckpointError, MAX_SUMS_BYTES, regular=True).decode("utf-8", errors="replace")
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or os.path.isabs(name) or ".." in name.split("/"):
+            raise CheckpointError(f"{path}: damaged (a line is not '<sha256>  <file name>')")
+        sums[name] = digest
     return sums
+
+
+def _corrupt(path: str) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupt: its sha256 differs from the one recorded in {SUMS} "
+                           "when the checkpoint was written (the file was changed or damaged)")
 
 
 def verify(ckpt_dir: str, d: Dist | None = None) -> None:
     """CheckpointError naming the first file whose sha256 is not the one recorded when it was
-    written. Under torchrun each rank checks its share and every rank raises the same error."""
+    written, or that is not a regular file inside the checkpoint directory. Under torchrun each
+    rank checks its share and every rank raises the same error."""
     d = d or Dist()
     sums = read_sums(ckpt_dir) or {}
     with distributed.same_error(d):
         for name in sorted(sums)[d.rank::d.world]:
-            path = os.path.join(ckpt_dir, name)
-            if not os.path.exists(path):
+            path = _member(ckpt_dir, name)
+            if not os.path.lexists(path):
                 raise CheckpointError(f"{path}: file not found (listed in {SUMS})")
             if _sha256(path) != sums[name]:
-                raise CheckpointError(f"{path}: corrupt: its sha256 differs from the one recorded in {SUMS} "
-                                      "when the checkpoint was written (the file was changed or damaged)")
+                raise _corrupt(path)
 
 
 # ---------------------------------------------------------------- reading
 
 
 def read_spec(ckpt_dir: str) -> CheckpointSpec:
-    """config.json, every field checked before anything is built or allocated."""
+    """config.json: every field checked (sizes against the parameter and layer budget: nothing is
+    built or allocated), then its sha256 against the one SHA256SUMS records (when the checkpoint has
+    one), so that no caller builds anything from a config that was changed after it was written."""
     path = os.path.join(ckpt_dir, CONFIG)
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: file not found (not an esm2lite checkpoint directory?)")
-    return CheckpointSpec.from_dict(read_json(path, CheckpointError), path)
+    return _listed_json(ckpt_dir, CONFIG, lambda obj: CheckpointSpec.from_dict(obj, path))
+
+
+def _listed_json(ckpt_dir: str, name: str, check):
+    """check(the JSON value of the checkpoint's file `name`), returned only once the file's sha256
+    is the one SHA256SUMS records (when the checkpoint has one): parse errors are named first, and
+    nothing is ever built from a file changed after it was written."""
+    path = os.path.join(ckpt_dir, name)
+    raw = read_bytes(_member(ckpt_dir, name), CheckpointError, MAX_JSON_BYTES, regular=True)
+    checked = check(parse_json(decode_text(raw, path, CheckpointError), path, CheckpointError))
+    sums = read_sums(ckpt_dir)
+    if sums is not None and sums.get(name) != hashlib.sha256(raw).hexdigest():
+        raise _corrupt(path) if name in sums else CheckpointError(f"{ckpt_dir}/{SUMS}: does not list {name} (damaged)")
+    return checked
 
 
 def saved_step(ckpt_dir: str) -> int | None:
     """The optimizer step a checkpoint was taken at (None: unknown, unreadable or absent)."""
     with contextlib.suppress(Esm2liteError):
-        step = read_json(os.path.join(ckpt_dir, CONFIG), CheckpointError).get("step")
+        step = read_json(os.path.join(ckpt_dir, CONFIG), CheckpointError, regular=True).get("step")
         return step if isinstance(step, int) else None
     return None
 
@@ -189,10 +232,12 @@ def read_tensors(ckpt_dir: str, expected: dict | None = None) -> tuple[dict, dic
     expected: the shapes a dcp/ checkpoint must hold, checked before anything is allocated."""
     path = os.path.join(ckpt_dir, DIRNAME if has_sharded(ckpt_dir) else WEIGHTS)
     try:
+        if not has_sharded(ckpt_dir) and os.path.lexists(path):  # a regular file inside the checkpoint, or refused
+            open_file(_member(ckpt_dir, WEIGHTS), CheckpointError, regular=True, limit=MAX_FILE_BYTES)[0].close()
         tensors = read_sharded(ckpt_dir, expected) if has_sharded(ckpt_dir) else load_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except CheckpointError:
+    except (CheckpointError, MemoryError):  # running out of memory is not a damaged file
         raise
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:200]})") from None
@@ -207,7 +252,7 @@ def load_model(ckpt_dir: str, dtype=None, device=None, base_path: str | None = N
     merge: ready for prediction (LoRA adapters merged into the weights; the numbers are the same)."""
     spec = read_spec(ckpt_dir)
     mode = MODE[spec.mode]
-    tensors = read_tensors(ckpt_dir, mode.stored_shapes(spec))
+    tensors = read_tensors(ckpt_dir, mode.stored_shapes(spec))  # shapes from the verified config: bounded
     verify(ckpt_dir)
     if base_path:
         spec.base.path = base_path
@@ -244,7 +289,7 @@ def load_weights(model: TaskModel, ckpt_dir: str, optimizer=None, tensors: tuple
 def read_trainer_state(ckpt_dir: str) -> dict:
     """trainer_state.json: step, data position (epoch, index), best so far, skipped steps, ranks."""
     path = os.path.join(ckpt_dir, STATE + ".json")
-    return _checked_state(read_json(path, CheckpointError), path)
+    return _listed_json(ckpt_dir, STATE + ".json", lambda obj: _checked_state(obj, path))
 
 
 def load_trainer_state(ckpt_dir: str, model, optimizer, d: Dist) -> dict:
@@ -252,8 +297,11 @@ def load_trainer_state(ckpt_dir: str, model, optimizer, d: Dist) -> dict:
     restored from trainer_state.safetensors."""
     path = os.path.join(ckpt_dir, STATE)
     state = read_trainer_state(ckpt_dir)
+    open_file(path + ".safetensors", CheckpointError, regular=True)[0].close()  # a FIFO there would block
     try:
         tensors = load_file(path + ".safetensors")
+    except MemoryError:
+        raise  # cli.run_main: one line saying so
     except Exception as e:
         raise CheckpointError(f"{path}.safetensors: corrupt, truncated or missing ({' '.join(str(e).split())[:200]})") from None
     _check_finite(tensors, path + ".safetensors")

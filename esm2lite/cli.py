@@ -2,7 +2,10 @@
 
 import argparse
 import dataclasses
+import os
+import re
 import sys
+import traceback
 import typing
 
 from .errors import Esm2liteError, TrainingInterrupted
@@ -38,12 +41,44 @@ def run_main(main, argv=None) -> int:
             raise
         say(f"error: {' '.join(str(e).split())}")
         return EXIT_BAD_INPUT
+    except (MemoryError, RuntimeError) as e:  # out of memory (CPU or GPU): one line too; other errors are bugs
+        if debug or not is_out_of_memory(e):
+            raise
+        say(out_of_memory_line(e))
+        return EXIT_BAD_INPUT
     except TrainingInterrupted as e:
         say(str(e))
         return 128 + e.signum
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+
+
+OOM_TEXT = re.compile(r"out of memory|can't allocate memory|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
+PACKAGE = os.path.dirname(os.path.abspath(__file__))  # esm2lite/
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """MemoryError, torch.OutOfMemoryError (CUDA), or the RuntimeError torch's CPU allocator or cuBLAS raises."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and bool(OOM_TEXT.search(str(e)))))
+
+
+def out_of_memory_line(e: BaseException) -> str:
+    """"error: out of memory in esm2lite/model.py:88 (forward): CUDA out of memory. Tried to allocate
+    2.00 GiB...": the innermost frame of esm2lite's own code (what was being done), and the first
+    sentence or two of the message."""
+    where = ""
+    for frame, line in traceback.walk_tb(e.__traceback__):
+        path = os.path.abspath(frame.f_code.co_filename)
+        if path.startswith(PACKAGE + os.sep) and path != os.path.abspath(__file__):
+            where = f" in esm2lite/{os.path.relpath(path, PACKAGE)}:{line} ({frame.f_code.co_name})"
+    kind = "GPU memory" if type(e).__name__ == "OutOfMemoryError" or "cuda" in str(e).lower() else "memory"
+    sentences = " ".join(str(e).split()).split(". ")
+    first = next((i for i, s in enumerate(sentences) if OOM_TEXT.search(s)), 0)  # past "[enforce fail at ...]"
+    detail = ". ".join(sentences[first:first + 2])[:200] or type(e).__name__
+    return (f"error: out of {kind}{where}: {detail}; a smaller --batch-tokens (or a smaller model, or fewer "
+            "processes on the device) needs less")
 
 
 # ---------------------------------------------------------------- options from a config dataclass

@@ -1,5 +1,6 @@
 """ESM2Config: the numbers that define an ESM-2 architecture."""
 
+import re
 from dataclasses import asdict, dataclass
 
 from .errors import CheckpointError, Esm2liteError
@@ -14,7 +15,13 @@ RELEASED = {
     "esm2_t36_3B_UR50D": (36, 2560, 40),
     "esm2_t48_15B_UR50D": (48, 5120, 40),
 }
-MAX_PARAMETERS = 50e9  # a config asking for more than this is refused before any allocation
+# A config asking for more than these is refused before anything is built or allocated (the largest
+# released ESM-2, 15B, has 48 layers and 15e9 parameters; ESM C 6B has 80 layers).
+MAX_PARAMETERS = 50e9
+MAX_LAYERS = 512
+# ESM2Config's fields under their names in a HuggingFace / BioNeMo config.json.
+HF_FIELDS = {"num_layers": "num_hidden_layers", "d_model": "hidden_size", "num_heads": "num_attention_heads",
+             "ffn_dim": "intermediate_size"}
 
 
 @dataclass
@@ -46,7 +53,12 @@ class ESM2Config:
         if self.num_parameters() > MAX_PARAMETERS:
             raise Esm2liteError(
                 f"config asks for {self.num_parameters():.3g} parameters, more than the "
-                f"{MAX_PARAMETERS:.0g} limit (is the config.json corrupt?)")
+                f"{MAX_PARAMETERS:.0g} limit (fields num_layers {self.num_layers}, d_model {self.d_model}, "
+                f"ffn_dim {self.ffn_dim}; is the config.json corrupt?)")
+        if self.num_layers > MAX_LAYERS:
+            raise Esm2liteError(
+                f"config field num_layers is {self.num_layers}, more than the {MAX_LAYERS} layers esm2lite builds "
+                "(ESM-2 15B has 48; is the config.json corrupt?)")
 
     @property
     def head_dim(self) -> int:
@@ -86,16 +98,16 @@ class ESM2Config:
                 raise CheckpointError(f"{source}: field {field} is {got!r}; only ESM-2 ({want!r}) is supported")
         try:
             return cls(
-                num_layers=hf["num_hidden_layers"],
-                d_model=hf["hidden_size"],
-                num_heads=hf["num_attention_heads"],
-                ffn_dim=hf["intermediate_size"],
+                **{ours: hf[theirs] for ours, theirs in HF_FIELDS.items()},
                 vocab_size=hf.get("vocab_size", 33),
                 layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
                 token_dropout=bool(hf.get("token_dropout", False)),
             )
-        except Esm2liteError as e:
-            raise CheckpointError(f"{source}: {e}") from None
+        except Esm2liteError as e:  # named as the file names them
+            message = str(e)
+            for ours, theirs in HF_FIELDS.items():
+                message = re.sub(rf"\b{ours}\b", theirs, message)
+            raise CheckpointError(f"{source}: {message}") from None
 
     @classmethod
     def from_json_file(cls, path: str) -> "ESM2Config":
@@ -132,8 +144,9 @@ class ESM2Config:
 
 def read_json_object(path: str) -> dict:
     """A JSON file holding one object (a config.json), or a one-line CheckpointError naming it
-    (read through textfiles: a size cap, so a device or a huge file is an error, not a MemoryError)."""
-    obj = read_json(path, CheckpointError)
+    (read through textfiles: a regular file within a size cap, so a device, a FIFO or a huge file is an
+    error, not a hang or a MemoryError)."""
+    obj = read_json(path, CheckpointError, regular=True)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return obj

@@ -9,6 +9,7 @@ import sys
 
 from .checkpoint import load_pretrained, save_hf_dir
 from .cli import OneLineParser, run_main
+from .paths import Input, check_output_dir
 
 
 def main(argv=None):
@@ -22,6 +23,8 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
+    check_output_dir(args.output, args.overwrite, "output directory",
+                     [Input(args.input, f"the input ({args.input})")])  # before the model is loaded
     model = load_pretrained(args.input)
     save_hf_dir(model, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output} ({model.config.num_layers} layers, d={model.config.d_model})")

@@ -6,9 +6,15 @@ Every transformer block and the root are wrapped with `fully_shard`; on GPU para
 compute in bf16 and gradients are reduced in fp32. Each optimizer step consumes N
 micro-batches (one per rank) of one global batch stream, so N ranks with --grad-accum G
 follow the same trajectory as one process with --grad-accum N*G.
+
+A rank that dies or stops answering must not leave the others waiting: every collective gives up
+after --dist-timeout seconds, and a collective that fails because another rank is gone or silent
+ends this rank with one line (lost_rank), not a traceback. Before step 1 the ranks compare what
+they read (train.py, inputs.py): one all_gather of every rank's identity of its inputs.
 """
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass, field
 
@@ -17,6 +23,8 @@ import torch.distributed as dist
 
 from .device import check_device, pick_device
 from .errors import Esm2liteError
+
+DIST_TIMEOUT = 900  # seconds a collective waits for the other ranks (train.py --dist-timeout)
 
 
 @dataclass
@@ -31,8 +39,9 @@ class Dist:
         self.main, self.enabled = self.rank == 0, self.world > 1
 
 
-def setup(device: str | None) -> tuple[Dist, torch.device]:
-    """Join the process group when started by torchrun; pick this rank's device."""
+def setup(device: str | None, timeout_s: int = DIST_TIMEOUT) -> tuple[Dist, torch.device]:
+    """Join the process group when started by torchrun (collectives give up after timeout_s);
+    pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(), pick_device(device)
@@ -42,9 +51,38 @@ def setup(device: str | None) -> tuple[Dist, torch.device]:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     d = Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
     return d, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+@contextlib.contextmanager
+def lost_ranks_reported(timeout_s: int):
+    """Under torchrun, a collective that fails because another rank died or went silent for
+    timeout_s seconds becomes one Esm2liteError line (lost_rank); other errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo reports a lost peer as RuntimeError; NCCL and the store as DistError
+        lost = lost_rank(e, timeout_s)
+        if lost is None:
+            raise
+        raise lost from None
+
+
+def lost_rank(e: BaseException, timeout_s: int) -> Esm2liteError | None:
+    """The one-line error for a collective that failed because another rank is gone (its connection
+    closed) or silent (nothing within timeout_s); None for any other error, or outside torchrun."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    text = str(e)
+    ours = isinstance(e, dist.DistError) or "gloo/transport" in text
+    if world == 1 or not isinstance(e, RuntimeError) or not ours:
+        return None
+    other = f"rank {1 - rank}" if world == 2 else "another rank"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return Esm2liteError(f"rank {rank}: {other} stopped responding (no message from it within --dist-timeout "
+                             f"{timeout_s} s: paused, hung or overloaded?); every rank stops")
+    return Esm2liteError(f"rank {rank}: {other} ended (its connection closed); its own message, or torchrun's "
+                         "report, says why; every rank stops")
 
 
 def teardown(d: Dist) -> None:

@@ -1,6 +1,8 @@
 """Scoring a whole split: every record forwarded once, in length-bucketed batches (split across
 ranks under torchrun), outputs back in input order; and the task's metrics on them."""
 
+import math
+
 import torch
 from tqdm import tqdm
 
@@ -8,6 +10,7 @@ from .batching import collate, make_batches
 from .constants import IGNORE_INDEX
 from .device import amp_dtype_for
 from .distributed import Dist, gather
+from .errors import Esm2liteError
 from .labels import LabelSpace
 from .metrics import compute_metrics
 from .task_model import TaskModel
@@ -68,7 +71,23 @@ def score(model: TaskModel, records, batch_tokens: int, precision: str, split: s
         out, targets = [o[None] for o in outputs], [labels.encode([r]) for r in records]
     else:
         out, targets = torch.stack(outputs), labels.encode(records)
-    return {"loss": loss, **compute_metrics(labels.task, out, targets, labels)}, outputs
+    return finite(split, {"loss": loss, **compute_metrics(labels.task, out, targets, labels)}, outputs), outputs
+
+
+def finite(split: str, metrics: dict, outputs) -> dict:
+    """The metrics, or Esm2liteError saying why some are not finite numbers: they are written to
+    JSON files (metrics.jsonl, summary.json, *.metrics.json) where NaN and Infinity are not numbers,
+    and a NaN "best so far" would decide nothing."""
+    bad = [f"{k} {v}" for k, v in metrics.items() if not math.isfinite(v)]
+    if not bad:
+        return metrics
+    if math.isnan(metrics.get("accuracy", 0.0)):  # accuracy is NaN only without any labelled value
+        why = "it has no labelled residues (every mask is 0), so there is nothing to score"
+    elif not all(bool(torch.isfinite(o).all()) for o in outputs):
+        why = "the model's outputs on it are not all finite numbers"
+    else:
+        why = "the targets or predictions are too large for the metrics to be computed"
+    raise Esm2liteError(f"scoring the {split} split: {', '.join(bad)}: not finite; {why}")
 
 
 # ---------------------------------------------------------------- what a person reads: rows and classes

@@ -20,11 +20,13 @@ import torch
 
 from .checkpoint import save_hf_dir
 from .ckpt_dir import load_model, read_spec
+from .checkpointer import reader_inputs
 from .cli import OneLineParser, run_main
 from .config import read_json_object
 from .errors import CheckpointError, Esm2liteError
 from .lora import merge_lora
 from .model import ESM2
+from .paths import check_output_dir
 from .peft_io import PEFT_CLASSES, same_layout, save_peft_adapter
 
 # The output a class adds to the encoder's hidden states, which is not esm2lite's.
@@ -45,14 +47,6 @@ def merged_encoder(encoder: ESM2) -> ESM2:
         plain = ESM2(encoder.config)
     plain.load_state_dict(state, strict=True, assign=True)
     return plain.eval()
-
-
-def check_output_dir(path: str, overwrite: bool) -> None:
-    """Fail before any work (and before writing the other output) if `path` cannot be written."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise Esm2liteError(f"{path}: exists and is not a directory")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise Esm2liteError(f"{path}: output directory exists and is not empty (--overwrite replaces it)")
 
 
 def peft_class(chosen: str | None, encoder: ESM2, base: str | None) -> str:
@@ -141,9 +135,10 @@ def main(argv=None):
         p.error("--peft-for needs --peft OUT")
     if args.merged and args.peft and os.path.abspath(args.merged) == os.path.abspath(args.peft):
         p.error("--merged and --peft need different directories")
-    for out in (args.merged, args.peft):
-        if out:
-            check_output_dir(out, args.overwrite)
+    inputs = reader_inputs(args.run, args.checkpoint, args.base_path)  # never written into, nor replaced
+    for out, flag in ((args.merged, "--merged"), (args.peft, "--peft")):
+        if out:  # before any work (and before writing the other output)
+            check_output_dir(out, args.overwrite, flag, inputs)
     ckpt = os.path.join(args.run, "best") if args.run else args.checkpoint
     if args.run and not os.path.isdir(ckpt):
         raise Esm2liteError(f"{args.run}: no best/ checkpoint in this run directory")

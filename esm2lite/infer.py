@@ -129,14 +129,12 @@ def write_embeddings(path: str, tensors: dict, ids, info: dict | None = None) ->
         save_file(tensors, tmp, metadata=metadata)
 
 
-def check_writable(path: str, inputs=()) -> None:
-    """Fail before any work if an output cannot be written, or would overwrite an input."""
+def check_writable(path: str) -> None:
+    """Fail before any work if an output file cannot be written (paths.check_output keeps it off
+    every input)."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, not an output file")
-    for src in inputs:
-        if src and (os.path.realpath(src) == os.path.realpath(path)):
-            raise DataError(f"{path}: is also the input; write the output to another file")
     probe = parent
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)

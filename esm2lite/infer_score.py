@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 from .dms import read_dms
 from .errors import DataError, quoted
-from .reading import _looks_like_fasta as looks_like_fasta
-from .reading import parse_float, read_csv, read_fasta, require_columns
+from .reading import data_format, parse_float, read_csv, read_fasta, require_columns
 from .infer_table import residues
 from .records import where
 from .scoring import METHODS, ScoreResult, score_mutants, score_sequences
@@ -85,12 +84,13 @@ def _score_dms(model, path, header, method, wildtype, mutant_column, score_colum
 
 def _read_sequences(path, sequence_column, score_column):
     """Plain sequences -> (input rows, sequences, DMS scores or None). FASTA rows are id, sequence."""
-    if looks_like_fasta(path):
+    fasta, text = data_format(path)
+    if fasta:
         if sequence_column is not None:
             raise DataError(f"{path}: is FASTA, so --sequence-column has no use")
-        pairs = read_fasta(path)
+        pairs = read_fasta(path, text=text)
         return [{"id": i, "sequence": s} for i, s in pairs], [residues(s, str(path)) for _, s in pairs], None
-    name, (header, rows) = str(path), read_csv(path)
+    name, (header, rows) = str(path), read_csv(path, text)
     seq_col = sequence_column or "sequence"
     require_columns(name, header, [seq_col])
     if not rows:
@@ -127,7 +127,8 @@ def score_file(model, path, method: str = "masked-marginal", wildtype: str | Non
     if method not in METHODS:
         raise DataError(f"unknown scoring method {quoted(method)}; choose one of {', '.join(METHODS)}")
     kw = dict(batch_tokens=batch_tokens, precision=precision)
-    header = [] if looks_like_fasta(path) else read_csv(path)[0]
+    fasta, text = data_format(path)
+    header = [] if fasta else read_csv(path, text)[0]
     if mutant_column in header:
         return _score_dms(model, path, header, method, wildtype, mutant_column, score_column, sequence_column,
                           offset, dict(kw, max_residues=max_residues))

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 from .errors import DataError, quoted
 from .labels import LabelSpace
-from .reading import _looks_like_fasta as looks_like_fasta
-from .reading import mask_like, parse_float, read_csv, read_fasta, require_columns
+from .reading import data_format, mask_like, parse_float, read_csv, read_fasta, require_columns
 from .records import Record, encode_sequence, make_record, where
 from .tokenizer import EOS, TOKENS
 
@@ -66,14 +65,15 @@ def read_table(path, sequence_column: str | None = None, id_column: str | None =
     """A CSV (every column kept) or FASTA file -> Table. Residues are checked; lengths are not (what
     is too long depends on what the sequences are used for)."""
     name = str(path)
-    if looks_like_fasta(path):
+    fasta, text = data_format(path)
+    if fasta:
         for flag, value in (("--sequence-column", sequence_column), ("--id-column", id_column)):
             if value is not None:
                 raise DataError(f"{name}: is FASTA (ids and sequences come from its records), so {flag} has no use")
-        pairs = read_fasta(path)
+        pairs = read_fasta(path, text=text)
         return Table(name, [i for i, _ in pairs], [s for _, s in pairs], list(range(1, len(pairs) + 1)), "record",
                      None, [], [{} for _ in pairs])
-    header, rows = read_csv(path)
+    header, rows = read_csv(path, text)
     seq_col = sequence_column or "sequence"
     if id_column is None and "id" in header and seq_col != "id":
         id_column = "id"

@@ -4,6 +4,8 @@ split; stored in every checkpoint's config.json (to_dict / from_dict)."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +14,25 @@ import torch
 from .constants import IGNORE_INDEX, TASKS
 from .errors import DataError, quoted
 from .tokenizer import residue_mask
+
+
+# Regression targets are trained on and scored in float32: a target must be a finite float32 number
+# (a larger one would become inf; the float64 square of one that is, used by the metrics, is finite).
+# --standardize-targets' mean and std must have a finite float32 square too: predictions are put back
+# on the original scale in float32 (prediction * std + mean), and a mean or std beyond that is not data.
+TARGET_LIMIT = float(np.finfo(np.float32).max)  # 3.4e38
+STATISTIC_LIMIT = math.sqrt(TARGET_LIMIT)  # 1.8e19
+
+
+def target_error(value, limit: float = TARGET_LIMIT) -> str | None:
+    """Why a regression target (or, limit=STATISTIC_LIMIT, a mean or std) cannot be used, or None."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        return "not a finite number"
+    if abs(value) > limit:
+        what = "beyond float32's range" if limit == TARGET_LIMIT else "its square is not a finite float32 number"
+        return (f"too large: {what} (|value| <= {limit:.2g}; esm2lite trains and predicts in float32); "
+                "rescale the column")
+    return None
 
 
 def _labelled(record) -> list[tuple[int, str]]:
@@ -36,6 +57,15 @@ class LabelSpace:
         self.target_names = list(self.target_names)
         self.classes = list(self.classes)
         self._index = {c: i for i, c in enumerate(self.classes)}
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is None:
+                continue
+            why = (next((w for v in values if (w := target_error(v, STATISTIC_LIMIT))), None)
+                   if isinstance(values, (list, tuple)) else "not a list")
+            if why is None and (len(values) != len(self.target_names) or (name == "std" and min(values) <= 0)):
+                why = f"not {len(self.target_names)} {'positive ' if name == 'std' else ''}numbers"
+            if why is not None:
+                raise DataError(f"the label space's {name} {quoted(values)} is {why}")
 
     @classmethod
     def fit(cls, task, train_records, target_names, standardize=False) -> "LabelSpace":
@@ -50,10 +80,16 @@ class LabelSpace:
             if y.ndim != 2 or y.shape[1] != len(target_names):
                 raise DataError(f"{source}: {y.shape[-1] if y.ndim == 2 else '?'} target values "
                                 f"per record, but {len(target_names)} target names")
+            cls(task, target_names, []).check(train_records)
             if not standardize:
                 return cls(task, target_names, [])
-            std = y.std(0)
-            return cls(task, target_names, [], y.mean(0).tolist(), np.where(std > 0, std, 1.0).tolist())
+            mean, std = y.mean(0), y.std(0)
+            for j, name in enumerate(target_names):
+                why = target_error(float(mean[j]), STATISTIC_LIMIT) or target_error(float(std[j]), STATISTIC_LIMIT)
+                if why is not None:
+                    raise DataError(f"{source}, column {quoted(name)}: the mean or standard deviation of the training "
+                                    f"targets ({mean[j]:g}, {std[j]:g}) is {why}; --standardize-targets cannot use it")
+            return cls(task, target_names, [], mean.tolist(), np.where(std > 0, std, 1.0).tolist())
         if len(target_names) != 1:
             raise DataError(f"task {task!r} takes exactly one target column, got {target_names}")
         if task == "classification":
@@ -74,6 +110,9 @@ class LabelSpace:
                 if len(r.target) != len(self.target_names):
                     raise DataError(f"{r.where()}: {len(r.target)} target values, the model "
                                     f"predicts {len(self.target_names)}")
+                for name, value in zip(self.target_names, r.target):
+                    if (why := target_error(value)) is not None:
+                        raise DataError(f"{r.where(name)}: target {quoted(value)} is {why}")
             elif self.task == "classification":
                 if r.target not in self._index:
                     raise DataError(f"{r.where(col)}: class {quoted(r.target)} was not seen in "

@@ -13,7 +13,8 @@ Conventions for degenerate input (they never raise):
 - r2 with constant targets is 1.0 for a perfect prediction, else 0.0 (as scikit-learn).
 - macro_f1 averages F1 = 2TP / (2TP + FP + FN) over the classes that occur in the targets
   or the predictions (as scikit-learn's f1_score(average="macro")).
-- No labelled values at all (e.g. every residue masked): every metric is NaN.
+- No labelled values at all (e.g. every residue masked): every metric is NaN (evaluate.score
+  refuses a split whose metrics are not finite, saying why: JSON has no NaN).
 """
 
 import math

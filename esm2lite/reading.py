@@ -8,6 +8,12 @@ Conventions chosen here:
   (all mean the validation split, key "valid"); `test`. Anything else is an error.
 - CSV ids for inference without an id column: "row2", "row3", ... (the spreadsheet row).
 - FASTA: id = first word of the header; lines starting with ';' are comments.
+- Regression targets: finite float32 numbers (|x| <= 3.4e38, labels.TARGET_LIMIT: they are
+  trained on and scored in float32; 1e308, whose square is not even a float64, is refused);
+  anything else is refused naming the file, row and column.
+- A file that is perhaps still being written is refused, not read short (textfiles): one that
+  changes while it is read, or whose last line has no line end and that was modified less than
+  a minute ago (end the last line with a newline to have it read at once).
 
 Files are read whole (textfiles.py caps the size) and every row of every split is checked
 before anything is returned.
@@ -21,6 +27,7 @@ import math
 import re
 
 from .errors import DataError, TokenizerError, quoted
+from .labels import target_error
 from .records import DataSpec, Record, check_length, encode_sequence, make_record, residue_error, where, without_stop
 from .textfiles import read_text
 from .tokenizer import Tokenizer
@@ -34,7 +41,7 @@ MASK_WORDS = ("mask", "resolved")  # column names that look like a per-residue m
 # ----------------------------------------------------------------------------- CSV
 
 def _text(path) -> str:
-    text = read_text(path, DataError)
+    text = read_text(path, DataError, complete=True)  # a file still being written is refused, not read short
     if not text.strip():
         raise DataError(f"{path}: empty file")
     return text
@@ -62,11 +69,12 @@ def _check_width(fields: list[str], header: list[str], name: str, rownum: int, h
                         f"(missing: {', '.join(quoted(c) for c in header[len(fields):])})")
 
 
-def read_csv(path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """-> (header, [(row number, {column: stripped value})]) with blank rows skipped."""
+def read_csv(path, text: str | None = None) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """-> (header, [(row number, {column: stripped value})]) with blank rows skipped (text: the
+    file's contents, when already read)."""
     name = str(path)
     delimiter = "\t" if name.lower().endswith((".tsv", ".tab")) else ","
-    reader = csv.reader(io.StringIO(_text(path), newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(_text(path) if text is None else text, newline=""), delimiter=delimiter)
     header, header_row, rows = None, None, []
     try:
         for rownum, fields in enumerate(reader, start=1):
@@ -108,12 +116,15 @@ def parse_float(value: str, here: str) -> float:
 def _target_number(value: str, here: str) -> float:
     """A regression target; text that is no number at all gets the --task that reads labels."""
     try:
-        return parse_float(value, here)
+        x = parse_float(value, here)
     except DataError as e:
         if value == "" or _is_float(value):  # empty, nan or inf: no other task would read it either
             raise
         raise DataError(f"{e}; regression needs numbers: for a class per sequence train with --task classification, "
                         "for a label per residue (e.g. HHHEEECCC) --task token-classification") from None
+    if (why := target_error(x)) is not None:  # a finite float64 that float32 cannot hold
+        raise DataError(f"{here}: {quoted(value)} is {why}")
+    return x
 
 
 def _is_float(value: str) -> bool:
@@ -222,17 +233,15 @@ def _check_role(column: str | None, name: str, rows, split: str) -> None:
 
 # ----------------------------------------------------------------------------- sequences to score
 
-def _looks_like_fasta(path) -> bool:
+def data_format(path) -> tuple[bool, str | None]:
+    """(FASTA?, the text when it had to be read to tell). By suffix, else by the first character:
+    the file is read once (a pipe such as <(zcat x.fa.gz) can be read only once)."""
     if str(path).lower().endswith(FASTA_SUFFIXES):
-        return True
+        return True, None
     if str(path).lower().endswith((".csv", ".tsv", ".tab")):
-        return False
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b">")
+        return False, None
+    text = _text(path)
+    return text.lstrip("\ufeff \t\r\n").startswith(">"), text
 
 
 def _csv_id(values: dict, id_column, rownum: int, name: str, seen: dict) -> str:
@@ -256,10 +265,11 @@ def read_sequences(path, sequence_column="sequence", id_column=None, max_residue
     spreadsheet row (header = 1). Every sequence is checked with the tokenizer (and against
     max_residues unless truncate); ids must be unique.
     """
-    if _looks_like_fasta(path):
-        return read_fasta(path, max_residues, truncate)
+    fasta, text = data_format(path)
+    if fasta:
+        return read_fasta(path, max_residues, truncate, text)
     name = str(path)
-    header, rows = read_csv(path)
+    header, rows = read_csv(path, text)
     require_columns(name, header, [sequence_column] + ([id_column] if id_column else []))
     if not rows:
         raise DataError(f"{name}: no data rows")
@@ -306,7 +316,8 @@ def _bad_residue_line(msg: str, lines: list) -> int:
     return lines[0][0]
 
 
-def read_fasta(path, max_residues: int | None = None, truncate: bool = False) -> list[tuple[str, str]]:
+def read_fasta(path, max_residues: int | None = None, truncate: bool = False,
+               text: str | None = None) -> list[tuple[str, str]]:
     """FASTA -> [(id, sequence)] in file order.
 
     Multi-line records, lowercase, blank lines, CRLF and a BOM are fine; id = first word of
@@ -316,7 +327,7 @@ def read_fasta(path, max_residues: int | None = None, truncate: bool = False) ->
     """
     name = str(path)
     out, seen = [], {}
-    for k, (sid, header_line, lines) in enumerate(_fasta_records(_text(path), name), start=1):
+    for k, (sid, header_line, lines) in enumerate(_fasta_records(_text(path) if text is None else text, name), start=1):
         if sid in seen:
             j, first_line = seen[sid]
             raise DataError(f"{name}: duplicate id {quoted(sid)} in record {j} (line {first_line}) "

@@ -29,6 +29,7 @@ from .distributed import Dist
 from .errors import Esm2liteError, TrainingInterrupted
 from .evaluate import class_report, evaluate, prediction_rows, score
 from .heads import build_head
+from .inputs import DataFiles, check_ranks_agree, check_resume, data_paths
 from .labels import LabelSpace
 from .metrics import metric_direction
 from .modes import MODE
@@ -77,6 +78,7 @@ class Run:
     records: dict
     checkpointer: Checkpointer
     total: int  # optimizer steps
+    data: DataFiles  # the data files read, their identity, watched for changes while the run uses them
 
     @property
     def amp(self):
@@ -99,29 +101,33 @@ def train_model(cfg: TrainConfig | None = None, records=None, resume: bool = Fal
     calls this; rank 0 writes the files."""
     cfg = cfg or TrainConfig(**overrides)
     start_time = time.time()
-    d, device = distributed.setup(cfg.device)
-    checkpointer = Checkpointer(cfg.out, d)
-    try:
-        run, state = setup(cfg, records, resume, d, device, checkpointer)
-        return fit(run, state, start_time)
-    finally:
-        checkpointer.close()
-        distributed.teardown(d)
+    with distributed.lost_ranks_reported(cfg.dist_timeout):  # a rank that dies or stalls: one line on the others
+        d, device = distributed.setup(cfg.device, cfg.dist_timeout)
+        checkpointer = Checkpointer(cfg.out, d)
+        try:
+            run, state = setup(cfg, records, resume, d, device, checkpointer)
+            return fit(run, state, start_time)
+        finally:
+            checkpointer.close()
+            distributed.teardown(d)
 
 
 # ---------------------------------------------------------------- setting up
 
 
-def load_data(cfg: TrainConfig, records=None, main: bool = True) -> tuple[dict, LabelSpace]:
-    """Every split's records (from cfg's CSVs unless given) and the label space fitted on train;
-    every row of every split is checked. main: this process says what it notices (rank 0)."""
+def load_data(cfg: TrainConfig, records=None, main: bool = True) -> tuple[dict, LabelSpace, DataFiles]:
+    """Every split's records (from cfg's CSVs unless given), the label space fitted on train, and
+    the data files identified (sha256, rows) and watched; every row of every split is checked.
+    main: this process says what it notices (rank 0)."""
     note = print if main else (lambda _line: None)
+    files = DataFiles(data_paths(cfg, records))
     if records is None:
         spec = DataSpec(task=cfg.task, sequence_column=cfg.sequence_column, target_columns=cfg.target_columns,
                         mask_column=cfg.mask_column, split_column=cfg.split, id_column=cfg.id_column,
                         max_residues=cfg.max_residues, truncate=cfg.truncate)
         records = load_splits(spec, train=cfg.train_csv, valid=cfg.valid_csv, test=cfg.test_csv, csv=cfg.csv,
                               note=note)
+    files.identify(records)
     labels = LabelSpace.fit(cfg.task, records["train"], list(cfg.target_columns), standardize=cfg.standardize)
     for split in ("valid", "test"):
         if split in records:
@@ -132,7 +138,7 @@ def load_data(cfg: TrainConfig, records=None, main: bool = True) -> tuple[dict, 
                                 "(give --valid-csv, or valid rows in --csv)")
         note("note: no validation split, so best/ will hold the last step (give --valid-csv, or valid rows in "
              "--csv, to keep the step with the lowest validation loss)")
-    return records, labels
+    return records, labels, files
 
 
 def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> tuple[TaskModel, CheckpointSpec]:
@@ -166,10 +172,14 @@ def setup(cfg, records, resume: bool, d: Dist, device, checkpointer: Checkpointe
         if d.enabled and cfg.mode == "lora" and cfg.lora.tie_weights:
             raise Esm2liteError("--lora-tie-weights shares one adapter across blocks, which FSDP cannot shard: "
                                 "train it in one process (without torchrun)")
-        records, labels = load_data(cfg, records, d.main)
+        records, labels, files = load_data(cfg, records, d.main)
     with distributed.same_error(d):
         resume = checkpointer.check(settings, resume)
-    model, spec = build_model(cfg, labels, device)
+    with distributed.same_error(d):
+        model, spec = build_model(cfg, labels, device)
+    check_ranks_agree(d, settings, files.identity, spec)  # one all_gather: the same data, base and options
+    if resume:  # the data files and base the run started with (before the directory is touched)
+        check_resume(d, checkpointer.step_dirs()[-1][1], files.identity, spec)
     if d.enabled:
         distributed.shard(model, d, amp_dtype_for(cfg.precision, device))
     optimizer = make_optimizer(model, cfg)
@@ -184,7 +194,7 @@ def setup(cfg, records, resume: bool, d: Dist, device, checkpointer: Checkpointe
         state, batches.epoch, batches.index = TrainState.from_dict(saved), saved["epoch"], saved["index"]
     elif d.rank > 0:  # identical initial weights on every rank, then each its own dropout stream
         torch.manual_seed(cfg.seed * 1000 + d.rank)
-    return Run(cfg, d, device, model, spec, optimizer, batches, records, checkpointer, total), state
+    return Run(cfg, d, device, model, spec, optimizer, batches, records, checkpointer, total, files), state
 
 
 # ---------------------------------------------------------------- the loop
@@ -233,9 +243,11 @@ def train_step(run: Run, state: TrainState) -> None:
         if distributed.any_true(d, not bool(torch.isfinite(loss))):
             finite = False
             if not cfg.skip_nonfinite:
+                kept = run.checkpointer.step_dirs()  # say only what is there
                 raise Esm2liteError(
-                    f"non-finite training loss at step {state.step + 1}; the last good checkpoint is kept in "
-                    f"{run.checkpointer.checkpoints} (--skip-nonfinite skips such batches instead)")
+                    f"non-finite training loss at step {state.step + 1}; "
+                    + (f"the last checkpoint, {kept[-1][1]}, is kept" if kept else "no checkpoint had been written yet")
+                    + " (--skip-nonfinite skips such batches instead)")
             break
         (loss / cfg.grad_accum).backward()
         step_loss += loss.item() / cfg.grad_accum
@@ -292,14 +304,24 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
 
 
 def save(run: Run, state: TrainState, is_best: bool) -> None:
-    run.checkpointer.save(run.model, run.spec, run.optimizer, state.to_dict(run.batches, run.d.world), is_best,
-                          run.cfg.keep_last)
+    """A step checkpoint (best/ too when is_best) recording the data it was trained on; then the data
+    files are checked: one edited under the run stops it (its checkpoints hold the file as read)."""
+    trainer_state = {**state.to_dict(run.batches, run.d.world), "data": run.data.identity}
+    run.checkpointer.save(run.model, run.spec, run.optimizer, trainer_state, is_best, run.cfg.keep_last)
+    check_data_files(run)
+
+
+def check_data_files(run: Run) -> None:
+    """Every rank's data files still hold what the run read (inputs.DataFiles.check); all fail alike."""
+    with distributed.same_error(run.d):
+        run.data.check()
 
 
 def finish(run: Run, state: TrainState, start_time: float) -> dict:
     """best/ scored on the valid and test splits (test once, here); its predictions next to the
     true values, the plots (with matplotlib), and last summary.json."""
     cfg, d, labels = run.cfg, run.d, run.model.labels
+    check_data_files(run)  # the predictions written below name rows of the files as read
     has_valid = "valid" in run.records
     summary = {"best_step": state.best_step, "best_metric": cfg.metric if has_valid else None,
                "valid": None, "test": None, "task": cfg.task, "targets": list(labels.target_names)}

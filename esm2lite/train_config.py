@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from .constants import MODES, TASKS
 from .device import PRECISIONS as INFERENCE_PRECISIONS
 from .device import check_device
+from .distributed import DIST_TIMEOUT
 from .errors import Esm2liteError
 from .lora import LoRAConfig
 from .metrics import metric_names
@@ -81,6 +82,9 @@ class TrainConfig:
                                   "every task); without a validation split the last step is kept", OUTPUT)
     out: str = opt("runs/esm2lite", "output directory", OUTPUT)
     device: str | None = opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available)", OUTPUT)
+    dist_timeout: int = opt(DIST_TIMEOUT, "with torchrun: seconds a process waits for the others before it stops "
+                            "with an error saying one stopped responding (a hung, paused or overloaded machine)",
+                            OUTPUT)
 
     def __post_init__(self):
         self.target_columns = tuple(self.target_columns)
@@ -127,6 +131,7 @@ class TrainConfig:
             (0 < self.head_hidden <= MAX_HEAD_HIDDEN, f"--head-hidden must be in 1..{MAX_HEAD_HIDDEN}"),
             (0.0 <= self.head_dropout < 1.0, "--head-dropout must be in [0, 1)"),
             (0 <= self.seed < 2**32, "--seed must be in 0 .. 2^32 - 1"),
+            (0 < self.dist_timeout <= 7 * 24 * 3600, "--dist-timeout must be a number of seconds in 1 .. 604800 (a week)"),
             *((_utf8(v), f"--{k.replace('_', '-')}: not valid UTF-8 ({v!r:.60})")
               for k, v in asdict(self).items() if isinstance(v, str)),
         ]

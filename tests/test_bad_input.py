@@ -12,6 +12,7 @@ by a module fixture; each parametrised test then checks its own result.
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import shutil
@@ -204,6 +205,66 @@ def train_without_steps(*args):
 
 FASTA = ">s1 first\nMKTAYIAKQR\n>s2\nMKVLA\nAGIVG\n"
 
+
+# ---------------------------------------------------------------- helpers of the never-destroy cases (issue 25 A)
+
+def symlink(target):
+    """A symbolic link to `target` ({d} etc. filled in; a bare name: relative to the link)."""
+    def make(path, ctx):
+        os.symlink(_fill(target, ctx), path)
+    return make
+
+
+def hardlink(target):
+    def make(path, ctx):
+        os.link(_fill(target, ctx), path)
+    return make
+
+
+def copy_of(src):
+    def make(path, ctx):
+        shutil.copy(_fill(src, ctx), path)
+    return make
+
+
+def empty_dir(path, ctx):
+    os.makedirs(path)
+
+
+def unchanged(run):
+    """run_copy's damage that is none: the trained run as it is."""
+
+
+def without_run_format(run):
+    """The run's config.json as the version before the run format id wrote it."""
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["format"]
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+def finished_without_checkpoints(run):
+    """A finished run whose step checkpoints the user deleted, with a file of the user's own."""
+    shutil.rmtree(run / "checkpoints")
+    (run / "notes.txt").write_text("x")
+    (run / ".mine.tmp").write_text("x")
+
+
+def best_based_on_a_copy(path, ctx):
+    """The trained run's best/, its recorded base model moved to the case's own copy, base/."""
+    shutil.copytree(os.path.join(ctx["run"], "best"), path)
+    cfg = json.loads(Path(path, "config.json").read_text())
+    cfg["base"]["path"] = os.path.join(ctx["d"], "base")
+    Path(path, "config.json").write_text(json.dumps(cfg))
+    digest = hashlib.sha256(Path(path, "config.json").read_bytes()).hexdigest()  # SHA256SUMS vouches for it
+    sums = Path(path, "SHA256SUMS").read_text().splitlines()
+    Path(path, "SHA256SUMS").write_text("".join(f"{digest}  config.json\n" if line.endswith("  config.json")
+                                                else line + "\n" for line in sums))
+
+
+best_based_on_a_copy.needs_run = True
+# config.json of a run from before the format id: a run's settings, with its (empty) log beside it
+LEGACY_RUN_CONFIG = json.dumps({"out": "out", "task": "regression", "mode": "lora", "grad_accum": 1, "world_size": 1})
+
 CASES = [
     # ---------------------------------------------------------------- data files (train.py)
     Case("missing_file", {}, train("--train-csv", "{d}/nope.csv"), ["nope.csv", "no such file"], ["{d}/out"]),
@@ -392,10 +453,193 @@ CASES = [
          resume(), ["{d}/run/config.json", "binary"]),
 
     # ---------------------------------------------------------------- never destroy what is not ours (issue 25 A)
+    Case("train_out_holds_user_files",
+         {"train.csv": TRAIN, "out/best/README.txt": "x", "out/plots/fig.png": "x", "out/config.json": "{}"},
+         train("--train-csv", "{d}/train.csv"),
+         ["{d}/out: is not a train.py run directory", "nothing in it was changed", "choose a new or empty --out"],
+         ["{d}/out/.lock", "{d}/out/metrics.jsonl"]),
+    Case("train_out_not_empty_without_config",
+         {"train.csv": TRAIN, "out/notes.txt": "x", "out/.notes.txt.abcd1234.tmp": "x"},
+         train("--train-csv", "{d}/train.csv"), ["{d}/out: is not empty and is not a train.py run directory"],
+         ["{d}/out/.lock", "{d}/out/config.json"]),
+    Case("train_out_is_the_base_model", {"train.csv": TRAIN, "base": hf_copy()},
+         ["train", "--train-csv", "{d}/train.csv", "--checkpoint", "{d}/base", "--steps", "1", "--batch-tokens", "600",
+          "--out", "{d}/base"], ["{d}/base: is also the base model (--checkpoint {d}/base)", "choose another --out"],
+         ["{d}/base/.lock", "{d}/base/metrics.jsonl"]),
+    Case("train_out_inside_the_base_model", {"train.csv": TRAIN, "base": hf_copy()},
+         ["train", "--train-csv", "{d}/train.csv", "--checkpoint", "{d}/base", "--steps", "1", "--batch-tokens", "600",
+          "--out", "{d}/base/../base/run"], ["{d}/base/../base/run: is inside the base model"], ["{d}/base/run"]),
+    Case("train_out_is_a_link_to_the_base_model", {"train.csv": TRAIN, "base": hf_copy(), "link": symlink("{d}/base")},
+         ["train", "--train-csv", "{d}/train.csv", "--checkpoint", "{d}/base", "--steps", "1", "--batch-tokens", "600",
+          "--out", "{d}/link"], ["{d}/link: is also the base model (--checkpoint {d}/base)"],
+         ["{d}/base/.lock", "{d}/base/metrics.jsonl"]),
+    Case("train_data_file_is_a_file_of_the_run", {"train.csv": TRAIN, "out/predictions_test.csv": TRAIN},
+         train("--train-csv", "{d}/train.csv", "--test-csv", "{d}/out/predictions_test.csv"),
+         ["{d}/out/predictions_test.csv: is also a data file this run reads (--test-csv"],
+         ["{d}/out/.lock", "{d}/out/config.json"]),
+    Case("train_out_dangling_symlink",  # refused before the (broken) base model is read
+         {"train.csv": TRAIN, "ck": hf_copy(drop=["model.safetensors"]), "out": symlink("nowhere")},
+         train_ckpt("{d}/ck"), ["{d}/out: is a symbolic link to nowhere, which does not exist"], ["{d}/nowhere"]),
+    Case("infer_output_is_a_file_of_the_checkpoint", {"in.fasta": FASTA, "run": run_copy(unchanged)},
+         infer("--run", "{d}/run", "--input", "{d}/in.fasta", output="{d}/run/best/config.json"),
+         ["{d}/run/best/config.json: is inside the checkpoint this command reads (--run {d}/run)",
+          "choose another --output"], ["{d}/run/best/config.metrics.json"]),
+    Case("infer_output_is_a_link_into_the_checkpoint",
+         {"in.fasta": FASTA, "run": run_copy(unchanged), "pred.csv": symlink("{d}/run/best/config.json")},
+         infer("--run", "{d}/run", "--input", "{d}/in.fasta"), ["{d}/pred.csv: is inside the checkpoint this command "
+                                                                  "reads (--run {d}/run)"], ["{d}/pred.metrics.json"]),
+    Case("infer_output_is_a_hard_link_to_a_file_of_the_run",
+         {"in.fasta": FASTA, "run": run_copy(unchanged), "pred.csv": hardlink("{d}/run/summary.json")},
+         infer("--checkpoint", "{d}/run/best", "--input", "{d}/in.fasta"),
+         ["{d}/pred.csv: is also a file of the run this command reads (--checkpoint {d}/run/best)"],
+         ["{d}/pred.metrics.json"]),
+    Case("infer_output_inside_the_base_model", {"in.fasta": FASTA, "base": hf_copy(), "ck": best_copy()},
+         infer("--checkpoint", "{d}/ck", "--base-path", "{d}/base", "--input", "{d}/in.fasta",
+               output="{d}/base/pred.csv"), ["{d}/base/pred.csv: is inside the base model (--base-path {d}/base)"],
+         ["{d}/base/pred.csv", "{d}/base/pred.metrics.json"]),
+    Case("infer_output_inside_the_recorded_base_model", {"in.fasta": FASTA, "base": hf_copy(), "ck": best_based_on_a_copy},
+         infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta", output="{d}/base/pred.csv"),
+         ["{d}/base/pred.csv: is inside the base model of the checkpoint this command reads (--checkpoint {d}/ck)"],
+         ["{d}/base/pred.csv", "{d}/base/pred.metrics.json"]),
+    Case("infer_embeddings_is_the_input", {"in.fasta": FASTA},
+         ["infer", "--run", "{run}", "--input", "{d}/in.fasta", "--embeddings", "{d}/./in.fasta"],
+         ["{d}/./in.fasta: is also the input (--input {d}/in.fasta)", "choose another --embeddings"]),
+    Case("infer_score_output_is_the_wildtype_file",
+         {"dms.csv": csv_text("mutant,mutated_sequence", "M1A,AKTAYIAKQR"), "wt.fasta": ">wt\nMKTAYIAKQR\n"},
+         ["infer", "--base", "{pt}", "--score", "masked-marginal", "--input", "{d}/dms.csv", "--wildtype",
+          "{d}/wt.fasta", "--output", "{d}/../infer_score_output_is_the_wildtype_file/wt.fasta"],
+         ["wt.fasta: is also the wild-type file (--wildtype {d}/wt.fasta)"]),
+    Case("infer_output_dangling_symlink",  # refused before the (wrong) base model is loaded
+         {"in.fasta": FASTA, "pred.csv": symlink("nowhere.csv")},
+         infer("--run", "{run}", "--base-path", "{hf2}", "--input", "{d}/in.fasta"),
+         ["{d}/pred.csv: is a symbolic link to nowhere.csv, which does not exist"],
+         ["{d}/nowhere.csv", "{d}/pred.metrics.json"]),
+    Case("infer_embeddings_through_a_dangling_symlink", {"in.fasta": FASTA, "dl": symlink("nowhere")},
+         ["infer", "--run", "{run}", "--input", "{d}/in.fasta", "--embeddings", "{d}/dl/emb.safetensors"],
+         ["{d}/dl/emb.safetensors: passes through {d}/dl, a symbolic link to nowhere"], ["{d}/nowhere"]),
+    Case("export_merged_replaces_the_run", {"run": run_copy(unchanged)},
+         ["export", "--run", "{d}/run", "--merged", "{d}/run", "--overwrite"],
+         ["{d}/run: holds the checkpoint this command reads (--run {d}/run)", "choose another --merged"]),
+    Case("export_peft_inside_the_checkpoint", {"run": run_copy(unchanged)},
+         ["export", "--run", "{d}/run", "--peft", "{d}/run/best/peft"],
+         ["{d}/run/best/peft: is inside the checkpoint this command reads"], ["{d}/run/best/peft"]),
+    Case("export_merged_is_the_base_model", {"run": run_copy(unchanged), "base": hf_copy()},
+         ["export", "--run", "{d}/run", "--base-path", "{d}/base", "--merged", "{d}/base", "--overwrite"],
+         ["{d}/base: is also the base model (--base-path {d}/base)"]),
+    Case("export_merged_dangling_symlink", {"m": symlink("nowhere")}, ["export", "--run", "{run}", "--merged", "{d}/m"],
+         ["{d}/m: is a symbolic link to nowhere"], ["{d}/nowhere"]),
+    Case("convert_output_is_the_input", {"base": hf_copy()}, ["convert", "{d}/base", "{d}/./base", "--overwrite"],
+         ["{d}/./base: is also the input ({d}/base)"]),
+    Case("convert_output_holds_the_input", {"dir/tiny.pt": copy_of("{pt}")},
+         ["convert", "{d}/dir/tiny.pt", "{d}/dir", "--overwrite"], ["{d}/dir: holds the input ({d}/dir/tiny.pt)"]),
+    Case("convert_output_dangling_symlink", {"out": symlink("nowhere")}, ["convert", "{pt}", "{d}/out"],
+         ["{d}/out: is a symbolic link to nowhere"], ["{d}/nowhere"]),
+    # accepted: directories that are ours
+    Case("train_fresh_on_an_empty_directory", {"train.csv": TRAIN, "out": empty_dir}, train("--train-csv", "{d}/train.csv"),
+         [], ["{d}/out/best/model.safetensors"], ok=True),
+    Case("train_fresh_on_a_finished_run_without_checkpoints", {"run": run_copy(finished_without_checkpoints)},
+         resume()[:-1], [], ["{d}/run/checkpoints/step_1", "{d}/run/notes.txt", "{d}/run/.mine.tmp"], ok=True),
+    Case("train_fresh_on_a_run_of_the_previous_version",
+         {"train.csv": TRAIN, "out/config.json": LEGACY_RUN_CONFIG, "out/metrics.jsonl": "",
+          "out/.config.json.abcd1234.tmp": "x", "out/.mine.tmp": "x"},
+         train("--train-csv", "{d}/train.csv"), [], ["{d}/out/best/model.safetensors", "{d}/out/.mine.tmp"], ok=True),
+    Case("resume_a_run_of_the_previous_version", {"run": run_copy(without_run_format)}, resume(), [],
+         ["{d}/run/summary.json"], ok=True),
 
     # ---------------------------------------------------------------- inputs that changed; ranks that disagree (issue 25 B)
+    # A copy of the trained run, resumed with its training CSV or base model changed since it started: the copy's
+    # config.json names the case's own copy of that input ({d}/train.csv, {d}/ck), which is then changed. Refused
+    # before anything is done, in one line naming the file or the base and what changed. (Kill-then-resume, a file
+    # edited during a run, and ranks that disagree: tests/test_interrupt.py, tests/test_distributed.py.)
+    Case("resume_train_csv_edited", {
+        "run": run_copy(lambda run: json.dump({**json.load(open(run / "config.json")),
+                                               "train_csv": str(run.parent / "train.csv")}, open(run / "config.json", "w"))),
+        "train.csv": lambda path, ctx: Path(path).write_bytes(
+            Path(ctx["rundir"], "train.csv").read_bytes().replace(b",0.5\r\n", b",0.7\r\n"))},
+         [a.replace("{rundir}", "{d}") for a in resume()],
+         ["{d}/train.csv: changed since this run started (was sha256 ", ", 5 rows; now sha256 ", "another --out"]),
+    Case("resume_train_csv_rows_deleted", {
+        "run": run_copy(lambda run: json.dump({**json.load(open(run / "config.json")),
+                                               "train_csv": str(run.parent / "train.csv")}, open(run / "config.json", "w"))),
+        "train.csv": lambda path, ctx: Path(path).write_bytes(b"\r\n".join(
+            line for line in Path(ctx["rundir"], "train.csv").read_bytes().split(b"\r\n") if not line.endswith(b",0.1")))},
+         [a.replace("{rundir}", "{d}") for a in resume()],
+         ["{d}/train.csv: changed since this run started", ", 5 rows; now sha256 ", ", 4 rows)"]),
+    Case("resume_base_weights_replaced", {
+        "run": run_copy(lambda run: json.dump({**json.load(open(run / "config.json")), "checkpoint": str(run.parent / "ck")},
+                                              open(run / "config.json", "w"))),
+        "ck": lambda path, ctx: shutil.copytree(ctx["hf2"], path)},
+         [{"{hf}": "{d}/ck"}.get(a, a) for a in resume()],
+         ["{d}/ck: base model encoder weights differ from the ones this run started with (sha256 ", "another --out"]),
+    Case("resume_base_config_changed", {
+        "run": run_copy(lambda run: json.dump({**json.load(open(run / "config.json")), "checkpoint": str(run.parent / "ck")},
+                                              open(run / "config.json", "w"))),
+        "ck": hf_copy(config={"layer_norm_eps": 1e-6})},
+         [{"{hf}": "{d}/ck"}.get(a, a) for a in resume()],
+         ["{d}/ck: base model config differs from the one this run started with (layer_norm_eps is 1e-06, was 1e-05)"]),
+    Case("resume_a_run_from_before_dist_timeout", {"run": run_copy(lambda run: json.dump(
+        {k: v for k, v in json.load(open(run / "config.json")).items() if k != "dist_timeout"},
+        open(run / "config.json", "w")))}, resume(), [], ["{d}/run/summary.json"], ok=True),
+    Case("infer_base_config_token_dropout_changed", {"in.fasta": FASTA, "ck": hf_copy(config={"token_dropout": False})},
+         infer("--run", "{run}", "--base-path", "{d}/ck", "--input", "{d}/in.fasta"),
+         ["{d}/ck: base model config differs from the one the checkpoint was trained on (token_dropout is False, "
+          "was True)"], ["{d}/pred.csv"]),
+    Case("infer_base_config_layer_norm_eps_changed", {"in.fasta": FASTA, "ck": hf_copy(config={"layer_norm_eps": 1e-6})},
+         infer("--run", "{run}", "--base-path", "{d}/ck", "--input", "{d}/in.fasta"),
+         ["{d}/ck: base model config differs", "(layer_norm_eps is 1e-06, was 1e-05)"], ["{d}/pred.csv"]),
+    Case("export_base_config_changed", {"ck": hf_copy(config={"token_dropout": False})},
+         ["export", "--run", "{run}", "--base-path", "{d}/ck", "--merged", "{d}/m"],
+         ["{d}/ck: base model config differs", "(token_dropout is False, was True)"], ["{d}/m"]),
+    Case("dist_timeout_zero", {"train.csv": TRAIN}, train("--train-csv", "{d}/train.csv", "--dist-timeout", "0"),
+         ["--dist-timeout must be a number of seconds in 1 .. 604800"], ["{d}/out"]),
 
     # ---------------------------------------------------------------- bounded reading, numbers, BioNeMo's QKV flag (issue 25 C)
+    # Each of these hung, ran for minutes or ended in a MemoryError or a silent wrong result before; now one line,
+    # in seconds (forkrun's 300 s SIGKILL bounds a regression to a hang). A checkpoint reads only regular files
+    # inside its directory, hashes in bounded chunks, and checks config.json's sha256 before building from it.
+    Case("ckpt_weights_link_to_dev_zero", {"in.fasta": FASTA, "ck": best_copy(
+        damage=lambda p: (p.unlink(), p.symlink_to("/dev/zero")))},
+         infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"),
+         ["{d}/ck/model.safetensors", "outside the checkpoint directory"], ["{d}/pred.csv"]),
+    Case("ckpt_sums_entry_is_a_fifo", {"in.fasta": FASTA, "ck": best_copy(damage=lambda p: (
+        os.mkfifo(p.parent / "notes.txt"), open(p.parent / "SHA256SUMS", "a").write("0" * 64 + "  notes.txt\n")))},
+         infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"),
+         ["{d}/ck/notes.txt", "not a regular file", "FIFO"], ["{d}/pred.csv"]),
+    Case("ckpt_sums_is_dev_zero", {"in.fasta": FASTA, "ck": best_copy(damage=lambda p: (
+        (p.parent / "SHA256SUMS").unlink(), (p.parent / "SHA256SUMS").symlink_to("/dev/zero")))},
+         infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"),
+         ["{d}/ck/SHA256SUMS", "character device", "/dev/zero"], ["{d}/pred.csv"]),
+    Case("ckpt_base_config_of_a_million_layers", {"train.csv": TRAIN, "ck": hf_copy(config={"num_hidden_layers": 10**6})},
+         train_ckpt("{d}/ck"), ["ck/config.json", "field num_hidden_layers is 1000000", "512 layers"], ["{d}/out"]),
+    Case("infer_ckpt_config_of_100k_layers", {"in.fasta": FASTA, "ck": best_copy(  # full: built from the config
+        config=lambda cfg: (cfg.update(mode="full"), cfg["model_config"].update(num_layers=10**5)))},
+         infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"),
+         ["{d}/ck/config.json", "num_layers is 100000", "512 layers"], ["{d}/pred.csv"]),
+    Case("infer_ckpt_config_changed_after_writing", {"in.fasta": FASTA, "ck": best_copy(  # within budget: its sha256
+        config=lambda cfg: (cfg.update(mode="full"), cfg["model_config"].update(num_layers=400)))},  # refuses it
+         infer("--checkpoint", "{d}/ck", "--input", "{d}/in.fasta"),
+         ["{d}/ck/config.json", "sha256 differs", "SHA256SUMS"], ["{d}/pred.csv"]),
+    Case("standardize_target_of_1e308", {"train.csv": TRAIN + "MKVLAAGIVG,1e308\n"},
+         train("--train-csv", "{d}/train.csv", "--standardize-targets"),
+         ["train.csv", "row 6", "column 'target'", "'1e308'", "too large", "float32"], ["{d}/out"]),
+    Case("valid_target_of_1e308", {"train.csv": TRAIN, "valid.csv": csv_text("sequence,target", "MKV,1", "MKV,1e308")},
+         train("--train-csv", "{d}/train.csv", "--valid-csv", "{d}/valid.csv"),
+         ["valid.csv", "row 3", "column 'target'", "'1e308'", "too large"], ["{d}/out"]),
+    Case("standardize_statistics_too_large", {"train.csv": csv_text("sequence,target", "MKV,3e38", "MKVL,-3e38")},
+         train("--train-csv", "{d}/train.csv", "--standardize-targets"),
+         ["train.csv", "column 'target'", "standard deviation", "--standardize-targets"], ["{d}/out"]),
+    Case("nonfinite_loss_before_any_checkpoint", {"train.csv": csv_text("sequence,target", "MKV,1e38", "MKVL,-1e38")},
+         train("--train-csv", "{d}/train.csv"),
+         ["non-finite training loss at step 1", "no checkpoint had been written yet"],
+         ["{d}/out/checkpoints", "{d}/out/best"]),
+    Case("train_csv_last_row_partly_written", {"train.csv": TRAIN + "MKVLAAGIVG,1."},
+         train("--train-csv", "{d}/train.csv"), ["train.csv", "line 6", "no line end", "still being written"],
+         ["{d}/out"]),
+    Case("infer_fasta_last_record_partly_written", {"in.fasta": ">s1\nMKTAYIAKQR\n>s2\nMKVL"},
+         infer("--run", "{run}", "--input", "{d}/in.fasta"), ["in.fasta", "line 4", "no line end"], ["{d}/pred.csv"]),
+    Case("bionemo_qkv_not_interleaved", {"train.csv": TRAIN, "nv": lambda path, ctx: oracles.make_bionemo_checkpoint(
+        path, ctx["hf"], qkv_weight_interleaved=False)},
+         train_ckpt("{d}/nv"), ["nv", "field qkv_weight_interleaved is false", "refuses to guess"], ["{d}/out"]),
 
     # ---------------------------------------------------------------- inputs that must be accepted
     Case("infer_bom_crlf_csv_and_truncation",
@@ -514,3 +758,82 @@ def test_cli(case, battery):
 def test_training_accepts_bom_crlf_and_truncates_when_asked(battery):
     proc, ctx = battery[RUN_CASE.name].result()
     check_result(RUN_CASE, proc, ctx)
+
+
+# ---------------------------------------------------------------- never destroy what is not ours (issue 25 A)
+
+def tree(top) -> dict:
+    """{relative path: bytes} of every file under `top` (hidden ones included; links read through)."""
+    top = Path(top)
+    return {str(p.relative_to(top)): p.read_bytes() for p in sorted(top.rglob("*")) if p.is_file()}
+
+
+def holds_only(sub, files):
+    """The check that the case directory's `sub` holds exactly these files, as they were written."""
+    def check(d, ctx):
+        assert tree(d / sub) == {name: text.encode() for name, text in files.items()}
+    return check
+
+
+def base_as_it_was(d, ctx):
+    assert tree(d / "base") == tree(ctx["hf"])
+
+
+def run_as_it_was(d, ctx):
+    assert tree(d / "run") == tree(ctx["run"])
+
+
+def base_and_run_as_they_were(d, ctx):
+    base_as_it_was(d, ctx)
+    run_as_it_was(d, ctx)
+
+
+def pt_as_it_was(d, ctx):
+    assert tree(d / "dir") == {"tiny.pt": Path(ctx["pt"]).read_bytes()}
+
+
+def user_files_kept(d, ctx):
+    assert (d / "run" / "notes.txt").read_text() == "x" and (d / "run" / ".mine.tmp").read_text() == "x"
+
+
+def previous_version_taken_over(d, ctx):
+    assert json.loads((d / "out" / "config.json").read_text())["format"] == "esm2lite-run"
+    assert not (d / "out" / ".config.json.abcd1234.tmp").exists()  # a temporary of ours: removed
+    assert (d / "out" / ".mine.tmp").read_text() == "x"  # the user's own hidden file: kept
+
+
+def resumed(d, ctx):
+    assert "resumed from" in ctx["stdout"]
+
+
+# What each case must leave as it found it (or, when accepted, what it must keep).
+AFTER = {
+    "train_out_holds_user_files": holds_only("out", {"best/README.txt": "x", "plots/fig.png": "x", "config.json": "{}"}),
+    "train_out_not_empty_without_config": holds_only("out", {"notes.txt": "x", ".notes.txt.abcd1234.tmp": "x"}),
+    "train_out_is_the_base_model": base_as_it_was,
+    "train_out_inside_the_base_model": base_as_it_was,
+    "train_out_is_a_link_to_the_base_model": base_as_it_was,
+    "train_data_file_is_a_file_of_the_run": holds_only("out", {"predictions_test.csv": TRAIN}),
+    "infer_output_is_a_file_of_the_checkpoint": run_as_it_was,
+    "infer_output_is_a_link_into_the_checkpoint": run_as_it_was,
+    "infer_output_is_a_hard_link_to_a_file_of_the_run": run_as_it_was,
+    "infer_output_inside_the_base_model": base_as_it_was,
+    "infer_output_inside_the_recorded_base_model": base_as_it_was,
+    "export_merged_replaces_the_run": run_as_it_was,
+    "export_peft_inside_the_checkpoint": run_as_it_was,
+    "export_merged_is_the_base_model": base_and_run_as_they_were,
+    "convert_output_is_the_input": base_as_it_was,
+    "convert_output_holds_the_input": pt_as_it_was,
+    "train_fresh_on_a_finished_run_without_checkpoints": user_files_kept,
+    "train_fresh_on_a_run_of_the_previous_version": previous_version_taken_over,
+    "resume_a_run_of_the_previous_version": resumed,
+}
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES if c.name in AFTER])
+def test_what_is_not_ours_is_left_as_it_was(case, battery):
+    """Beyond check_result: the user's files, the base model and the checkpoint read are unchanged, byte for
+    byte (and an accepted directory keeps the files that are not the run's)."""
+    proc, ctx = battery[case.name].result()
+    check_result(case, proc, ctx)
+    AFTER[case.name](Path(ctx["d"]), {**ctx, "stdout": proc.stdout})

@@ -312,6 +312,24 @@ def test_fasta_detected_by_content(tmp_path):
     assert read_sequences(p) == [("a", "MKV")]
 
 
+@pytest.mark.parametrize("text", [">s1 first\nMKTAYIAKQR\n>s2\nMKVLA\n", "name,sequence\na,MKTAYIAKQR\nb,MKVLA\n"],
+                         ids=["fasta", "csv"])
+def test_a_pipe_is_read_once(text):
+    """`--input <(zcat x.gz)`: a pipe without a telling suffix is read once, its format told from that read."""
+    import os
+    import threading
+
+    r, w = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(w, text.encode()), os.close(w)))
+    writer.start()
+    try:
+        got = read_sequences(f"/dev/fd/{r}", id_column=None if text.startswith(">") else "name")
+    finally:
+        writer.join()
+        os.close(r)
+    assert got == ([("s1", "MKTAYIAKQR"), ("s2", "MKVLA")] if text.startswith(">") else [("a", "MKTAYIAKQR"), ("b", "MKVLA")])
+
+
 def test_fasta_errors(tmp_path):
     p = write(tmp_path, "a.fasta", ">x\nMKV\n>y desc\nLL\n>x\nAA\n")
     msg = error(read_fasta, p)

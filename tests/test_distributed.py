@@ -4,8 +4,12 @@ across rank counts, and errors end every rank."""
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +227,117 @@ def test_data_parallel_inference_keeps_order_and_values(hf_tiny, data, tmp_path)
     assert e1.keys() == e2.keys()
     for k in e1:
         oracles.assert_fp32_close(e2[k], e1[k], 64, what=k)
+
+
+# ---------------------------------------------------------------- ranks that disagree, stop or die (issue 25 B)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(nodes, args, timeout=180) -> list[tuple[str, int]]:
+    """One torchrun per "node" (--nnodes 2, one process each) started in that node's directory, as on
+    two machines: relative paths in `args` name each node's own copies. [(stderr, exit status)] per node."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={i}",
+                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}", TRAIN, *args],
+                              cwd=node, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+             for i, node in enumerate(nodes)]
+    try:
+        return [(p.communicate(timeout=timeout)[1], p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("differs", ["data", "base"])
+def test_ranks_that_read_different_inputs_stop_naming_the_rank(hf_tiny, data, tmp_path, differs):
+    """Node-local copies under the same relative paths, one of them different (node 1's data file has a
+    row fewer, or its base model other weights): every rank exits before step 1 with the same one line
+    naming rank 1 and what differs, and no run directory is made."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+        shutil.copy(data / "d.csv", node / "d.csv")
+        shutil.copytree(hf_tiny, node / "base")
+    if differs == "data":
+        lines = (nodes[1] / "d.csv").read_text().splitlines(keepends=True)
+        (nodes[1] / "d.csv").write_text("".join(lines[:-1]))
+        expected = ["rank 1's d.csv differs from rank 0's (rank 0: sha256 ", ", train 30 rows, valid 10 rows; rank 1: "
+                    "sha256 ", ", train 30 rows, valid 9 rows)"]
+    else:
+        shutil.rmtree(nodes[1] / "base")
+        oracles.make_hf_checkpoint(nodes[1] / "base", **oracles.TINY, seed=3)
+        expected = ["rank 1's base model differs from rank 0's (rank 0: encoder weights sha256 "]
+    results = two_nodes(nodes, common("base", Path("."), "lora", tmp_path / "out"))
+    errors = [line for err, _ in results for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], [err[-2000:] for err, _ in results]
+    assert errors[0].startswith("error: the ranks did not read the same inputs: ")
+    assert all(e in errors[0] for e in expected), errors[0]
+    assert all(status != 0 for _, status in results)
+    assert not (tmp_path / "out").exists()
+
+
+def workers(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of a torchrun's worker processes (its children, known by their RANK)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if parent == launcher.pid else []
+        except (OSError, IndexError, ValueError):
+            continue
+        found.update({int(e[5:]): int(pid) for e in env if e.startswith(b"RANK=")})
+    return found
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_a_rank_that_stops_or_dies_ends_the_others_in_one_line(hf_tiny, data, tmp_path, how):
+    """Rank 1 paused (SIGSTOP) or killed (SIGKILL) while training: rank 0 ends with one line saying so, within
+    --dist-timeout (15 s here; gloo's own default is 30 minutes) for a paused rank, at once for a dead one;
+    no traceback of esm2lite's (torchrun's own report follows, as for any failed worker)."""
+    out = tmp_path / "run"
+    args = common(hf_tiny, data, "lora", out, steps=100000) + ["--dist-timeout", "15"]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 TRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    lines = []  # (seconds since the signal, line)
+    reader = threading.Thread(target=lambda: lines.extend((time.time(), line.rstrip("\n")) for line in launcher.stderr))
+    reader.start()
+    try:
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert launcher.poll() is None, "\n".join(line for _, line in lines)[-3000:]
+            time.sleep(0.05)  # both ranks train
+        victim, sent = workers(launcher)[1], time.time()
+        os.kill(victim, signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
+        while not any(line.startswith("error: rank 0: ") for _, line in lines) and time.time() - sent < 120:
+            time.sleep(0.1)
+        reported = next((t - sent for t, line in lines if line.startswith("error: rank 0: ")), None)
+        if how == "stopped":
+            os.kill(victim, signal.SIGCONT)  # it finds rank 0 gone (or torchrun ends it)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+    text = [line for _, line in lines]
+    errors = [line for line in text if line.startswith("error: ")]
+    if how == "stopped":
+        assert reported is not None and 10 < reported < 15 + 30, (reported, text[-40:])
+        assert errors[0] == "error: rank 0: rank 1 stopped responding (no message from it within --dist-timeout 15 s: " \
+                            "paused, hung or overloaded?); every rank stops", errors
+        # rank 1, continued, finds rank 0 gone (or, its own wait having run past the timeout while it was
+        # paused, silent); or torchrun has ended it
+        assert all(e == errors[0] or e.startswith(("error: rank 1: rank 0 ended (its connection closed)",
+                                                   "error: rank 1: rank 0 stopped responding")) for e in errors), errors
+    else:
+        assert reported is not None and reported < 30, (reported, text[-40:])
+        assert errors == ["error: rank 0: rank 1 ended (its connection closed); its own message, or torchrun's report, "
+                          "says why; every rank stops"], text[-40:]
+    assert launcher.returncode != 0
+    assert not [line for line in text if line.strip().startswith('File "') and ("esm2lite" in line or "train.py" in line)]

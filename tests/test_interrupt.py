@@ -2,9 +2,11 @@
 weights of an uninterrupted run, and no reader sees a half-written checkpoint."""
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -253,3 +255,143 @@ def test_a_start_that_never_reached_a_checkpoint_leaves_out_reusable(setup, tmp_
         r = forkrun.run([TRAIN, *args(out), *extra])
         assert r.returncode == 0, r.stderr[-2000:]
         assert_equal_weights(final_weights(out), final_weights(ref))
+
+
+# ---------------------------------------------------------------- inputs that change under a run (issue 25 B)
+
+
+def own_inputs(short_run, tmp_path, hf_tiny):
+    """short_run's arguments on the test's own copies of the data file and the base model (so that
+    they can be changed), and those copies."""
+    args, _, _ = short_run
+    data, base = tmp_path / "d.csv", tmp_path / "base"
+    shutil.copy(args(tmp_path)[1], data)
+    shutil.copytree(hf_tiny, base)
+    ours = {args(tmp_path)[1]: str(data), hf_tiny: str(base)}
+    return (lambda out: [ours.get(a, a) for a in args(out)]), data, base
+
+
+def snapshot(out):
+    """Every file of a run directory and its bytes (what a refused --resume must leave as it was)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_inputs_changed_between_a_kill_and_resume_are_refused(short_run, tmp_path, forkrun, hf_tiny):
+    """SIGKILL after the first step checkpoint; then the training CSV edited, rows deleted, the base
+    model's weights replaced, its config.json changed: each --resume exits 2 with one line naming the
+    file or the base and what changed, and leaves the run directory as it was. With the inputs
+    restored, --resume ends exactly as the uninterrupted run, every checkpoint naming one base."""
+    args, data, base = own_inputs(short_run, tmp_path, hf_tiny)
+    _, ref, renames = short_run
+    k = next(i for i, r in enumerate(renames, 1) if r.endswith("-> checkpoints/step_2"))
+    out = tmp_path / "run"
+    killed = forkrun.run(["-c", KILL, k, "after", "-", out, TRAIN, *args(out)], cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    before, csv, weights = snapshot(out), data.read_bytes(), (base / "model.safetensors").read_bytes()
+    lines = csv.splitlines(keepends=True)
+    config = json.loads((base / "config.json").read_text())
+    other = tmp_path / "other"
+    oracles.make_hf_checkpoint(other, **oracles.TINY, seed=3)
+    changes = [  # (what is done to the inputs, what the error line must say)
+        (lambda: data.write_bytes(csv.replace(b",train\n", b"1,train\n", 1)),
+         f"{data}: changed since this run started (was sha256 "),
+        (lambda: data.write_bytes(b"".join(lines[:1] + lines[3:])), ", train 28 rows, valid 5 rows, test 5 rows)"),
+        (lambda: shutil.copy(other / "model.safetensors", base / "model.safetensors"),
+         f"{base}: base model encoder weights differ from the ones this run started with (sha256 "),
+        (lambda: (base / "config.json").write_text(json.dumps({**config, "token_dropout": False})),
+         f"{base}: base model config differs from the one this run started with (token_dropout is False, was True)"),
+    ]
+    for change, expected in changes:
+        data.write_bytes(csv)
+        (base / "model.safetensors").write_bytes(weights)
+        (base / "config.json").write_text(json.dumps(config))
+        change()
+        r = forkrun.run([TRAIN, *args(out), "--resume"], cwd=tmp_path)
+        errors = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
+        assert errors[0].startswith("error: ") and "restore it, or start a new run in another --out" in errors[0]
+        assert snapshot(out) == before
+    data.write_bytes(csv)
+    (base / "model.safetensors").write_bytes(weights)
+    (base / "config.json").write_text(json.dumps(config))
+    r = forkrun.run([TRAIN, *args(out), "--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not differences(run_files(out), run_files(ref))
+    shas = {json.loads((ckpt / "config.json").read_text())["base"]["sha256"]
+            for ckpt in [out / "best", *(out / "checkpoints").iterdir()]}
+    assert len(shas) == 1, shas
+
+
+EDIT = """
+import os, runpy, sys
+k, path = int(sys.argv[1]), sys.argv[2]
+real, count = os.replace, [0]
+
+def replace(src, dst, *args, **kwargs):
+    real(src, dst, *args, **kwargs)
+    count[0] += 1
+    if count[0] == k:  # the data file edited while the run works: a row appended
+        with open(path, "rb") as f:
+            last = f.read().splitlines(keepends=True)[-1]
+        with open(path, "ab") as f:
+            f.write(last)
+
+os.replace = replace
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_data_file_edited_during_the_run_stops_it(short_run, tmp_path, forkrun, hf_tiny):
+    """The training CSV edited while the run trains (just after its first step checkpoint is in place):
+    the run stops at that checkpoint with exit 2 and one line naming the file; with the file restored,
+    --resume ends exactly as the uninterrupted run."""
+    args, data, _ = own_inputs(short_run, tmp_path, hf_tiny)
+    _, ref, renames = short_run
+    k = next(i for i, r in enumerate(renames, 1) if r.endswith("-> checkpoints/step_2"))
+    out, csv = tmp_path / "run", data.read_bytes()
+    r = forkrun.run(["-c", EDIT, k, data, TRAIN, *args(out)], cwd=tmp_path)
+    errors = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+    assert errors[0].startswith(f"error: {data}: changed while this run was using it (sha256 "), errors[0]
+    assert (out / "checkpoints" / "step_2").is_dir() and not (out / "summary.json").exists()
+    data.write_bytes(csv)
+    r = forkrun.run([TRAIN, *args(out), "--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not differences(run_files(out), run_files(ref))
+
+
+def rewritten(ckpt, name, edit):
+    """One JSON file of a checkpoint edited as an older esm2lite would have written it, its SHA256SUMS
+    line updated to vouch for it."""
+    path = ckpt / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text())), indent=2))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    sums = (ckpt / "SHA256SUMS").read_text().splitlines()
+    (ckpt / "SHA256SUMS").write_text("".join(f"{digest}  {name}\n" if line.endswith(f"  {name}") else line + "\n"
+                                             for line in sums))
+
+
+def test_a_run_of_an_older_version_still_resumes(short_run, tmp_path, forkrun, hf_tiny):
+    """A last step checkpoint without the data record and with the older base hash (LM head included), as
+    esm2lite wrote them before: --resume continues, says in one line that the data files are not compared,
+    and the run's checkpoints keep naming the base as they did."""
+    from test_base_hash import sha256_v1
+
+    from esm2lite.model import ESM2
+
+    args, ref, renames = short_run
+    k = next(i for i, r in enumerate(renames, 1) if r.endswith("-> checkpoints/step_2"))
+    out = tmp_path / "run"
+    killed = forkrun.run(["-c", KILL, k, "after", "-", out, TRAIN, *args(out)], cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    last = out / "checkpoints" / "step_2"
+    old_sha = sha256_v1(ESM2.from_pretrained(hf_tiny).state_dict())
+    rewritten(last, "trainer_state.json", lambda state: {k: v for k, v in state.items() if k != "data"})
+    rewritten(last, "config.json", lambda cfg: {**cfg, "base": {**cfg["base"], "sha256": old_sha}})
+    r = forkrun.run([TRAIN, *args(out), "--resume"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"note: {last} was written before esm2lite recorded the data files a run reads" in r.stdout
+    for ckpt in (out / "checkpoints" / "step_4", out / "best"):  # written by the resumed run
+        assert json.loads((ckpt / "config.json").read_text())["base"]["sha256"] == old_sha
+    assert not differences(run_files(out), run_files(ref))

@@ -218,9 +218,8 @@ def test_bionemo_file_is_in_bionemo_layout(bionemo):
 
 
 @pytest.mark.parametrize("prefix", ["model.", "esm."])
-@pytest.mark.parametrize("interleaved", [True, False])
-def test_bionemo_loads_equal_to_hf_layout(hf_plain, tmp_path, batch, prefix, interleaved, capsys):
-    d = oracles.make_bionemo_checkpoint(tmp_path / "nv", hf_plain, prefix=prefix, qkv_weight_interleaved=interleaved)
+def test_bionemo_loads_equal_to_hf_layout(hf_plain, tmp_path, batch, prefix, capsys):
+    d = oracles.make_bionemo_checkpoint(tmp_path / "nv", hf_plain, prefix=prefix)  # interleaved QKV (refused if not)
     capsys.readouterr()
     got, want = ESM2.from_pretrained(d), ESM2.from_pretrained(hf_plain)
     assert capsys.readouterr().out.count(d) == 0  # nothing ignored: BioNeMo keeps no contact head
