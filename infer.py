@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 
-from esm2lite.cli import OneLineParser, run_main
-from esm2lite.device import PRECISIONS
+from esm2lite.commands.cli import OneLineParser, run_main
+from esm2lite.runtime.device import PRECISIONS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_FASTA = os.path.join(HERE, "esm2lite", "demo", "predict.fasta")
-METHODS = ("masked-marginal", "wt-marginal", "pll")  # esm2lite.scoring.METHODS (not imported: --help stays fast)
+METHODS = ("masked-marginal", "wt-marginal", "pll")  # esm2lite.inference.scoring.METHODS (not imported: --help stays fast)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -148,10 +148,10 @@ def check_options(p, args) -> None:
 
 
 def inputs_of(args) -> list:
-    """What this command reads, which no output may be, lie inside or hold (esm2lite.paths): the input
+    """What this command reads, which no output may be, lie inside or hold (esm2lite.files.paths): the input
     file, the wild-type file, the base model, and the checkpoint (with --run: every file of the run)."""
-    from esm2lite.checkpointer import reader_inputs
-    from esm2lite.paths import Input
+    from esm2lite.checkpoints.run_dir import reader_inputs
+    from esm2lite.files.paths import Input
 
     found = [Input(args.input, f"the input (--input {args.input})")]
     if args.wildtype and os.path.isfile(args.wildtype):
@@ -165,8 +165,8 @@ def check_outputs(args) -> list[str]:
     """Every file this run may write: distinct, none an input (whatever the spelling) nor inside one,
     none a dangling link, each writable. Checked before any work (before the model is loaded)."""
     from esm2lite.errors import DataError
-    from esm2lite.infer import check_writable
-    from esm2lite.paths import check_output
+    from esm2lite.inference.predict import check_writable
+    from esm2lite.files.paths import check_output
 
     flags = {args.output: "--output", args.embeddings: "--embeddings", args.residue_probs: "--residue-probs"}
     paths = [x for x in (args.output, args.embeddings, args.residue_probs) if x]
@@ -186,7 +186,7 @@ def check_outputs(args) -> list[str]:
 
 
 def main(argv):
-    from esm2lite import distributed
+    from esm2lite.runtime import distributed
     from esm2lite.errors import Esm2liteError
 
     demo = not [a for a in argv if a != "--debug"]
@@ -211,10 +211,10 @@ def main(argv):
 
 
 def score_and_write(args, device):
-    from esm2lite.atomic import csv_text, json_text, write_together
-    from esm2lite.checkpoint import load_pretrained
+    from esm2lite.files.atomic import csv_text, json_text, write_together
+    from esm2lite.weights.pretrained import load_pretrained
     from esm2lite.errors import CheckpointError
-    from esm2lite.infer_score import read_wildtype, score_file
+    from esm2lite.inference.score_file import read_wildtype, score_file
 
     wildtype = read_wildtype(args.wildtype) if args.wildtype else None
     model = load_pretrained(args.base, device=device)
@@ -240,8 +240,8 @@ def score_and_write(args, device):
 
 def load(args, device):
     """-> (task model or None, encoder)."""
-    from esm2lite.checkpoint import load_pretrained
-    from esm2lite.ckpt_dir import load_model
+    from esm2lite.weights.pretrained import load_pretrained
+    from esm2lite.checkpoints.checkpoint_dir import load_model
     from esm2lite.errors import Esm2liteError
 
     if args.base:
@@ -255,7 +255,7 @@ def load(args, device):
 
 def prepare(args, table, model) -> tuple:
     """-> (records, labelled) for predictions, every option checked against the model and the input."""
-    from esm2lite import infer_table as it
+    from esm2lite.inference import table as it
     from esm2lite.errors import Esm2liteError
 
     labels = model.labels
@@ -273,9 +273,10 @@ def prepare(args, table, model) -> tuple:
 
 def predict(args, d, table, model) -> dict:
     """-> {"rows", "residues", "metrics"} (what rank 0 writes)."""
-    from esm2lite import distributed, infer
-    from esm2lite import infer_table as it
-    from esm2lite.evaluate import run_batches, score
+    from esm2lite.runtime import distributed
+    from esm2lite.inference import predict as infer
+    from esm2lite.inference import table as it
+    from esm2lite.tasks.evaluate import run_batches, score
 
     with distributed.same_error(d):
         records, labelled = prepare(args, table, model)
@@ -290,9 +291,10 @@ def predict(args, d, table, model) -> dict:
 
 
 def predict_and_write(args, d, device, demo):
-    from esm2lite import distributed, infer
+    from esm2lite.runtime import distributed
+    from esm2lite.inference import predict as infer
     from esm2lite.errors import Esm2liteError
-    from esm2lite.infer_table import read_table
+    from esm2lite.inference.table import read_table
 
     with distributed.same_error(d):  # every rank reads and checks every row; errors agree
         table = read_table(args.input, args.sequence_column, args.id_column)
@@ -318,7 +320,7 @@ def write_predictions(args, out, table):
     """The predictions CSV, the per-residue CSV and the metrics JSON, replaced as one set (the metrics
     last: atomic.write_together), so that no kill leaves new predictions beside an earlier run's
     metrics, or the reverse. Without labels, an earlier metrics JSON is removed."""
-    from esm2lite.atomic import csv_text, json_text, write_together
+    from esm2lite.files.atomic import csv_text, json_text, write_together
 
     if not out:
         return

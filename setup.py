@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="esm2lite",
@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level folder kernels/ (the product's layout) but are installed
     # as esm2lite.kernels, so the project never claims the top-level name `kernels` (a PyPI distribution).
-    packages=["esm2lite", "esm2lite.kernels"],
+    packages=["esm2lite", *(f"esm2lite.{p}" for p in find_packages("esm2lite")), "esm2lite.kernels"],
     package_dir={"esm2lite.kernels": "kernels"},
     package_data={"esm2lite": ["demo/*.csv", "demo/*.md", "demo/*.fasta"]},
     install_requires=[
@@ -34,6 +34,6 @@ setup(
             "matplotlib",  # the plots' tests (tests/test_run_outputs.py)
         ],
         "hub": ["huggingface_hub"],
-        "plot": ["matplotlib"],  # PNGs of a run: train.py at the end, or python -m esm2lite.plot RUN
+        "plot": ["matplotlib"],  # PNGs of a run: train.py at the end, or python -m esm2lite.training.plot RUN
     },
 )

@@ -6,8 +6,8 @@ import os
 import shutil
 import sys
 
-from esm2lite.cli import OneLineParser, UsageError, add_options, options_to_config, run_main
-from esm2lite.train_config import TrainConfig
+from esm2lite.commands.cli import OneLineParser, UsageError, add_options, options_to_config, run_main
+from esm2lite.training.config import TrainConfig
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "esm2lite", "demo")
 DEMO_ARGS = ["--csv", os.path.join(DEMO_DIR, "demo.csv"), "--model", "esm2_t6_8M_UR50D", "--mode", "lora",
@@ -44,7 +44,7 @@ def main(argv):
         cfg = options_to_config(TrainConfig, args)
     except UsageError as e:
         p.error(str(e))
-    from esm2lite.train import train_model
+    from esm2lite.training.loop import train_model
 
     result = train_model(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":

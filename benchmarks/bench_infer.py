@@ -6,7 +6,7 @@ run one after the other, the JSON rewritten after each) is built with transforme
 save_pretrained and loaded by both libraries: transformers.EsmModel (no pooler, no LM head) and
 esm2lite.ESM2 (logits=False), so both compute the final hidden states and nothing else. The
 sequences (random residues, lengths uniform in [min-len, max-len]) are cut into the same
-length-sorted token-budget batches (esm2lite.batching.make_batches), right-padded; transformers gets
+length-sorted token-budget batches (esm2lite.data.batching.make_batches), right-padded; transformers gets
 attention_mask = tokens != <pad>. Every repeat times one pass over all batches per
 implementation (implementations interleaved, so load drift hits all alike); medians are reported,
 with ratios against transformers-sdpa from the same run.
@@ -38,9 +38,10 @@ import torch
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after PYTHONPATH: see gpu_check.py
 
 from benchmarks.common import OneLineParser, in_child, make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
-from esm2lite.atomic import write_json  # noqa: E402
-from esm2lite.batching import make_batches  # noqa: E402
-from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
+from esm2lite.files.atomic import write_json  # noqa: E402
+from esm2lite.data.batching import make_batches  # noqa: E402
+from esm2lite.model.tokenizer import PAD, Tokenizer  # noqa: E402
+from esm2lite import load_pretrained
 
 IMPLS = ("esm2lite", "transformers-eager", "transformers-sdpa")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports in the output
@@ -85,9 +86,8 @@ def parse_args(argv=None):
 
 def load_model(impl: str, model_dir: str, dtype, device):
     if impl == "esm2lite":
-        from esm2lite import ESM2
 
-        return ESM2.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+        return load_pretrained(model_dir, dtype=dtype, device=device).eval()
     from transformers import EsmModel
 
     attn = impl.split("-", 1)[1]

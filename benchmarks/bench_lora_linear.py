@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after PYTHONPATH: see gpu_check.py
 
 from benchmarks.common import OneLineParser  # noqa: E402
-from esm2lite.atomic import write_json  # noqa: E402
+from esm2lite.files.atomic import write_json  # noqa: E402
 
 LAYERS = {  # name -> (K, N) as multiples of d
     "qkvo": (1, 1),

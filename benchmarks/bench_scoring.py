@@ -16,7 +16,7 @@ The per-variant loop costs the same for every variant, so it is timed on an even
 time; the other two are timed on the whole scan. Repeats are interleaved (load drift hits all
 alike); medians are reported, with ratios against the per-variant loop from the same run. Scores
 are checked against each other (max |difference| in the JSON). pll is counted, not timed by
-default (its forwards come from esm2lite.scoring.plan_mutants; --pll-variants N times N variants).
+default (its forwards come from esm2lite.inference.scoring.plan_mutants; --pll-variants N times N variants).
 
 On a 2-core CPU with 1 thread the default run takes about 10 minutes.
 
@@ -36,9 +36,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import make_checkpoint, run_info, sync  # noqa: E402
-from esm2lite.atomic import write_json  # noqa: E402
-from esm2lite.scoring import plan_mutants, score_mutants  # noqa: E402
-from esm2lite.tokenizer import MASK, TOKENS, Tokenizer  # noqa: E402
+from esm2lite.files.atomic import write_json  # noqa: E402
+from esm2lite.inference.scoring import plan_mutants, score_mutants  # noqa: E402
+from esm2lite.model.tokenizer import MASK, TOKENS, Tokenizer  # noqa: E402
+from esm2lite import load_pretrained
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -116,9 +117,8 @@ def timed(fn, device):
 def load_models(model_dir, dtype, device):
     from transformers import EsmForMaskedLM
 
-    from esm2lite import ESM2
 
-    ours = ESM2.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    ours = load_pretrained(model_dir, dtype=dtype, device=device).eval()
     theirs = EsmForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=dtype).to(device).eval()
     return ours, theirs
 

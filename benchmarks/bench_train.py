@@ -3,7 +3,7 @@ transformers.EsmForSequenceClassification + peft, in one run.
 
 Same random-weight ESM-2 checkpoint (transformers save_pretrained), same data (random residues,
 lengths uniform in [min-len, max-len], random regression targets), same token-budget batches
-(esm2lite.batching.make_batches, padded; transformers gets attention_mask), LoRA r=16, alpha=32,
+(esm2lite.data.batching.make_batches, padded; transformers gets attention_mask), LoRA r=16, alpha=32,
 dropout 0 on query, key, value, attention.output.dense, intermediate.dense, output.dense (esm2lite:
 all six targets), AdamW, same number of steps. Only the step is timed: forward, MSE loss,
 backward, optimizer step (+ zero_grad). After warm-up steps, the median step time is reported.
@@ -45,10 +45,11 @@ import torch
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after PYTHONPATH: see gpu_check.py
 
 from benchmarks.common import OneLineParser, in_child, make_checkpoint, rss_bytes, run_info, saved_bytes, sync  # noqa: E402
-from esm2lite.atomic import write_json  # noqa: E402
-from esm2lite.config import ESM2Config  # noqa: E402
-from esm2lite.batching import make_batches  # noqa: E402
-from esm2lite.tokenizer import PAD, Tokenizer  # noqa: E402
+from esm2lite.files.atomic import write_json  # noqa: E402
+from esm2lite.model.config import ESM2Config  # noqa: E402
+from esm2lite.data.batching import make_batches  # noqa: E402
+from esm2lite.model.tokenizer import PAD, Tokenizer  # noqa: E402
+from esm2lite import load_pretrained
 
 IMPLS = ("esm2lite", "transformers+peft")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports in the output
@@ -119,11 +120,10 @@ class DataTooSmall(ValueError):
 
 def build_esm2lite(model_dir, args, device):
     """-> (step inputs -> loss function, trainable parameters, all parameters)."""
-    from esm2lite import ESM2
-    from esm2lite.heads import build_head
-    from esm2lite.lora import LoRAConfig, apply_lora
+    from esm2lite.model.heads import build_head
+    from esm2lite.model.lora import LoRAConfig, apply_lora
 
-    encoder = ESM2.from_pretrained(model_dir, device=device)
+    encoder = load_pretrained(model_dir, device=device)
     apply_lora(encoder, LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=0.0,
                                    targets=("query", "key", "value", "out", "fc1", "fc2")))
     head = build_head("regression", encoder.config.d_model, 1, 256, 0.0).to(device)

@@ -7,7 +7,7 @@ from queue import Empty
 
 import torch
 
-from esm2lite.config import ESM2Config
+from esm2lite.model.config import ESM2Config
 
 
 class OneLineParser(argparse.ArgumentParser):

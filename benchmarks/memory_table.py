@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import run_info, saved_bytes  # noqa: E402
-from esm2lite.config import ESM2Config  # noqa: E402
-from esm2lite.heads import build_head  # noqa: E402
-from esm2lite.lora import LoRAConfig, apply_lora  # noqa: E402
-from esm2lite.model import ESM2  # noqa: E402
+from esm2lite.model.config import ESM2Config  # noqa: E402
+from esm2lite.model.heads import build_head  # noqa: E402
+from esm2lite.model.lora import LoRAConfig, apply_lora  # noqa: E402
+from esm2lite.model.esm2 import ESM2  # noqa: E402
 
 SIZES = {"650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "15B": "esm2_t48_15B_UR50D"}
 LORA = LoRAConfig(rank=16)  # all six linears
@@ -148,7 +148,7 @@ def main():
     print(markdown(rows))
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"memory_table_{device.type}.json")
     result = {**run_info(device), "method": __doc__.split("\n\n")[1], "lora": LORA.to_dict(), "rows": rows}
-    from esm2lite.atomic import write_json
+    from esm2lite.files.atomic import write_json
 
     write_json(out, result)
     print(f"wrote {out}")

@@ -180,10 +180,10 @@ def run_both(mode: str, out: str, imports: dict) -> dict:
     sys.path.insert(0, str(HERE.parent / "tests"))
     import oracles
     import torch
-    from esm2lite.train import TrainConfig, train_model
+    from esm2lite.training.loop import TrainConfig, train_model
 
     try:
-        from esm2lite.records import records_from_pairs
+        from esm2lite.data.records import records_from_pairs
     except ImportError:
         from esm2lite.data import records_from_pairs
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@ a fresh process), and one command at a time; the fixture keeps two, as this mach
 
     zygote = Zygote(env)                                  # conftest's `forkrun` fixture
     r = zygote.run(["train.py", "--csv", ...], cwd=d)     # subprocess.CompletedProcess (text)
-    r = zygote.run(["-m", "esm2lite.convert", a, b], cwd=d, env=env, fsize=4096)
+    r = zygote.run(["-m", "esm2lite.commands.convert", a, b], cwd=d, env=env, fsize=4096)
     r = zygote.run(["-c", CODE, "arg"], cwd=d)
 """
 
@@ -29,8 +29,8 @@ import tempfile
 import threading
 
 # torch._dynamo: torch.optim.Optimizer's constructor imports it (seconds); matplotlib: train.py's plots
-PRELOAD = ["torch", "torch._dynamo", "numpy", "safetensors.torch", "esm2lite.train", "esm2lite.infer",
-           "esm2lite.infer_score", "esm2lite.export", "esm2lite.convert", "esm2lite.plot", "esm2lite.cli"]
+PRELOAD = ["torch", "torch._dynamo", "numpy", "safetensors.torch", "esm2lite.training.loop", "esm2lite.inference.predict",
+           "esm2lite.inference.score_file", "esm2lite.weights.export", "esm2lite.commands.convert", "esm2lite.training.plot", "esm2lite.commands.cli"]
 OPTIONAL = ["matplotlib.figure", "matplotlib.backends.backend_agg", "transformers", "peft"]
 
 

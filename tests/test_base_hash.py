@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import oracles
-from esm2lite.ckpt_dir import load_model
+from esm2lite.checkpoints.checkpoint_dir import load_model
 from esm2lite.errors import CheckpointError
-from esm2lite.model import ESM2
-from esm2lite.tokenizer import Tokenizer
+from esm2lite.model.tokenizer import Tokenizer
 from test_infer import trained_run
+from esm2lite import load_pretrained
 
 
 def sha256_v1(state: dict) -> str:
@@ -62,7 +62,7 @@ def edited_copy(src, dst, key, delta):
 
 
 def test_a_checkpoint_records_the_hash_of_the_encoder_alone(best, hf_tiny):
-    state = ESM2.from_pretrained(hf_tiny).state_dict()
+    state = load_pretrained(hf_tiny).state_dict()
     recorded = json.loads(open(os.path.join(best, "config.json")).read())["base"]["sha256"]
     assert recorded == sha256_v1({k: v for k, v in state.items() if not k.startswith("lm_head.")})
     assert recorded != sha256_v1(state)
@@ -95,7 +95,7 @@ def test_a_checkpoint_with_the_older_hash_still_loads(best, hf_tiny, tokens, tmp
     old = tmp_path / "old"
     shutil.copytree(best, old)
     config = json.loads((old / "config.json").read_text())
-    config["base"]["sha256"] = sha256_v1(ESM2.from_pretrained(hf_tiny).state_dict())
+    config["base"]["sha256"] = sha256_v1(load_pretrained(hf_tiny).state_dict())
     (old / "config.json").write_text(json.dumps(config, indent=2))
     digest = hashlib.sha256((old / "config.json").read_bytes()).hexdigest()
     sums = [f"{digest}  config.json" if line.endswith("  config.json") else line

@@ -15,15 +15,16 @@ import pytest
 import torch
 
 import oracles
-from esm2lite import ckpt_dir, textfiles
-from esm2lite.cli import run_main
-from esm2lite.config import MAX_LAYERS, ESM2Config
-from esm2lite.distributed import Dist
+from esm2lite.checkpoints import checkpoint_dir as ckpt_dir
+from esm2lite.files import textfiles
+from esm2lite.commands.cli import run_main
+from esm2lite.model.config import MAX_LAYERS, ESM2Config
+from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import CheckpointError, DataError, Esm2liteError
-from esm2lite.evaluate import finite
-from esm2lite.labels import STATISTIC_LIMIT, TARGET_LIMIT, LabelSpace, target_error
-from esm2lite.model import ESM2
-from esm2lite.records import records_from_pairs
+from esm2lite.tasks.evaluate import finite
+from esm2lite.tasks.labels import STATISTIC_LIMIT, TARGET_LIMIT, LabelSpace, target_error
+from esm2lite.data.records import records_from_pairs
+from esm2lite import load_pretrained
 
 
 @pytest.fixture(autouse=True)
@@ -187,7 +188,7 @@ def test_layer_budget_before_anything_is_built(tmp_path, hf_tiny):
 
 
 def test_fair_esm_args_are_checked_against_the_budget(tmp_path):
-    from esm2lite.checkpoint import read_fair_esm
+    from esm2lite.weights.pretrained import read_fair_esm
 
     path = tmp_path / "deep.pt"
     cfg = argparse.Namespace(encoder_layers=10**6, encoder_embed_dim=64, encoder_attention_heads=4)
@@ -204,15 +205,15 @@ def test_bionemo_qkv_flag_other_than_true_is_refused(hf_tiny, tmp_path, value):
     """NVIDIA's converter writes per-head interleaved rows whatever the flag says; TransformerEngine
     reads [q; k; v] rows when it is false; the file cannot tell which, so only true (or absent) loads."""
     d = oracles.make_bionemo_checkpoint(tmp_path / "nv", hf_tiny)
-    ESM2.from_pretrained(d)  # true: NVEsmConfig's default
+    load_pretrained(d)  # true: NVEsmConfig's default
     cfg = json.load(open(os.path.join(d, "config.json")))
     json.dump({**cfg, "qkv_weight_interleaved": value}, open(os.path.join(d, "config.json"), "w"))
     with pytest.raises(CheckpointError, match=f"nv: config.json field qkv_weight_interleaved is "
                                               f"{json.dumps(value)}, which does not say how"):
-        ESM2.from_pretrained(d)
+        load_pretrained(d)
     del cfg["qkv_weight_interleaved"]  # absent: NVEsmConfig's default, true
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    ESM2.from_pretrained(d)
+    load_pretrained(d)
 
 
 # ---------------------------------------------------------------- numbers
@@ -257,7 +258,7 @@ def test_metrics_that_are_not_finite_are_refused_saying_why():
 
 def oom_in_esm2lite():
     """A real allocation failure of torch's CPU allocator, inside esm2lite's code (a head 2^40 wide)."""
-    from esm2lite.heads import build_head
+    from esm2lite.model.heads import build_head
 
     build_head("regression", 64, 1, hidden=1 << 40, dropout=0.0)
 
@@ -269,7 +270,7 @@ def raises(e):
 
 
 @pytest.mark.parametrize("fail, line", [
-    (oom_in_esm2lite, "error: out of memory in esm2lite/heads.py:"),
+    (oom_in_esm2lite, "error: out of memory in esm2lite/model/heads.py:"),
     (raises(MemoryError()), "error: out of memory: MemoryError; a smaller --batch-tokens"),
     (raises(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
                                    "79 GiB")),

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from esm2lite.batching import collate, make_batches
-from esm2lite.labels import LabelSpace
-from esm2lite.reading import load_splits, read_fasta, read_sequences
-from esm2lite.records import DataSpec, records_from_pairs
+from esm2lite.data.batching import collate, make_batches
+from esm2lite.tasks.labels import LabelSpace
+from esm2lite.data.reading import load_splits, read_fasta, read_sequences
+from esm2lite.data.records import DataSpec, records_from_pairs
 from esm2lite.errors import DataError
 
 DEMO = Path(__file__).resolve().parent.parent / "esm2lite" / "demo"

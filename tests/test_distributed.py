@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import oracles
 from esm2lite.errors import CheckpointError
-from esm2lite.ckpt_dir import load_model
+from esm2lite.checkpoints.checkpoint_dir import load_model
 from test_train import trained
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,7 @@ def test_two_ranks_follow_the_single_process_trajectory(hf_tiny, data, tmp_path,
 
 def test_bf16_mixed_precision_keeps_fp32_weights_and_the_trajectory(hf_tiny, data, tmp_path):
     """FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 reduction) as on GPUs, here under gloo."""
-    from esm2lite.sharded import stored_tensors
+    from esm2lite.checkpoints.sharded import stored_tensors
 
     bf16 = ["--precision", "bf16", "--mode", "full"]
     r = torchrun(common(hf_tiny, data, "full", tmp_path / "two") + bf16)

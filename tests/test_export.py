@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import oracles
-from esm2lite.cli import run_main
-from esm2lite.export import main as export_main
-from esm2lite.ckpt_dir import load_model
-from esm2lite.model import ESM2
-from esm2lite.tokenizer import Tokenizer
-from esm2lite.train import TrainConfig, train_model
+from esm2lite.commands.cli import run_main
+from esm2lite.weights.export import main as export_main
+from esm2lite.checkpoints.checkpoint_dir import load_model
+from esm2lite.model.tokenizer import Tokenizer
+from esm2lite.training.loop import TrainConfig, train_model
 from test_infer import assert_one_line_error, trained_run
+from esm2lite import load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_merged_directory_loads_in_transformers(run, tuned, batch, tmp_path, cap
     mlm, info = EsmForMaskedLM.from_pretrained(out, output_loading_info=True)
     assert not info["mismatched_keys"] and not info["unexpected_keys"], info
     assert all(k.startswith("esm.contact_head.") for k in info["missing_keys"]), info
-    merged = ESM2.from_pretrained(str(out))  # esm2lite reads it back too
+    merged = load_pretrained(str(out))  # esm2lite reads it back too
     with torch.no_grad():
         out_merged = merged(batch)
     agrees_on_residues(out_merged["logits"], mlm.eval(), lambda m: m(input_ids=batch, attention_mask=batch.ne(1)).logits,
@@ -78,7 +78,7 @@ def test_merged_directory_loads_in_transformers(run, tuned, batch, tmp_path, cap
     # two fp32 forwards of the tiny model, each a few eps32 x max|h| from float64 (test_parity)
     oracles.assert_fp32_close(out_merged["last_hidden_state"], want, 64, batch.ne(1), what="merged vs unmerged")
     # the merge is not a no-op: the base model computes something else, far beyond rounding
-    base = ESM2.from_pretrained(run["base"])(batch, logits=False)["last_hidden_state"].detach()
+    base = load_pretrained(run["base"])(batch, logits=False)["last_hidden_state"].detach()
     assert (base - want)[batch.ne(1)].abs().max() > 1e4 * oracles.EPS32 * want[batch.ne(1)].abs().max()
 
 
@@ -208,12 +208,12 @@ def test_peft_export_default_follows_the_base_models_lm_head(run, tuned, batch, 
 
 def test_peft_export_reads_back_into_esm2lite(run, tuned, batch, tmp_path, capsys):
     """load_peft_adapter takes both layouts the export writes."""
-    from esm2lite.peft_io import load_peft_adapter
+    from esm2lite.weights.peft import load_peft_adapter
 
     for cls in ("EsmModel", "EsmForSequenceClassification"):
         code, err = export(capsys, "--run", run["run"], "--peft", tmp_path / cls, "--peft-for", cls)
         assert code == 0, err
-        model = ESM2.from_pretrained(run["base"])
+        model = load_pretrained(run["base"])
         assert load_peft_adapter(model, tmp_path / cls) == {}
         with torch.no_grad():
             got = model.eval()(batch, logits=False)["last_hidden_state"]
@@ -223,7 +223,7 @@ def test_peft_export_reads_back_into_esm2lite(run, tuned, batch, tmp_path, capsy
 
 def test_peft_notes_say_when_transformers_cannot_load_the_base(hf_tiny, fair_tiny, tmp_path):
     """A fair-esm .pt or a BioNeMo directory is no base for transformers' Esm classes as it is."""
-    from esm2lite.export import peft_notes
+    from esm2lite.weights.export import peft_notes
 
     bionemo = oracles.make_bionemo_checkpoint(tmp_path / "bionemo", hf_tiny)
     for base in (fair_tiny, bionemo):
@@ -253,7 +253,7 @@ def test_export_errors_are_one_line_and_write_nothing(run, tmp_path, capsys):
 
 
 def test_peft_export_needs_a_lora_checkpoint(hf_tiny, tmp_path, capsys):
-    from esm2lite.records import records_from_pairs
+    from esm2lite.data.records import records_from_pairs
 
     records = {"train": records_from_pairs([("MKTAYIAKQR", 0.1), ("GSHMLEDPVDAFQ", 0.7)])}
     train_model(TrainConfig(checkpoint=hf_tiny, mode="head", steps=1, out=str(tmp_path / "run"), log_every=1),

@@ -9,13 +9,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esm2lite.batching import collate
+from esm2lite.data.batching import collate
 from esm2lite.constants import TASKS
-from esm2lite.labels import LabelSpace
-from esm2lite.reading import load_splits, read_fasta, read_sequences
-from esm2lite.records import DataSpec
+from esm2lite.tasks.labels import LabelSpace
+from esm2lite.data.reading import load_splits, read_fasta, read_sequences
+from esm2lite.data.records import DataSpec
 from esm2lite.errors import Esm2liteError
-from esm2lite.tokenizer import RESIDUES, Tokenizer
+from esm2lite.model.tokenizer import RESIDUES, Tokenizer
 
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 200)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -171,7 +171,7 @@ hf_config = st.one_of(
 def test_config_json(value):
     import json
 
-    from esm2lite.config import ESM2Config
+    from esm2lite.model.config import ESM2Config
 
     path = _write(json.dumps(value).encode(), ".json")
     try:
@@ -206,7 +206,7 @@ fair_file = st.one_of(
 @settings(FUZZ, max_examples=min(FUZZ.max_examples, 100))
 @given(fair_file, st.booleans())
 def test_fair_esm_file(obj, legacy_format):
-    from esm2lite.checkpoint import load_pretrained
+    from esm2lite.weights.pretrained import load_pretrained
 
     path = _write(b"", ".pt")
     try:
@@ -221,15 +221,15 @@ def test_fair_esm_file(obj, legacy_format):
                  st.builds(lambda n, header, tail: n.to_bytes(8, "little") + header + tail,
                            st.integers(0, 300), st.text(max_size=120).map(str.encode), st.binary(max_size=64))))
 def test_safetensors_file(data):
-    from esm2lite.checkpoint import _read_safetensors
-    from esm2lite.ckpt_dir import read_tensors
+    from esm2lite.weights.pretrained import read_safetensors
+    from esm2lite.checkpoints.checkpoint_dir import read_tensors
 
     d = tempfile.mkdtemp()
     path = os.path.join(d, "model.safetensors")
     try:
         with open(path, "wb") as f:
             f.write(data)
-        _expect_result_or_own_error(_read_safetensors, path)
+        _expect_result_or_own_error(read_safetensors, path)
         _expect_result_or_own_error(read_tensors, d)
     finally:
         os.remove(path)

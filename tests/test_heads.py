@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from esm2lite.heads import (ClassificationHead, RegressionHead, TokenClassificationHead,
+from esm2lite.model.heads import (ClassificationHead, RegressionHead, TokenClassificationHead,
                             build_head, head_from_config, mean_pool, residue_mask)
 
 # cls=0, pad=1, eos=2, mask=32; residues 4..28

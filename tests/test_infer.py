@@ -1,4 +1,4 @@
-"""Inference: infer.py / esm2lite.infer against the training loop, the model itself and bad input.
+"""Inference: infer.py / esm2lite.inference.predict against the training loop, the model itself and bad input.
 
 One small LoRA run on the tiny HF checkpoint is trained once per session (shared with
 test_export.py through `trained_run`) and every test reads it."""
@@ -15,14 +15,14 @@ import torch
 from safetensors import safe_open
 
 import oracles
-from esm2lite.cli import run_main
-from esm2lite.ckpt_dir import load_model
-from esm2lite.heads import mean_pool
-from esm2lite.infer import predict
-from esm2lite.lora import LoRAConfig, lora_modules
-from esm2lite.reading import read_sequences
-from esm2lite.tokenizer import Tokenizer
-from esm2lite.train import TrainConfig, train_model
+from esm2lite.commands.cli import run_main
+from esm2lite.checkpoints.checkpoint_dir import load_model
+from esm2lite.model.heads import mean_pool
+from esm2lite.inference.predict import predict
+from esm2lite.model.lora import LoRAConfig, lora_modules
+from esm2lite.data.reading import read_sequences
+from esm2lite.model.tokenizer import Tokenizer
+from esm2lite.training.loop import TrainConfig, train_model
 
 ROOT = Path(__file__).resolve().parent.parent
 INFER = ROOT / "infer.py"

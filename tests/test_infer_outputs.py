@@ -11,13 +11,13 @@ import os
 import pytest
 import torch
 
-from esm2lite.ckpt_dir import load_model
-from esm2lite.evaluate import evaluate
-from esm2lite.infer import predict
-from esm2lite.reading import load_splits
-from esm2lite.records import DataSpec
-from esm2lite.tokenizer import Tokenizer
-from esm2lite.train import TrainConfig, train_model
+from esm2lite.checkpoints.checkpoint_dir import load_model
+from esm2lite.tasks.evaluate import evaluate
+from esm2lite.inference.predict import predict
+from esm2lite.data.reading import load_splits
+from esm2lite.data.records import DataSpec
+from esm2lite.model.tokenizer import Tokenizer
+from esm2lite.training.loop import TrainConfig, train_model
 import oracles
 from test_infer import assert_one_line_error, infer_in_process, load_cli, trained_run
 from oracles import read_rows, write_rows

@@ -18,13 +18,13 @@ from safetensors import safe_open
 from scipy.stats import spearmanr
 
 import oracles
-from esm2lite import ESM2
-from esm2lite.dms import score_dms
-from esm2lite.scoring import score_mutants, score_sequences
-from esm2lite.windows import embed_windowed
+from esm2lite.inference.dms import score_dms
+from esm2lite.inference.scoring import score_mutants, score_sequences
+from esm2lite.inference.windows import embed_windowed
 from test_infer import INFER, assert_one_line_error, infer_in_process, load_cli
 from test_scoring import Reference, encode, label_row, recipe_token_probs, some_mutants
 from test_windows import fair_hidden, fair_tokens, protein
+from esm2lite import load_pretrained
 
 WT = protein(60, seed=31)
 
@@ -43,12 +43,12 @@ def alphabet():
 
 @pytest.fixture(scope="module")
 def ours(fair_tiny):
-    return ESM2.from_pretrained(fair_tiny).eval()
+    return load_pretrained(fair_tiny).eval()
 
 
 def dms_file(path, wt=WT, seed=3, n=15):
     """A ProteinGym-style scan of `wt`: mutant, mutated_sequence, DMS_score and a note column."""
-    from esm2lite.scoring import mutate, parse_mutant
+    from esm2lite.inference.scoring import mutate, parse_mutant
 
     mutants = some_mutants(wt, seed, n) + ["WT"]
     g = torch.Generator().manual_seed(seed)
@@ -85,7 +85,7 @@ def test_the_issues_command_scores_a_scan_like_the_recipe(tmp_path, hf_tiny, alp
 
     Reference(oracles.load_hf(hf_tiny), lambda m, t: m(input_ids=t).logits).agrees(scores, recipe, "masked-marginal")
     assert scores[-1] == 0.0  # the wild type itself
-    _, library = score_dms(ESM2.from_pretrained(hf_tiny), src, "masked-marginal", wildtype=WT)
+    _, library = score_dms(load_pretrained(hf_tiny), src, "masked-marginal", wildtype=WT)
     # the same computation in another process, written with repr(): equal here; 16 eps32 x max|score|
     # admits only a reduction split otherwise by another thread count
     oracles.assert_fp32_close(scores, library.scores, 16, what="infer.py vs score_dms")

@@ -1,4 +1,4 @@
-"""The identity of what a run reads (esm2lite/inputs.py) and the one-line errors of lost ranks
+"""The identity of what a run reads (esm2lite/training/inputs.py) and the one-line errors of lost ranks
 (distributed.lost_rank), as pure functions. The commands that use them are tested through the real
 train.py / infer.py / export in test_bad_input.py, test_interrupt.py and test_distributed.py."""
 
@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from esm2lite.config import ESM2Config
-from esm2lite.distributed import lost_rank
+from esm2lite.model.config import ESM2Config
+from esm2lite.runtime.distributed import lost_rank
 from esm2lite.errors import DataError
-from esm2lite.inputs import DataFiles, data_changes, rank_disagreement
+from esm2lite.training.inputs import DataFiles, data_changes, rank_disagreement
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
 

@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 import oracles
+from esm2lite import load_pretrained
 
 pytestmark = pytest.mark.slow
 TRAIN = str(Path(__file__).resolve().parent.parent / "train.py")
@@ -378,7 +379,6 @@ def test_a_run_of_an_older_version_still_resumes(short_run, tmp_path, forkrun, h
     and the run's checkpoints keep naming the base as they did."""
     from test_base_hash import sha256_v1
 
-    from esm2lite.model import ESM2
 
     args, ref, renames = short_run
     k = next(i for i, r in enumerate(renames, 1) if r.endswith("-> checkpoints/step_2"))
@@ -386,7 +386,7 @@ def test_a_run_of_an_older_version_still_resumes(short_run, tmp_path, forkrun, h
     killed = forkrun.run(["-c", KILL, k, "after", "-", out, TRAIN, *args(out)], cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = out / "checkpoints" / "step_2"
-    old_sha = sha256_v1(ESM2.from_pretrained(hf_tiny).state_dict())
+    old_sha = sha256_v1(load_pretrained(hf_tiny).state_dict())
     rewritten(last, "trainer_state.json", lambda state: {k: v for k, v in state.items() if k != "data"})
     rewritten(last, "config.json", lambda cfg: {**cfg, "base": {**cfg["base"], "sha256": old_sha}})
     r = forkrun.run([TRAIN, *args(out), "--resume"], cwd=tmp_path)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import oracles
 from esm2lite import ESM2, CheckpointError, Esm2liteError, Tokenizer
+from esm2lite import load_pretrained
 
 NO_HEAD = ("EsmModel", "EsmForSequenceClassification", "EsmForTokenClassification")
 # What each class's directory holds besides the encoder: reported as ignored, never loaded.
@@ -84,20 +85,20 @@ def test_transformers_writes_the_layouts_we_expect(resaved):
 @pytest.mark.parametrize("cls", NO_HEAD)
 def test_no_lm_head_layouts_load_the_same_encoder(cls, hf_tiny, resaved, capsys):
     capsys.readouterr()
-    ours = ESM2.from_pretrained(resaved[cls])
+    ours = load_pretrained(resaved[cls])
     out, err = capsys.readouterr()
     assert out.count("\n") == 1 and not err, out  # one line, naming every ignored key; stderr is for errors
     assert out.startswith(f"warning: {resaved[cls]}: ignored {len(TASK_HEADS[cls])} task-head weights")
     assert out.rstrip().endswith(", ".join(TASK_HEADS[cls]))
     assert ours.config.lm_head is False
-    full = ESM2.from_pretrained(hf_tiny).state_dict()
+    full = load_pretrained(hf_tiny).state_dict()
     assert_same_tensors(ours.state_dict(), {k: v for k, v in full.items() if not k.startswith("lm_head.")})
 
 
 @pytest.mark.parametrize("cls", NO_HEAD)
 def test_no_lm_head_layouts_match_transformers(cls, resaved, batch):
     """Hidden states (every layer and the final one) against transformers' class on the same directory."""
-    ours = ESM2.from_pretrained(resaved[cls])
+    ours = load_pretrained(resaved[cls])
     hf = oracles.load_hf(resaved[cls], cls)
     (last, layers), (last64, layers64) = hf_hidden(hf, batch), hf_hidden(oracles.float64_copy(hf), batch)
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_no_lm_head_layouts_match_transformers(cls, resaved, batch):
 
 def test_masked_lm_layout_reports_only_its_contact_head(hf_tiny, capsys):
     capsys.readouterr()
-    assert ESM2.from_pretrained(hf_tiny).config.lm_head is True
+    assert load_pretrained(hf_tiny).config.lm_head is True
     assert capsys.readouterr().out == (f"warning: {hf_tiny}: ignored 2 task-head weights that are not part of the "
                                        "ESM-2 encoder: esm.contact_head.regression.bias, esm.contact_head.regression.weight\n")
 
@@ -118,12 +119,12 @@ def test_masked_lm_layout_reports_only_its_contact_head(hf_tiny, capsys):
 def test_ignored_weights_reported_by_rank_zero_only(resaved, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     capsys.readouterr()
-    ESM2.from_pretrained(resaved["EsmModel"])
+    load_pretrained(resaved["EsmModel"])
     assert capsys.readouterr() == ("", "")
 
 
 def test_logits_without_lm_head_is_a_one_line_error(resaved, batch):
-    model = ESM2.from_pretrained(resaved["EsmForSequenceClassification"])
+    model = load_pretrained(resaved["EsmForSequenceClassification"])
     with pytest.raises(Esm2liteError) as e:
         model(batch)
     msg = str(e.value)
@@ -140,7 +141,7 @@ def test_missing_encoder_weight_still_an_error(resaved, tmp_path):
     del tensors["encoder.layer.1.output.dense.weight"]
     save_file(tensors, path)
     with pytest.raises(CheckpointError) as e:
-        ESM2.from_pretrained(d)
+        load_pretrained(d)
     assert str(e.value) == f"{d}: weights do not fit the config (1 missing keys: layers.1.fc2.weight)"
 
 
@@ -152,7 +153,7 @@ def test_unexpected_key_named_as_in_the_file(resaved, tmp_path):
     tensors["encoder.layer.0.adapter.weight"] = torch.zeros(2)
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match=r"\(1 unexpected keys: encoder\.layer\.0\.adapter\.weight\)$"):
-        ESM2.from_pretrained(d)
+        load_pretrained(d)
 
 
 def test_partial_lm_head_is_an_error(hf_tiny, tmp_path):
@@ -163,20 +164,20 @@ def test_partial_lm_head_is_an_error(hf_tiny, tmp_path):
     del tensors["lm_head.dense.weight"]
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match=r"1 missing keys: lm_head\.dense\.weight"):
-        ESM2.from_pretrained(d)
+        load_pretrained(d)
 
 
 def test_no_lm_head_model_saves_as_esm_model(resaved, tmp_path, batch):
     """save_hf_dir of a model without LM head writes transformers' EsmModel layout (no "esm."
     prefix, architectures EsmModel); transformers and esm2lite read it back unchanged."""
-    from esm2lite.checkpoint import save_hf_dir
+    from esm2lite.weights.pretrained import save_hf_dir
 
-    ours = ESM2.from_pretrained(resaved["EsmForTokenClassification"])
+    ours = load_pretrained(resaved["EsmForTokenClassification"])
     save_hf_dir(ours, tmp_path / "out")
     assert json.load(open(tmp_path / "out" / "config.json"))["architectures"] == ["EsmModel"]
     keys = file_keys(tmp_path / "out")
     assert "embeddings.word_embeddings.weight" in keys and not any(k.startswith(("esm.", "lm_head.")) for k in keys)
-    assert_same_tensors(ESM2.from_pretrained(tmp_path / "out").state_dict(), ours.state_dict())
+    assert_same_tensors(load_pretrained(tmp_path / "out").state_dict(), ours.state_dict())
     hf = oracles.load_hf(tmp_path / "out", "EsmModel", add_pooling_layer=False)
     with torch.no_grad():
         agrees_with_hf(ours(batch, logits=False)["last_hidden_state"], hf, batch)
@@ -221,7 +222,7 @@ def test_bionemo_file_is_in_bionemo_layout(bionemo):
 def test_bionemo_loads_equal_to_hf_layout(hf_plain, tmp_path, batch, prefix, capsys):
     d = oracles.make_bionemo_checkpoint(tmp_path / "nv", hf_plain, prefix=prefix)  # interleaved QKV (refused if not)
     capsys.readouterr()
-    got, want = ESM2.from_pretrained(d), ESM2.from_pretrained(hf_plain)
+    got, want = load_pretrained(d), load_pretrained(hf_plain)
     assert capsys.readouterr().out.count(d) == 0  # nothing ignored: BioNeMo keeps no contact head
     assert_same_tensors(got.state_dict(), want.state_dict())
     with torch.no_grad():
@@ -234,21 +235,21 @@ def test_bionemo_matches_transformers(bionemo, hf_plain, batch):
     hf64 = oracles.float64_copy(hf)
     with torch.no_grad():
         logits, logits64 = (m(input_ids=batch, attention_mask=batch.ne(1).long()).logits for m in (hf, hf64))
-        out = ESM2.from_pretrained(bionemo)(batch)
+        out = load_pretrained(bionemo)(batch)
     oracles.assert_fp32_agrees(out["logits"], logits, logits64, batch.ne(1), what="logits")
     agrees_with_hf(out["last_hidden_state"], hf, batch)
 
 
 def test_bionemo_esm_model_and_token_classification(hf_plain, tmp_path, batch, capsys):
     """NVEsmModel (no prefix, pooler, no LM head) and NVEsmForTokenClassification (classifier)."""
-    want = {k: v for k, v in ESM2.from_pretrained(hf_plain).state_dict().items() if not k.startswith("lm_head.")}
+    want = {k: v for k, v in load_pretrained(hf_plain).state_dict().items() if not k.startswith("lm_head.")}
     pooler = {"pooler.dense.weight": torch.randn(64, 64), "pooler.dense.bias": torch.randn(64)}
     classifier = {"classifier.weight": torch.randn(3, 64), "classifier.bias": torch.randn(3)}
     for name, prefix, extra in (("NVEsmModel", "", pooler), ("NVEsmForTokenClassification", "model.", classifier)):
         d = oracles.make_bionemo_checkpoint(tmp_path / name, hf_plain, prefix=prefix, architecture=name, extra=extra,
                                             state_kw={"lm_head": False})
         capsys.readouterr()
-        model = ESM2.from_pretrained(d)
+        model = load_pretrained(d)
         assert capsys.readouterr().out.rstrip().endswith(", ".join(sorted(extra)))
         assert model.config.lm_head is False
         assert_same_tensors(model.state_dict(), want)
@@ -258,37 +259,37 @@ def test_bionemo_esm_model_and_token_classification(hf_plain, tmp_path, batch, c
 
 def test_bionemo_tied_decoder_copy_checked(hf_plain, tmp_path):
     d = oracles.make_bionemo_checkpoint(tmp_path / "tied", hf_plain, state_kw={"tied_copy": True})
-    ESM2.from_pretrained(d)  # an equal (padded) copy of the embedding is fine
+    load_pretrained(d)  # an equal (padded) copy of the embedding is fine
     path = os.path.join(d, "model.safetensors")
     tensors = load_file(path)
     tensors["lm_head.decoder.weight"][3] += 1
     save_file(tensors, path)
     with pytest.raises(CheckpointError) as e:
-        ESM2.from_pretrained(d)
+        load_pretrained(d)
     assert str(e.value) == f"{d}: lm_head.decoder.weight differs from the token embedding; ESM-2's LM head is tied"
 
 
 def test_bionemo_extra_state_ignored_and_old_inv_freq_used(hf_plain, tmp_path):
     """TransformerEngine's _extra_state entries are not weights; an inv_freq saved by older
     exports is used (it is TE's formula, as transformers' here)."""
-    inv = ESM2.from_pretrained(hf_plain).layers[0].attn.inv_freq
+    inv = load_pretrained(hf_plain).layers[0].attn.inv_freq
     extra = {"model.encoder.layers.0.self_attention.core_attention._extra_state": torch.zeros(4, dtype=torch.uint8),
              "model.encoder.layers.1.layernorm_mlp._extra_state": torch.zeros(2, dtype=torch.uint8),
              "model.encoder.rotary_embeddings.inv_freq": inv * 2}
     d = oracles.make_bionemo_checkpoint(tmp_path / "x", hf_plain, extra=extra)
-    model = ESM2.from_pretrained(d)
+    model = load_pretrained(d)
     assert all(torch.equal(b.attn.inv_freq, inv * 2) for b in model.layers)
 
 
 def test_bionemo_errors(hf_plain, tmp_path):
     d = oracles.make_bionemo_checkpoint(tmp_path / "unfused", hf_plain, fuse_qkv_params=False)
     with pytest.raises(CheckpointError) as e:
-        ESM2.from_pretrained(d)
+        load_pretrained(d)
     assert str(e.value) == (f"{d}: config.json field fuse_qkv_params is False; esm2lite reads BioNeMo checkpoints "
                             "with fuse_qkv_params True (NVEsmConfig's default)")
     d = oracles.make_bionemo_checkpoint(tmp_path / "relu", hf_plain, encoder_activation="relu")
     with pytest.raises(CheckpointError, match="field encoder_activation is 'relu'"):
-        ESM2.from_pretrained(d)
+        load_pretrained(d)
 
     d = oracles.make_bionemo_checkpoint(tmp_path / "bad", hf_plain)
     path = os.path.join(d, "model.safetensors")
@@ -298,18 +299,18 @@ def test_bionemo_errors(hf_plain, tmp_path):
     del tensors["model.encoder.layers.0.layernorm_mlp.fc1_bias"]
     save_file(tensors, path)
     with pytest.raises(CheckpointError) as e:
-        ESM2.from_pretrained(d)
+        load_pretrained(d)
     assert str(e.value) == f"{d}: {key} has 191 rows, not 3 x 4 heads x head size"
     tensors[key] = torch.zeros(3 * 4 * 8, 64)  # divisible, but the wrong size: a shape error
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match=r"1 missing keys: layers\.0\.fc1\.bias; .*shape mismatches: "
                                               r"layers\.1\.attn\.key\.weight file \(32, 64\) vs model \(64, 64\)"):
-        ESM2.from_pretrained(d)
+        load_pretrained(d)
 
 
 def test_bionemo_converts_to_an_hf_directory(bionemo, hf_plain, tmp_path, batch, forkrun):
-    """python -m esm2lite.convert BIONEMO_DIR OUT: transformers reads OUT as EsmForMaskedLM."""
-    r = forkrun.run(["-m", "esm2lite.convert", bionemo, tmp_path / "hf"])
+    """python -m esm2lite.commands.convert BIONEMO_DIR OUT: transformers reads OUT as EsmForMaskedLM."""
+    r = forkrun.run(["-m", "esm2lite.commands.convert", bionemo, tmp_path / "hf"])
     assert r.returncode == 0, r.stderr
     with torch.no_grad():
         got = oracles.load_hf(tmp_path / "hf")(input_ids=batch, attention_mask=batch.ne(1).long()).logits
@@ -331,7 +332,7 @@ def write_csv(path, n, seed):
 
 def train_cli(forkrun, checkpoint, out, mode, tmp_path):
     """python train.py --checkpoint DIR ... as a user runs it; the finished run's best/ checkpoint."""
-    from esm2lite.ckpt_dir import load_model
+    from esm2lite.checkpoints.checkpoint_dir import load_model
 
     args = [os.path.join(ROOT, "train.py"), "--checkpoint", checkpoint, "--mode", mode,
             "--train-csv", write_csv(tmp_path / "train.csv", 24, 1), "--valid-csv", write_csv(tmp_path / "valid.csv", 8, 2),
@@ -348,14 +349,14 @@ def test_fine_tune_esm_model_directory(resaved, tmp_path, batch, forkrun):
     assert out.count(f"warning: {resaved['EsmModel']}: ignored 4 task-head weights") == 1
     assert tuned.encoder.config.lm_head is False
     assert not any(k.startswith("lm_head.") for k in tuned.encoder.state_dict())
-    before = ESM2.from_pretrained(resaved["EsmModel"]).state_dict()
+    before = load_pretrained(resaved["EsmModel"]).state_dict()
     after = tuned.encoder.state_dict()
     assert not torch.equal(before["layers.0.fc1.weight"], after["layers.0.fc1.weight"])  # it trained
     with torch.no_grad():
         assert torch.isfinite(tuned(batch)).all()
         want = tuned.encoder(batch, logits=False)["last_hidden_state"]
     # Its export is an EsmModel directory that transformers reads with the fine-tuned encoder.
-    r = forkrun.run(["-m", "esm2lite.export", "--run", tmp_path / "run", "--merged", tmp_path / "merged"], cwd=ROOT)
+    r = forkrun.run(["-m", "esm2lite.weights.export", "--run", tmp_path / "run", "--merged", tmp_path / "merged"], cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert json.load(open(tmp_path / "merged" / "config.json"))["architectures"] == ["EsmModel"]
     agrees_with_hf(want, oracles.load_hf(tmp_path / "merged", "EsmModel", add_pooling_layer=False), batch)

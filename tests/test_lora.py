@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import oracles
-from esm2lite import ESM2, Tokenizer
+from esm2lite import Tokenizer
 from esm2lite.errors import CheckpointError
-from esm2lite.lora import (INITS, LoRAConfig, LoRALinear, apply_lora, count_trainable, load_lora_state_dict,
+from esm2lite.model.lora import (INITS, LoRAConfig, LoRALinear, apply_lora, count_trainable, load_lora_state_dict,
                            lora_state_dict, merge_lora, unmerge_lora)
-from esm2lite.peft_io import load_peft_adapter, save_peft_adapter
+from esm2lite.weights.peft import load_peft_adapter, save_peft_adapter
+from esm2lite import load_pretrained
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -93,7 +94,7 @@ def copy_adapters(ours, theirs, config, layers=(0, 1)):
     LoRAConfig(rank=3, alpha=5.0, targets=("value", "fc2", "out"), layers=(1,)),
 ])
 def test_forward_and_grads_match_peft(hf_tiny, batch, config):
-    ours = apply_lora(ESM2.from_pretrained(hf_tiny), config)
+    ours = apply_lora(load_pretrained(hf_tiny), config)
     randomize_adapters_(ours, seed=1)
     theirs = peft_model(hf_tiny, config)
     copy_adapters(ours, theirs, config)
@@ -126,7 +127,7 @@ def test_forward_and_grads_match_peft(hf_tiny, batch, config):
     (2, ALL, ["query", "key", "value", "output.dense", "intermediate.dense"], (0,)),
 ])
 def test_trainable_count_matches_peft(hf_tiny, rank, targets, peft_targets, layers):
-    ours = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=rank, targets=targets, layers=layers))
+    ours = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=rank, targets=targets, layers=layers))
     cfg = peft.LoraConfig(r=rank, lora_alpha=16, target_modules=peft_targets,
                           layers_to_transform=None if layers is None else list(layers))
     theirs = peft.get_peft_model(hf_encoder(hf_tiny), cfg)
@@ -139,7 +140,7 @@ def test_trainable_count_matches_peft(hf_tiny, rank, targets, peft_targets, laye
     LoRAConfig(rank=4, alpha=4.0, targets=("query", "fc2"), tie_weights=True),
 ])
 def test_saved_adapter_loads_in_peft(hf_tiny, tmp_path, batch, config):
-    ours = apply_lora(ESM2.from_pretrained(hf_tiny), config)
+    ours = apply_lora(load_pretrained(hf_tiny), config)
     randomize_adapters_(ours, seed=3)
     save_peft_adapter(ours, tmp_path / "adapter", base_model_name_or_path=hf_tiny)
     theirs = peft.PeftModel.from_pretrained(hf_encoder(hf_tiny), tmp_path / "adapter").eval()
@@ -171,7 +172,7 @@ def test_peft_saved_adapter_loads_in_esm2lite(hf_tiny, tmp_path, batch, cls, tar
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     theirs.save_pretrained(tmp_path / "adapter")
 
-    ours = ESM2.from_pretrained(hf_tiny)
+    ours = load_pretrained(hf_tiny)
     heads = load_peft_adapter(ours, tmp_path / "adapter")
     assert count_trainable(ours) == sum(p.numel() for n, p in theirs.named_parameters() if "lora_" in n)
     encoder = theirs.eval().get_base_model()
@@ -206,7 +207,7 @@ def test_unsupported_peft_config_is_one_line_error(peft_dir, tmp_path, hf_tiny, 
     cfg[field] = value
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=rf"adapter_config\.json: field {field} ") as e:
-        load_peft_adapter(ESM2.from_pretrained(hf_tiny), path)
+        load_peft_adapter(load_pretrained(hf_tiny), path)
     assert "\n" not in str(e.value)
 
 
@@ -214,7 +215,7 @@ def test_unmapped_peft_module_is_an_error(hf_tiny, tmp_path):
     # "dense" also matches EsmModel's pooler.dense, which esm2lite has no place for
     model = peft.get_peft_model(hf_encoder(hf_tiny), peft.LoraConfig(r=2, target_modules=["dense"]))
     model.save_pretrained(tmp_path / "adapter")
-    ours = ESM2.from_pretrained(hf_tiny)
+    ours = load_pretrained(hf_tiny)
     with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: tensor .*pooler\.dense"):
         load_peft_adapter(ours, tmp_path / "adapter")
     assert not any(isinstance(m, LoRALinear) for m in ours.modules())  # nothing applied
@@ -224,7 +225,7 @@ def test_unmapped_peft_module_is_an_error(hf_tiny, tmp_path):
 
 
 def test_merge_then_unmerge(hf_tiny, batch):
-    model = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=4, alpha=8.0))
+    model = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=4, alpha=8.0))
     randomize_adapters_(model, seed=5, std=0.1)  # scale·BA ~ W/4: a large but trained-like update
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -246,7 +247,7 @@ def test_merge_then_unmerge(hf_tiny, batch):
 
 
 def test_apply_lora_freezes_everything_else(hf_tiny, batch):
-    model = ESM2.from_pretrained(hf_tiny)
+    model = load_pretrained(hf_tiny)
     original = model.layers[1].fc1.weight
     apply_lora(model, LoRAConfig(rank=4, init_b="normal"))
     assert model.layers[1].fc1.weight is original  # the original tensor, not a copy
@@ -262,7 +263,7 @@ def test_apply_lora_freezes_everything_else(hf_tiny, batch):
 
 
 def test_layers_subset(hf_tiny):
-    model = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("key", "fc2"), layers=(1,)))
+    model = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("key", "fc2"), layers=(1,)))
     assert sorted(lora_state_dict(model)) == ["layers.1.attn.key.lora_a", "layers.1.attn.key.lora_b",
                                               "layers.1.fc2.lora_a", "layers.1.fc2.lora_b"]
     assert type(model.layers[0].attn.key) is torch.nn.Linear
@@ -270,7 +271,7 @@ def test_layers_subset(hf_tiny):
 
 
 def test_tie_weights(hf_tiny, batch):
-    model = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("query", "fc1"), tie_weights=True))
+    model = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("query", "fc1"), tie_weights=True))
     assert model.layers[0].attn.query.lora_a is model.layers[1].attn.query.lora_a
     assert model.layers[0].fc1.lora_b is model.layers[1].fc1.lora_b
     assert model.layers[0].fc1.weight is not model.layers[1].fc1.weight
@@ -279,7 +280,7 @@ def test_tie_weights(hf_tiny, batch):
     assert sorted(sd) == ["layers.0.attn.query.lora_a", "layers.0.attn.query.lora_b",
                           "layers.0.fc1.lora_a", "layers.0.fc1.lora_b"]
     randomize_adapters_(model, seed=6)
-    other = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("query", "fc1"), tie_weights=True))
+    other = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("query", "fc1"), tie_weights=True))
     load_lora_state_dict(other, lora_state_dict(model))
     assert torch.equal(other.layers[1].fc1.lora_a, model.layers[0].fc1.lora_a)
     model(batch)["last_hidden_state"].sum().backward()  # one shared gradient, both layers contribute
@@ -290,7 +291,7 @@ def test_tie_weights(hf_tiny, batch):
 def test_init_options(hf_tiny, init):
     other = "zero" if init != "zero" else "normal"
     torch.manual_seed(0)
-    model = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=16, init_a=init, init_b=other))
+    model = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=16, init_a=init, init_b=other))
     a = model.layers[0].fc2.lora_a  # [16, 256]: fan_in 256, fan_out 16
     b = model.layers[0].fc2.lora_b  # [64, 16]
     if init == "kaiming":  # peft: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -325,11 +326,11 @@ def test_config_json_round_trip_and_layer_range(hf_tiny):
     with pytest.raises(ValueError, match="unknown fields"):
         LoRAConfig.from_dict({"rank": 4, "r": 4})
     with pytest.raises(ValueError, match="out of range"):
-        apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(layers=(2,)))
+        apply_lora(load_pretrained(hf_tiny), LoRAConfig(layers=(2,)))
 
 
 def test_dropout_only_in_training(hf_tiny, batch):
-    model = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=4, dropout=0.5, init_b="normal"))
+    model = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=4, dropout=0.5, init_b="normal"))
     with torch.no_grad():
         a, b = model.eval()(batch)["logits"], model(batch)["logits"]
         c = model.train()(batch)["logits"]
@@ -341,11 +342,11 @@ def test_dropout_only_in_training(hf_tiny, batch):
 
 def test_lora_state_dict_round_trip_and_strict_errors(hf_tiny, batch):
     config = LoRAConfig(rank=4, targets=("value", "fc1"))
-    model = apply_lora(ESM2.from_pretrained(hf_tiny), config)
+    model = apply_lora(load_pretrained(hf_tiny), config)
     randomize_adapters_(model, seed=7)
     sd = {k: v.clone() for k, v in lora_state_dict(model).items()}
     assert all(k.endswith((".lora_a", ".lora_b")) for k in sd) and "layers.0.attn.value.lora_a" in sd
-    other = apply_lora(ESM2.from_pretrained(hf_tiny), config)
+    other = apply_lora(load_pretrained(hf_tiny), config)
     load_lora_state_dict(other, sd)
     with torch.no_grad():
         assert torch.equal(model(batch)["logits"], other(batch)["logits"])
@@ -359,4 +360,4 @@ def test_lora_state_dict_round_trip_and_strict_errors(hf_tiny, batch):
             load_lora_state_dict(other, broken)
         assert "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match="no LoRA adapters"):
-        load_lora_state_dict(ESM2.from_pretrained(hf_tiny), sd)
+        load_lora_state_dict(load_pretrained(hf_tiny), sd)

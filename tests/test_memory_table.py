@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks import memory_table  # noqa: E402
-from esm2lite.config import ESM2Config  # noqa: E402
+from esm2lite.model.config import ESM2Config  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "memory_table_cpu.json"
 

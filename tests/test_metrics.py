@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import stats  # oracle (the "test" extra installs scipy)
 
-from esm2lite.labels import LabelSpace
-from esm2lite.metrics import METRIC_DIRECTION, compute_metrics, metric_direction, rankdata
+from esm2lite.tasks.labels import LabelSpace
+from esm2lite.tasks.metrics import METRIC_DIRECTION, compute_metrics, metric_direction, rankdata
 
 
 def test_rankdata_against_scipy():

@@ -9,11 +9,11 @@ import stat
 
 import pytest
 
-from esm2lite import atomic
-from esm2lite.atomic import umask, write_together
-from esm2lite.checkpointer import RUN_FORMAT, is_run_config
+from esm2lite.files import atomic
+from esm2lite.files.atomic import umask, write_together
+from esm2lite.checkpoints.run_dir import RUN_FORMAT, is_run_config
 from esm2lite.errors import Esm2liteError
-from esm2lite.paths import Input, check_output, dangling, within
+from esm2lite.files.paths import Input, check_output, dangling, within
 from test_infer import infer_in_process, load_cli, trained_run
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import oracles
-from esm2lite import ESM2, ESM2Config, Tokenizer
-from esm2lite.checkpoint import load_pretrained
+from esm2lite import ESM2Config, Tokenizer
+from esm2lite.weights.pretrained import load_pretrained
 
 # fp32 comparisons: oracles.assert_fp32_agrees, against a float64 run of the reference (no bare tolerance).
 
@@ -41,7 +41,7 @@ def test_batch_has_padding_and_masks(batch):
 
 
 def test_logits_match_transformers(hf_tiny, batch):
-    ours = ESM2.from_pretrained(hf_tiny)
+    ours = load_pretrained(hf_tiny)
     hf = oracles.load_hf(hf_tiny)
     (logits, hidden), (logits64, hidden64) = hf_outputs(hf, batch), hf_outputs(oracles.float64_copy(hf), batch)
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_logits_match_transformers(hf_tiny, batch):
 
 
 def test_logits_match_fair_esm(fair_tiny, batch):
-    ours = ESM2.from_pretrained(fair_tiny)
+    ours = load_pretrained(fair_tiny)
     ref = oracles.load_fair_esm(fair_tiny)
     layers = list(range(ref.num_layers + 1))
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_logits_match_fair_esm(fair_tiny, batch):
 def test_references_agree_on_masked_padded_batch(fair_tiny, tmp_path, batch, forkrun):
     """The pinned transformers must match fair-esm on padded batches containing <mask>
     (transformers PR #40370 broke this; #44163 fixed it)."""
-    assert forkrun.run(["-m", "esm2lite.convert", fair_tiny, tmp_path / "hf"]).returncode == 0
+    assert forkrun.run(["-m", "esm2lite.commands.convert", fair_tiny, tmp_path / "hf"]).returncode == 0
     logits, _ = hf_outputs(oracles.load_hf(tmp_path / "hf"), batch)
     ref = oracles.load_fair_esm(fair_tiny)
     with torch.no_grad():
@@ -79,9 +79,9 @@ def test_references_agree_on_masked_padded_batch(fair_tiny, tmp_path, batch, for
 
 def test_convert_round_trip(fair_tiny, tmp_path, batch, forkrun):
     out_dir = tmp_path / "converted"
-    r = forkrun.run(["-m", "esm2lite.convert", fair_tiny, out_dir])
+    r = forkrun.run(["-m", "esm2lite.commands.convert", fair_tiny, out_dir])
     assert r.returncode == 0, r.stderr
-    from_pt, from_dir = ESM2.from_pretrained(fair_tiny), ESM2.from_pretrained(out_dir)
+    from_pt, from_dir = load_pretrained(fair_tiny), load_pretrained(out_dir)
     with torch.no_grad():
         assert torch.equal(from_pt(batch)["logits"], from_dir(batch)["logits"])
     # transformers reads the converted directory and agrees with fair-esm on the original file.
@@ -93,11 +93,11 @@ def test_convert_round_trip(fair_tiny, tmp_path, batch, forkrun):
 
 
 def test_inv_freq_comes_from_the_file(hf_tiny, batch, tiny_inv_freq):
-    ours = ESM2.from_pretrained(hf_tiny)
+    ours = load_pretrained(hf_tiny)
     for block in ours.layers:
         assert torch.equal(block.attn.inv_freq, tiny_inv_freq)
     # The perturbation matters: recomputing inv_freq from the formula moves the logits.
-    recomputed = ESM2.from_pretrained(hf_tiny)
+    recomputed = load_pretrained(hf_tiny)
     hd = recomputed.config.head_dim
     for block in recomputed.layers:
         block.attn.inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
@@ -115,7 +115,7 @@ def test_8m_architecture_matches_both_references(tmp_path):
     hf_dir = oracles.make_hf_checkpoint(tmp_path / "hf8m", **oracles.ESM2_8M, seed=11)
     hf = oracles.load_hf(hf_dir)
     (logits, hidden), (logits64, hidden64) = hf_outputs(hf, tokens), hf_outputs(oracles.float64_copy(hf), tokens)
-    ours = ESM2.from_pretrained(hf_dir)
+    ours = load_pretrained(hf_dir)
     assert ours.config == ESM2Config.from_name("esm2_t6_8M_UR50D")
     with torch.no_grad():
         out = ours(tokens)
@@ -128,7 +128,7 @@ def test_8m_architecture_matches_both_references(tmp_path):
     with torch.no_grad():
         expected = ref(tokens, repr_layers=[last])
         exact = oracles.float64_copy(ref)(tokens, repr_layers=[last])
-        got = ESM2.from_pretrained(pt)(tokens, repr_layers=[last])
+        got = load_pretrained(pt)(tokens, repr_layers=[last])
     agrees(got["logits"], expected["logits"], exact["logits"], tokens, "8M logits vs fair-esm")
     agrees(got["hidden_states"][last], expected["representations"][last], exact["representations"][last], tokens,
            "8M hidden_states[last] vs fair-esm")
@@ -153,7 +153,7 @@ def test_unmasked_sequence_still_scaled_by_token_dropout(fair_tiny):
     """With no <mask> in the input every embedding is scaled by 0.88 (checked vs fair-esm)."""
     tokens = Tokenizer().batch_encode(["MKTAYIAK"])
     ref = oracles.load_fair_esm(fair_tiny)
-    ours = ESM2.from_pretrained(fair_tiny)
+    ours = load_pretrained(fair_tiny)
     with torch.no_grad():
         expected = ref(tokens, repr_layers=[0])["representations"][0]
         exact = oracles.float64_copy(ref)(tokens, repr_layers=[0])["representations"][0]
@@ -167,7 +167,7 @@ def test_activation_checkpointing_gives_the_same_gradients(hf_tiny, batch):
     saved = {}
 
     def grads(checkpointing):
-        model = ESM2.from_pretrained(hf_tiny).train()
+        model = load_pretrained(hf_tiny).train()
         model.activation_checkpointing = checkpointing
         saved[checkpointing] = 0
 

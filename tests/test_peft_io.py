@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import oracles
-from esm2lite import ESM2
 from esm2lite.errors import CheckpointError
-from esm2lite.lora import LoRAConfig, apply_lora
-from esm2lite.peft_io import check_in_peft, load_peft_adapter, save_peft_adapter, target_regex
-from esm2lite.tokenizer import Tokenizer
+from esm2lite.model.lora import LoRAConfig, apply_lora
+from esm2lite.weights.peft import check_in_peft, load_peft_adapter, save_peft_adapter, target_regex
+from esm2lite.model.tokenizer import Tokenizer
+from esm2lite import load_pretrained
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -55,7 +55,7 @@ def peft_saved(base, cls, path, **lora_kw):
 ])
 def test_adapters_peft_saved_on_each_class_load_into_esm2lite(hf_tiny, tmp_path, batch, cls, lora_kw, heads):
     theirs = peft_saved(hf_tiny, cls, tmp_path / "adapter", **lora_kw)
-    ours = ESM2.from_pretrained(hf_tiny)
+    ours = load_pretrained(hf_tiny)
     got_heads = load_peft_adapter(ours, tmp_path / "adapter")
     assert sorted(got_heads) == heads  # modules_to_save come back, not dropped
     theirs64 = oracles.float64_copy(theirs)  # the fp32 comparison's yardstick: peft + transformers in float64
@@ -74,7 +74,7 @@ def test_adapters_peft_saved_on_each_class_load_into_esm2lite(hf_tiny, tmp_path,
 @pytest.mark.parametrize("cls", ["EsmModel", "EsmForMaskedLM", "EsmForSequenceClassification",
                                  "EsmForTokenClassification"])
 def test_a_layer_and_target_subset_lands_on_exactly_those_modules(hf_tiny, tmp_path, batch, cls):
-    ours = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=2, alpha=3.0, targets=("key", "fc2"), layers=(1,)))
+    ours = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=2, alpha=3.0, targets=("key", "fc2"), layers=(1,)))
     random_lora_(ours, seed=5)
     save_peft_adapter(ours, tmp_path / "adapter", base_model_name_or_path=hf_tiny, for_class=cls)
     theirs = peft.PeftModel.from_pretrained(oracles.load_hf(hf_tiny, cls), str(tmp_path / "adapter")).eval()
@@ -110,7 +110,7 @@ def test_the_check_catches_what_peft_only_warns_about(hf_tiny, tmp_path):
         loaded = peft.PeftModel.from_pretrained(oracles.load_hf(hf_tiny, "EsmForMaskedLM"), str(tmp_path / "adapter"))
     assert any("missing adapter keys" in str(w.message) for w in caught)
     assert all(p.abs().max() == 0 for n, p in loaded.named_parameters() if "lora_B" in n)
-    hf_config = ESM2.from_pretrained(hf_tiny).config.to_hf_config()
+    hf_config = load_pretrained(hf_tiny).config.to_hf_config()
     assert "takes all 8" in check_in_peft(str(tmp_path / "adapter"), hf_config, "EsmModel", 8, "adapter")
     with pytest.raises(CheckpointError, match=r"^adapter: peft .* no module on EsmForMaskedLM for 8 of the 8 .* no value for 8 of the 8 ") as e:
         check_in_peft(str(tmp_path / "adapter"), hf_config, "EsmForMaskedLM", 8, "adapter")
@@ -118,9 +118,9 @@ def test_the_check_catches_what_peft_only_warns_about(hf_tiny, tmp_path):
 
 
 def test_a_failed_check_writes_nothing(hf_tiny, tmp_path, monkeypatch):
-    import esm2lite.peft_io as peft_io
+    import esm2lite.weights.peft as peft_io
 
-    ours = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("query",)))
+    ours = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("query",)))
     monkeypatch.setattr(peft_io, "target_regex", lambda paths: "no\\.such\\.module")
     with pytest.raises(CheckpointError, match="cannot load this adapter onto EsmModel .*not found in the base model"):
         save_peft_adapter(ours, tmp_path / "adapter")
@@ -128,7 +128,7 @@ def test_a_failed_check_writes_nothing(hf_tiny, tmp_path, monkeypatch):
 
 
 def test_without_peft_the_check_says_so(hf_tiny, tmp_path, monkeypatch):
-    ours = apply_lora(ESM2.from_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("query",)))
+    ours = apply_lora(load_pretrained(hf_tiny), LoRAConfig(rank=2, targets=("query",)))
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
     assert save_peft_adapter(ours, tmp_path / "adapter") == "not checked with peft (peft or transformers is not " \
                                                              "installed here)"

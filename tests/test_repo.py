@@ -26,25 +26,50 @@ def test_kernels_install_under_the_esm2lite_namespace(tmp_path):
 
 
 def _package_modules() -> dict:
-    """{esm2lite module name: parsed source} for esm2lite/*.py."""
+    """{esm2lite module name: parsed source} for every module of the package (esm2lite/**/*.py,
+    and kernels/ as esm2lite.kernels)."""
     import ast
 
-    return {f"esm2lite.{p.stem}": ast.parse(p.read_text()) for p in (ROOT / "esm2lite").glob("*.py")}
+    modules = {}
+    for base, prefix in ((ROOT / "esm2lite", "esm2lite"), (ROOT / "kernels", "esm2lite.kernels")):
+        for p in base.rglob("*.py"):
+            parts = list(p.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join([prefix, *parts])] = ast.parse(p.read_text())
+    return modules
+
+
+def _imports(name: str, tree, modules) -> set:
+    """The esm2lite modules `name` imports, at module level or inside functions (relative imports
+    resolved; `from package import module` counts as importing the module)."""
+    import ast
+
+    found = set()
+    package = name if name in modules and (ROOT / "esm2lite" / "/".join(name.split(".")[1:]) / "__init__.py").exists() \
+        else name.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for a in node.names:
+                if f"{base}.{a.name}" in modules:
+                    found.add(f"{base}.{a.name}")
+                elif base in modules:
+                    found.add(base)
+    found.discard(name)
+    return found
 
 
 def test_no_import_cycle_between_esm2lite_modules():
-    """Module-level imports between esm2lite's modules form no cycle: each module can be read
-    knowing only those it imports."""
-    import ast
-
+    """The imports between esm2lite's modules, function-level ones included, form no cycle: each
+    module can be read knowing only those it imports (a package's __init__ counts as the package)."""
     modules = _package_modules()
-    graph = {}
-    for name, tree in modules.items():
-        graph[name] = set()
-        for node in tree.body:
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                targets = [f"esm2lite.{node.module}"] if node.module else [f"esm2lite.{a.name}" for a in node.names]
-                graph[name] |= {t for t in targets if t in modules}
+    graph = {name: _imports(name, tree, modules) for name, tree in modules.items()}
     seen, done = set(), set()
 
     def visit(m, path):
@@ -58,6 +83,20 @@ def test_no_import_cycle_between_esm2lite_modules():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A leading underscore means "this module's own": no module imports another's private name."""
+    import ast
+
+    crossing = []
+    for name, tree in _package_modules().items():
+        for node in ast.walk(tree):
+            ours = isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("esm2lite"))
+            if ours:
+                crossing += [f"{name}: from {'.' * node.level}{node.module or ''} import {a.name}"
+                             for a in node.names if a.name.startswith("_")]
+    assert not crossing, "\n".join(crossing)
 
 
 def test_functions_and_modules_stay_small():

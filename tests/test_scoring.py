@@ -18,9 +18,10 @@ from scipy.stats import spearmanr
 import oracles
 from esm2lite import ESM2
 from esm2lite.errors import CheckpointError, DataError
-from esm2lite.dms import read_dms, score_dms
-from esm2lite.scoring import Substitution, mutate, parse_mutant, plan_mutants, score_mutants, score_sequences
+from esm2lite.inference.dms import read_dms, score_dms
+from esm2lite.inference.scoring import Substitution, mutate, parse_mutant, plan_mutants, score_mutants, score_sequences
 from test_windows import proteingym_optimal_window, protein
+from esm2lite import load_pretrained
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -53,12 +54,12 @@ class Reference:
 @pytest.fixture(scope="module")
 def fair(fair_tiny):
     """(ours, Reference) on the same fair-esm file."""
-    return ESM2.from_pretrained(fair_tiny), Reference(oracles.load_fair_esm(fair_tiny), lambda m, t: m(t)["logits"])
+    return load_pretrained(fair_tiny), Reference(oracles.load_fair_esm(fair_tiny), lambda m, t: m(t)["logits"])
 
 
 @pytest.fixture(scope="module")
 def hf(hf_tiny):
-    return ESM2.from_pretrained(hf_tiny), Reference(oracles.load_hf(hf_tiny), lambda m, t: m(input_ids=t).logits)
+    return load_pretrained(hf_tiny), Reference(oracles.load_hf(hf_tiny), lambda m, t: m(input_ids=t).logits)
 
 
 def counting(model, monkeypatch):

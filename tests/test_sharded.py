@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import oracles
-from esm2lite.ckpt_dir import load_model, load_weights
+from esm2lite.checkpoints.checkpoint_dir import load_model, load_weights
 from esm2lite.errors import CheckpointError
-from esm2lite.records import records_from_pairs
-from esm2lite.train import TrainConfig, train_model
+from esm2lite.data.records import records_from_pairs
+from esm2lite.training.loop import TrainConfig, train_model
+from esm2lite import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,6 @@ def full_run(hf_tiny, tmp_path_factory):
 
 
 def test_full_checkpoint_is_sharded_and_loads_the_trained_weights(full_run, hf_tiny):
-    from esm2lite import ESM2
 
     best = full_run / "best"
     shards = os.listdir(best / "dcp")
@@ -38,7 +38,7 @@ def test_full_checkpoint_is_sharded_and_loads_the_trained_weights(full_run, hf_t
     assert all(n.endswith((".safetensors", ".json")) for n in shards)  # nothing pickled
     assert not (best / "model.safetensors").exists()
     tuned = load_model(str(best))
-    base = ESM2.from_pretrained(hf_tiny).state_dict()
+    base = load_pretrained(hf_tiny).state_dict()
     got = tuned.encoder.state_dict()
     assert got.keys() == base.keys()
     moved = [k for k in base if not torch.equal(got[k], base[k])]
@@ -114,8 +114,8 @@ def test_infer_cli_on_damaged_shards_exits_2_with_one_line(full_run, tmp_path, f
 def test_full_fine_tune_exports_to_a_directory_transformers_loads(full_run, tmp_path):
     from transformers import EsmModel
 
-    from esm2lite.export import main as export_main
-    from esm2lite.tokenizer import Tokenizer
+    from esm2lite.weights.export import main as export_main
+    from esm2lite.model.tokenizer import Tokenizer
 
     export_main(["--run", str(full_run), "--merged", str(tmp_path / "hf")])
     hf = EsmModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()

@@ -23,11 +23,11 @@ import pytest
 import torch
 
 import oracles
-from esm2lite.cli import run_main
-from esm2lite.infer import predict
-from esm2lite.lora import LoRAConfig
-from esm2lite.records import records_from_pairs
-from esm2lite.train import TrainConfig, train_model
+from esm2lite.commands.cli import run_main
+from esm2lite.inference.predict import predict
+from esm2lite.model.lora import LoRAConfig
+from esm2lite.data.records import records_from_pairs
+from esm2lite.training.loop import TrainConfig, train_model
 from test_train import read_jsonl, small_config, synthetic, trained
 
 ROOT = Path(__file__).resolve().parent.parent

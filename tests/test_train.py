@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 import oracles
-from esm2lite.batching import Batches
-from esm2lite.ckpt_dir import read_tensors
-from esm2lite.lora import LoRAConfig, apply_lora
-from esm2lite.optim import lr_at
-from esm2lite.records import records_from_pairs
-from esm2lite.train import TrainConfig, train_model
+from esm2lite.data.batching import Batches
+from esm2lite.checkpoints.checkpoint_dir import read_tensors
+from esm2lite.model.lora import LoRAConfig, apply_lora
+from esm2lite.training.optim import lr_at
+from esm2lite.data.records import records_from_pairs
+from esm2lite.training.loop import TrainConfig, train_model
+from esm2lite import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,17 +76,16 @@ def test_learns_a_synthetic_property(hf_tiny, tmp_path):
 
 
 def test_lora_mode_changes_only_adapters_and_head(hf_tiny, tmp_path, splits):
-    from esm2lite import ESM2
 
     train_model(small_config(hf_tiny, tmp_path / "run"), records=splits)
     saved = load_file(tmp_path / "run" / "best" / "model.safetensors")
     enc = {k for k in saved if k.startswith("encoder.")}
     assert enc and all(k.endswith(("lora_a", "lora_b")) for k in enc)  # only adapters + head saved
     assert any(k.startswith("head.") for k in saved)
-    from esm2lite.ckpt_dir import load_model
+    from esm2lite.checkpoints.checkpoint_dir import load_model
 
     tuned = load_model(str(tmp_path / "run" / "best"))
-    base = ESM2.from_pretrained(hf_tiny).state_dict()
+    base = load_pretrained(hf_tiny).state_dict()
     for k, v in tuned.encoder.state_dict().items():
         if "lora_" not in k:
             assert torch.equal(v, base[k]), k  # frozen encoder untouched
@@ -131,7 +131,7 @@ def test_refuses_to_overwrite_a_run_or_resume_with_other_settings(hf_tiny, tmp_p
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_ranks_share_one_stream_every_row_once_per_epoch(splits, world):
-    from esm2lite.labels import LabelSpace
+    from esm2lite.tasks.labels import LabelSpace
 
     train = splits["train"]
     cfg = TrainConfig(model="esm2_t6_8M_UR50D", steps=1, batch_tokens=200, seed=4)
@@ -150,7 +150,7 @@ def test_ranks_share_one_stream_every_row_once_per_epoch(splits, world):
 
 
 def test_base_model_path_is_stored_absolute(hf_tiny, tmp_path, splits, monkeypatch):
-    from esm2lite.ckpt_dir import load_model
+    from esm2lite.checkpoints.checkpoint_dir import load_model
 
     monkeypatch.chdir(os.path.dirname(hf_tiny))  # train with a relative --checkpoint
     train_model(small_config(os.path.basename(hf_tiny), tmp_path / "run", steps=1, eval_every=1), records=splits)
@@ -162,9 +162,9 @@ def test_base_model_path_is_stored_absolute(hf_tiny, tmp_path, splits, monkeypat
 
 def test_lora_checkpoints_never_gather_frozen_weights():
     """What FSDP gathers to rank 0 for a LoRA checkpoint: adapters (and small buffers), not the base."""
-    from esm2lite.config import ESM2Config
-    from esm2lite.distributed import trained_full_state
-    from esm2lite.model import ESM2
+    from esm2lite.model.config import ESM2Config
+    from esm2lite.runtime.distributed import trained_full_state
+    from esm2lite.model.esm2 import ESM2
 
     model = ESM2(ESM2Config.from_name("esm2_t6_8M_UR50D"))
     apply_lora(model, LoRAConfig(rank=4))
@@ -182,7 +182,7 @@ def test_lr_schedule():
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(hf_tiny, tmp_path, splits, monkeypatch):
-    from esm2lite import heads
+    from esm2lite.model import heads
     from esm2lite.errors import Esm2liteError
 
     calls = {"n": 0}

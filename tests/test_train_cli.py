@@ -15,8 +15,8 @@ import pytest
 from safetensors.torch import load_file
 
 import oracles
-from esm2lite import export
-from esm2lite.cli import run_main
+from esm2lite.weights import export
+from esm2lite.commands.cli import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQS = oracles.random_sequences(24, 15, 40, seed=21, with_mask=False)
@@ -100,8 +100,8 @@ def test_tab_separated_file_named_csv_says_rename_it(train_main, capsys, tmp_pat
             data, "row 1", "tab-separated", ".tsv")
     tsv = tmp_path / "train.tsv"
     shutil.copy(data, tsv)  # the fix it names works (read as tab-separated)
-    from esm2lite.reading import load_splits
-    from esm2lite.records import DataSpec
+    from esm2lite.data.reading import load_splits
+    from esm2lite.data.records import DataSpec
     assert [r.sequence for r in load_splits(DataSpec(), train=str(tsv))["train"]] == SEQS
 
 
@@ -180,7 +180,7 @@ def test_bionemo_lora_options_reach_the_checkpoint(train_main, capsys, tmp_path,
     assert len(adapters) == 12 and all(k.startswith("encoder.layers.0.") for k in adapters)  # tied: one pair
     assert json.load(open(out / "summary.json"))["best_step"] == 2
 
-    # the base model moved: loading the run names --base-path (through python -m esm2lite.export)
+    # the base model moved: loading the run names --base-path (through python -m esm2lite.weights.export)
     base.rename(tmp_path / "moved")
     capsys.readouterr()
     assert run_main(export.main, ["--run", str(out), "--merged", str(tmp_path / "merged")]) == 2

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import oracles
-from esm2lite import ESM2
 from esm2lite.errors import DataError
-from esm2lite.windows import embed_windowed, optimal_window, tile_windows, window_size
+from esm2lite.inference.windows import embed_windowed, optimal_window, tile_windows, window_size
+from esm2lite import load_pretrained
 
 LETTERS = "LAGVSERTIDPKQNFYMHWC"
 
@@ -36,7 +36,7 @@ def proteingym_optimal_window(mutation_position_relative, seq_len_wo_special, mo
 def models(fair_tiny):
     """(ours, fair-esm, fair-esm in float64: the yardstick of every fp32 comparison below)."""
     ref = oracles.load_fair_esm(fair_tiny)
-    return ESM2.from_pretrained(fair_tiny).eval(), ref, oracles.float64_copy(ref)
+    return load_pretrained(fair_tiny).eval(), ref, oracles.float64_copy(ref)
 
 
 def agrees(ours, expected, models, what, *args):

@@ -1,0 +1,1 @@
+"""The command lines: shared plumbing (one-line errors, options from dataclasses) and each tool's main."""

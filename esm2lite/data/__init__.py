@@ -1,0 +1,1 @@
+"""Sequences and labels from CSV / FASTA into records, and records into batches."""

@@ -1,0 +1,1 @@
+"""Files: atomic writes, bounded reads, outputs kept off inputs."""

@@ -1,0 +1,1 @@
+"""Predictions, embeddings and zero-shot variant scores."""

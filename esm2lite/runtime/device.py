@@ -1,0 +1,36 @@
+"""Where a run computes and in which precision: --device and --precision, checked before any work."""
+
+import re
+
+import torch
+
+from esm2lite.errors import Esm2liteError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # for inference; training takes all but fp16
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_device(name: str | None) -> None:
+    """Esm2liteError unless `name` is None (choose), "cpu", "cuda" or "cuda:N" with such a GPU here."""
+    if name is None:
+        return
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
+    if not m or (m[1] == "cpu" and m[2] is not None):
+        raise Esm2liteError(f"--device {name[:40]!r}: expected cpu, cuda or cuda:N")
+    if m[1] == "cuda" and not torch.cuda.is_available():
+        raise Esm2liteError(f"--device {name}: no CUDA device on this machine (use --device cpu)")
+    if m[2] is not None and int(m[2]) >= torch.cuda.device_count():
+        raise Esm2liteError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device asked for (checked), or cuda when there is one, else cpu."""
+    check_device(name)
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. "auto": bf16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return AMP_DTYPES.get(precision)

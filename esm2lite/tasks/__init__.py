@@ -1,0 +1,1 @@
+"""What is predicted: label spaces, metrics and the evaluation of a split."""

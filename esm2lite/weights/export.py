@@ -1,0 +1,157 @@
+"""python -m esm2lite.weights.export --run DIR (--merged OUT | --peft OUT [--peft-for CLASS])
+
+--merged:   the encoder with LoRA merged into its weights, as an HF-layout directory that
+            transformers (EsmForMaskedLM / EsmModel) and esm2lite load. The task head is not
+            part of that layout; it stays in the esm2lite checkpoint.
+--peft:     the adapters in HF peft format (adapter_config.json + adapter_model.safetensors +
+            README.md), for one transformers class (--peft-for): EsmModel's module paths have no
+            "esm." prefix, the three EsmFor* classes share theirs, so an adapter for one EsmFor*
+            class loads onto the other two. Default: EsmForMaskedLM when the base model has an
+            LM head, EsmModel when it has none. peft loads the written directory onto that class
+            before it is put in place; onto a class with other module paths peft refuses it.
+            What it reproduces is the fine-tuned encoder (hidden states; EsmForMaskedLM: logits
+            too), never esm2lite's task head.
+"""
+
+import os
+import sys
+
+import torch
+
+from esm2lite.weights.pretrained import save_hf_dir
+from esm2lite.checkpoints.checkpoint_dir import load_model, read_spec
+from esm2lite.checkpoints.run_dir import reader_inputs
+from esm2lite.commands.cli import OneLineParser, run_main
+from esm2lite.model.config import read_json_object
+from esm2lite.errors import CheckpointError, Esm2liteError
+from esm2lite.model.lora import merge_lora
+from esm2lite.model.esm2 import ESM2
+from esm2lite.files.paths import check_output_dir
+from esm2lite.weights.peft import PEFT_CLASSES, same_layout, save_peft_adapter
+
+# The output a class adds to the encoder's hidden states, which is not esm2lite's.
+THEIR_HEAD = {
+    "EsmModel": "EsmModel's pooler_output comes from transformers' pooler",
+    "EsmForSequenceClassification": "EsmForSequenceClassification's logits come from transformers' own classifier "
+                                    "(dense-tanh-dense on the <cls> token; the base's, or newly initialised)",
+    "EsmForTokenClassification": "EsmForTokenClassification's logits come from transformers' own classifier "
+                                 "(one linear layer per token; the base's, or newly initialised)",
+}
+
+
+def merged_encoder(encoder: ESM2) -> ESM2:
+    """A plain ESM2 whose weights include the merged adapters (if any)."""
+    merge_lora(encoder)
+    state = {k: v for k, v in encoder.state_dict().items() if "lora_" not in k}
+    with torch.device("meta"):
+        plain = ESM2(encoder.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain.eval()
+
+
+def peft_class(chosen: str | None, encoder: ESM2, base: str | None) -> str:
+    """--peft-for, or its default; EsmForMaskedLM needs a base model with an LM head."""
+    if chosen is None:
+        return "EsmForMaskedLM" if encoder.config.lm_head else "EsmModel"
+    if chosen == "EsmForMaskedLM" and not encoder.config.lm_head:
+        raise Esm2liteError(
+            f"--peft-for EsmForMaskedLM: the base model {base} has no LM head, so EsmForMaskedLM.from_pretrained "
+            "would add a random one (choose EsmModel, EsmForSequenceClassification or EsmForTokenClassification)")
+    return chosen
+
+
+def transformers_reads(base: str | None) -> bool:
+    """Whether transformers' Esm classes can load the base model path as it is (an HF ESM directory
+    or a hub id; not a fair-esm .pt, a BioNeMo directory or a random architecture)."""
+    if not base or os.path.isfile(base):
+        return False
+    if not os.path.isdir(base):
+        return True  # a hub id (load_model found it)
+    try:
+        return read_json_object(os.path.join(base, "config.json")).get("model_type") == "esm"
+    except CheckpointError:  # no config.json, not JSON, not an object
+        return False
+
+
+def peft_notes(for_class: str, base: str | None, head_kind: str) -> list[str]:
+    """Where the adapter loads, what it reproduces there and what it does not: one line each."""
+    others = [c for c in same_layout(for_class) if c != for_class]
+    refused = [c for c in PEFT_CLASSES if c not in same_layout(for_class)]
+    notes = [f"also loads onto {', '.join(others)} (the same module paths); " if others else ""]
+    notes[0] += (f"peft refuses it on {', '.join(refused)} (\"Target modules ... not found\"): "
+                 "export again with --peft-for the class it is loaded onto")
+    notes.append("reproduces: the fine-tuned encoder's hidden states (last_hidden_state"
+                 + ("" if for_class == "EsmModel" else " of model.esm(...)")
+                 + (") and masked-LM logits" if for_class == "EsmForMaskedLM" else ")"))
+    notes.append(f"does not reproduce: esm2lite's {head_kind} head, which stays in the esm2lite checkpoint "
+                 "(predictions: infer.py)" + (f"; {THEIR_HEAD[for_class]}, not from esm2lite"
+                                              if for_class in THEIR_HEAD else ""))
+    if not base:
+        notes.append("the base model is a random initialisation with no file transformers could load: "
+                     "--merged writes the tuned encoder as an HF directory instead")
+    elif not transformers_reads(base):
+        notes.append(f"transformers cannot load the base model {base} as it is: write it as an HF directory "
+                     "(python -m esm2lite.commands.convert BASE DIR) and load the adapter onto that")
+    return notes
+
+
+def peft_readme(for_class: str, base: str | None, adapter: str, notes: list[str]) -> str:
+    lines = [f"# LoRA adapter exported by esm2lite for transformers' {for_class}", "", "```python",
+             "from peft import PeftModel", f"from transformers import {for_class}", "",
+             f"base = {for_class}.from_pretrained({base or 'BASE'!r})",
+             f"model = PeftModel.from_pretrained(base, {adapter!r}).eval()", "```", ""]
+    return "\n".join(lines + [f"- {n[0].upper()}{n[1:]}." for n in notes]) + "\n"
+
+
+def export_peft(model, spec, args) -> None:
+    base = args.base_path or spec.base.path
+    for_class = peft_class(args.peft_for, model.encoder, base)
+    notes = peft_notes(for_class, base, spec.head["kind"])
+    checked = save_peft_adapter(model.encoder, args.peft, base_model_name_or_path=base, overwrite=args.overwrite,
+                                for_class=for_class, readme=peft_readme(for_class, base, args.peft, notes))
+    print(f"wrote peft adapter to {args.peft} for transformers' {for_class} ({checked})")
+    for note in notes:
+        print(f"  {note}")
+
+
+def main(argv=None):
+    p = OneLineParser(prog="python -m esm2lite.weights.export",
+                      description="Export a fine-tuned esm2lite model for transformers / peft.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="train.py output directory (uses RUN/best)")
+    src.add_argument("--checkpoint", help="a checkpoint directory")
+    p.add_argument("--merged", help="write the merged encoder as an HF-layout directory here")
+    p.add_argument("--peft", help="write the LoRA adapters in peft format here")
+    p.add_argument("--peft-for", choices=list(PEFT_CLASSES),
+                   help="the transformers class the peft adapter is loaded onto (default: EsmForMaskedLM when "
+                        "the base model has an LM head, else EsmModel; the EsmFor* classes share one layout)")
+    p.add_argument("--base-path", help="where the checkpoint's base model is now, if it moved")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output directories")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    args = p.parse_args(argv)
+    if not (args.merged or args.peft):
+        p.error("give --merged OUT and/or --peft OUT")
+    if args.peft_for and not args.peft:
+        p.error("--peft-for needs --peft OUT")
+    if args.merged and args.peft and os.path.abspath(args.merged) == os.path.abspath(args.peft):
+        p.error("--merged and --peft need different directories")
+    inputs = reader_inputs(args.run, args.checkpoint, args.base_path)  # never written into, nor replaced
+    for out, flag in ((args.merged, "--merged"), (args.peft, "--peft")):
+        if out:  # before any work (and before writing the other output)
+            check_output_dir(out, args.overwrite, flag, inputs)
+    ckpt = os.path.join(args.run, "best") if args.run else args.checkpoint
+    if args.run and not os.path.isdir(ckpt):
+        raise Esm2liteError(f"{args.run}: no best/ checkpoint in this run directory")
+    spec = read_spec(ckpt)
+    if args.peft and spec.lora is None:
+        raise Esm2liteError(f"{ckpt}: --peft needs a LoRA checkpoint (this one is mode {spec.mode!r})")
+    model = load_model(ckpt, base_path=args.base_path)
+    if args.peft:
+        export_peft(model, spec, args)
+    if args.merged:
+        save_hf_dir(merged_encoder(model.encoder), args.merged, overwrite=args.overwrite)
+        print(f"wrote merged model to {args.merged}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
