@@ -259,8 +259,8 @@ def prepare(args, table, model) -> tuple:
     from esm2lite.errors import Esm2liteError
 
     labels = model.labels
-    if args.residue_probs and labels.task != "token-classification":
-        raise Esm2liteError(f"--residue-probs: the model's task is {labels.task}; only per-residue "
+    if args.residue_probs and not labels.task.per_residue:
+        raise Esm2liteError(f"--residue-probs: the model's task is {labels.task.name}; only per-residue "
                             "(token-classification) models give per-residue probabilities")
     it.check_no_clash(table, it.prediction_columns(labels, args.truncate))
     labelled = it.label_columns(table, labels, args.mask_column)
@@ -276,7 +276,7 @@ def predict(args, d, table, model) -> dict:
     from esm2lite.runtime import distributed
     from esm2lite.inference import predict as infer
     from esm2lite.inference import table as it
-    from esm2lite.tasks.evaluate import run_batches, score
+    from esm2lite.inference.evaluate import run_batches, score
 
     with distributed.same_error(d):
         records, labelled = prepare(args, table, model)

@@ -120,18 +120,19 @@ class DataTooSmall(ValueError):
 
 def build_esm2lite(model_dir, args, device):
     """-> (step inputs -> loss function, trainable parameters, all parameters)."""
-    from esm2lite.model.heads import build_head
+    from esm2lite.tasks import TASKS
     from esm2lite.model.lora import LoRAConfig, apply_lora
 
     encoder = load_pretrained(model_dir, device=device)
     apply_lora(encoder, LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=0.0,
                                    targets=("query", "key", "value", "out", "fc1", "fc2")))
-    head = build_head("regression", encoder.config.d_model, 1, 256, 0.0).to(device)
+    task = TASKS["regression"]
+    head = task.head(encoder.config.d_model, 1, 256, 0.0).to(device)
     encoder.train(), head.train()
 
     def loss_fn(tokens, target):
         hidden = encoder(tokens, logits=False)["last_hidden_state"]
-        return head.loss(head(hidden, tokens), target)
+        return task.loss(head(hidden, tokens), target)
 
     params = [p for m in (encoder, head) for p in m.parameters()]
     return loss_fn, params

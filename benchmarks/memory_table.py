@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import run_info, saved_bytes  # noqa: E402
 from esm2lite.model.config import ESM2Config  # noqa: E402
-from esm2lite.model.heads import build_head  # noqa: E402
+from esm2lite.tasks import TASKS  # noqa: E402
 from esm2lite.model.lora import LoRAConfig, apply_lora  # noqa: E402
 from esm2lite.model.esm2 import ESM2  # noqa: E402
 
@@ -56,7 +56,7 @@ def _model(config: ESM2Config, layers: int, mode: str, device) -> torch.nn.Modul
         apply_lora(encoder, LORA)
     elif mode == "head":
         encoder.requires_grad_(False)
-    head = build_head("regression", config.d_model, 1, 256, 0.25).to(device)
+    head = TASKS["regression"].head(config.d_model, 1, 256, 0.25).to(device)
     return encoder.train(), head.train()
 
 

@@ -1,6 +1,4 @@
 """Names every part of esm2lite agrees on, defined once."""
 
-TASKS = ("regression", "classification", "token-classification")
-MODES = ("lora", "full", "head")  # what trains: adapters + head, everything, the head only
 SPLITS = ("train", "valid", "test")
 IGNORE_INDEX = -100  # target of a position without a label (<cls>, <eos>, <pad>, a residue masked 0)

@@ -21,8 +21,9 @@ from esm2lite.commands.cli import run_main
 from esm2lite.model.config import MAX_LAYERS, ESM2Config
 from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import CheckpointError, DataError, Esm2liteError
-from esm2lite.tasks.evaluate import finite
-from esm2lite.tasks.labels import STATISTIC_LIMIT, TARGET_LIMIT, LabelSpace, target_error
+from esm2lite.inference.evaluate import finite
+from esm2lite.tasks import LabelSpace
+from esm2lite.tasks.base import STATISTIC_LIMIT, TARGET_LIMIT, target_error
 from esm2lite.data.records import records_from_pairs
 from esm2lite import load_pretrained
 
@@ -258,9 +259,9 @@ def test_metrics_that_are_not_finite_are_refused_saying_why():
 
 def oom_in_esm2lite():
     """A real allocation failure of torch's CPU allocator, inside esm2lite's code (a head 2^40 wide)."""
-    from esm2lite.model.heads import build_head
+    from esm2lite.tasks import TASKS
 
-    build_head("regression", 64, 1, hidden=1 << 40, dropout=0.0)
+    TASKS["regression"].head(64, 1, hidden=1 << 40, dropout=0.0)
 
 
 def raises(e):

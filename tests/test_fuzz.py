@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esm2lite.data.batching import collate
-from esm2lite.constants import TASKS
+from esm2lite.tasks import TASKS
 from esm2lite.tasks.labels import LabelSpace
 from esm2lite.data.reading import load_splits, read_fasta, read_sequences
 from esm2lite.data.records import DataSpec
@@ -85,7 +85,7 @@ file_bytes = st.one_of(structured_csv, st.binary(max_size=300), near_text.map(la
 
 
 @FUZZ
-@given(file_bytes, st.sampled_from(SUFFIXES), st.sampled_from(TASKS), st.booleans(), st.booleans(),
+@given(file_bytes, st.sampled_from(SUFFIXES), st.sampled_from(list(TASKS)), st.booleans(), st.booleans(),
        st.one_of(st.none(), st.integers(1, 8)), st.booleans())
 def test_load_splits(data, suffix, task, use_mask, one_csv, max_residues, truncate):
     spec = DataSpec(task=task, mask_column="mask" if use_mask and task == "token-classification" else None,

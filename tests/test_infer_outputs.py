@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from esm2lite.checkpoints.checkpoint_dir import load_model
-from esm2lite.tasks.evaluate import evaluate
+from esm2lite.inference.evaluate import evaluate
 from esm2lite.inference.predict import predict
 from esm2lite.data.reading import load_splits
 from esm2lite.data.records import DataSpec

@@ -7,8 +7,13 @@ import pytest
 import torch
 from scipy import stats  # oracle (the "test" extra installs scipy)
 
-from esm2lite.tasks.labels import LabelSpace
-from esm2lite.tasks.metrics import METRIC_DIRECTION, compute_metrics, metric_direction, rankdata
+from esm2lite.tasks import TASKS, LabelSpace
+from esm2lite.tasks.metrics import METRIC_DIRECTION, metric_direction, rankdata
+
+
+def compute_metrics(task: str, outputs, targets, labels=None) -> dict:
+    """The task's metrics of head outputs against encoded targets."""
+    return TASKS[task].metrics_of(labels, outputs, targets)
 
 
 def test_rankdata_against_scipy():

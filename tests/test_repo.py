@@ -109,3 +109,16 @@ def test_functions_and_modules_stay_small():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno + 1 <= 60, f"{name}.{node.name}"
+
+
+def test_no_module_outside_the_tasks_package_names_a_task():
+    """Tasks are objects (esm2lite/tasks/): no other module holds a task's name as a string, so none
+    can branch on it; a new task is a new file in tasks/."""
+    import ast
+
+    from esm2lite.tasks import TASKS
+
+    named = [f"{name}: {node.value!r} (line {node.lineno})" for name, tree in _package_modules().items()
+             if not name.startswith("esm2lite.tasks") for node in ast.walk(tree)
+             if isinstance(node, ast.Constant) and node.value in TASKS]
+    assert not named, "\n".join(named)

@@ -274,11 +274,11 @@ def test_plot_cli_and_a_run_without_matplotlib(regression, tmp_path, forkrun):
 def test_per_residue_head_gives_a_sequence_the_same_logits_in_any_batch():
     """Padding after a sequence changes none of its logits: its last residues' conv window reaches
     past the end, where the padded batch must look like the sequence alone (zeros)."""
-    from esm2lite.model.heads import TokenClassificationHead
+    from esm2lite.tasks import TASKS
     from esm2lite.model.tokenizer import pad_tokens
 
     torch.manual_seed(0)
-    head = TokenClassificationHead(8, 3, hidden=5).eval()
+    head = TASKS["token-classification"].head(8, 3, hidden=5).eval()
     for p in head.parameters():
         torch.nn.init.normal_(p)  # biases too: a bias alone at padding is what used to leak
     seqs = [Tokenizer().encode(s) for s in ("MKTAYIAKQR", "MKV", "MKTAYIAKQRQISFV")]

@@ -197,6 +197,37 @@ def test_token_classification_end_to_end(hf_tiny, tmp_path):
     assert macro_f1(pred_all, true_all) == pytest.approx(summary["test"]["macro_f1"], abs=1e-9)
     chance = max(true_all.count(c) for c in "CEH") / len(true_all)
     assert accuracy >= chance + 0.2, (accuracy, chance)
+    per_residue_metrics_do_not_depend_on_batching(result["checkpoint"], data, summary["test"])
+
+
+def per_residue_metrics_do_not_depend_on_batching(checkpoint, data, summary_test):
+    """The per-residue loss is summed over the labelled residues of the whole split and divided once
+    (it used to be a mean of per-batch means weighted by sequences: 0.7616 vs 0.7635 at two
+    --batch-tokens): the same for any batching, equal to summary.json's and to the loss of the model
+    run one sequence at a time (cross-entropy summed over labelled residues / their number)."""
+    import torch.nn.functional as F
+
+    from esm2lite.checkpoints.checkpoint_dir import load_model
+    from esm2lite.data.reading import load_splits
+    from esm2lite.data.records import DataSpec
+    from esm2lite.inference.evaluate import score
+
+    model = load_model(checkpoint)
+    spec = DataSpec(task="token-classification", target_columns=("ss",), mask_column="resolved", split_column="split")
+    records = load_splits(spec, csv=data)["test"]
+    by_batch = {tokens: score(model, records, tokens, "fp32", "test")[0] for tokens in (60, 300, 100_000)}
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in records:
+            logits = model(torch.tensor([r.tokens]))[0]  # [T, C], the sequence alone
+            keep = [i + 1 for i, m in enumerate(r.mask) if m == "1"]
+            target = torch.tensor([model.labels.index[r.target[i - 1]] for i in keep])
+            total += float(F.cross_entropy(logits[keep], target, reduction="sum"))
+            count += len(keep)
+    for metrics in (*by_batch.values(), summary_test):
+        # the same forward in other batch shapes: fp32 rounding of ~1e-6 relative; the old weighting was off by 2e-3
+        oracles.assert_fp32_close(metrics["loss"], total / count, ulps=64, what="per-residue loss")
+        assert metrics["accuracy"] == by_batch[300]["accuracy"] and metrics["macro_f1"] == by_batch[300]["macro_f1"]
 
 
 # ---------------------------------------------------------------- regression, two targets
@@ -217,10 +248,11 @@ def test_two_target_regression_end_to_end(hf_tiny, tmp_path):
     summary = summary_json(out)["test"]
     assert summary == result["summary"]["test"]
     rows = predict(result["checkpoint"], [s for s, _, _ in data["test"]], device="cpu")
-    assert all(list(r) == ["id", "sequence", "kr", "de"] for r in rows)
+    # the columns infer.py writes (esm2lite.predict and the command line share one pipeline)
+    assert all(list(r) == ["id", "sequence", "prediction_kr", "prediction_de"] for r in rows)
     per_target = {}
     for j, name in enumerate(("kr", "de")):
-        p = np.array([r[name] for r in rows], dtype=np.float64)
+        p = np.array([r[f"prediction_{name}"] for r in rows], dtype=np.float64)
         t = np.array([x[1 + j] for x in data["test"]], dtype=np.float64)
         mse = float(np.mean((p - t) ** 2))
         per_target[name] = mse

@@ -32,8 +32,8 @@ from esm2lite.files.atomic import atomic_dir
 from esm2lite.weights.pretrained import check_keys
 from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import CheckpointError, Esm2liteError
-from esm2lite.model.heads import head_from_config
-from esm2lite.training.modes import MODE
+from esm2lite.tasks import head_from_config
+from esm2lite.checkpoints.modes import MODE
 from esm2lite.checkpoints.sharded import DIRNAME, has_sharded, load_sharded, read_sharded, save_sharded
 from esm2lite.checkpoints.spec import FORMAT, CheckpointSpec
 from esm2lite.model.task_model import TaskModel

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from esm2lite.weights.pretrained import WeightsHash, load_base, random_base
 from esm2lite.model.config import ESM2Config
-from esm2lite.constants import MODES
+from esm2lite.checkpoints.modes import MODE
 from esm2lite.errors import CheckpointError, Esm2liteError, quoted
 from esm2lite.tasks.labels import LabelSpace
 from esm2lite.model.lora import LoRAConfig
@@ -103,7 +103,7 @@ class CheckpointSpec:
     base: BaseRef
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": 1, "mode": self.mode, "task": self.labels.task,
+        return {"format": FORMAT, "version": 1, "mode": self.mode, "task": self.labels.task.name,
                 "labels": self.labels.to_dict(), "head": self.head,
                 "lora": self.lora.to_dict() if self.lora else None,
                 "model_config": self.model_config.to_dict(), "base": self.base.to_dict()}
@@ -123,8 +123,8 @@ class CheckpointSpec:
 
     @classmethod
     def _checked(cls, cfg: dict) -> "CheckpointSpec":
-        if cfg["mode"] not in MODES:
-            raise ValueError(f"field mode must be one of {', '.join(MODES)}")
+        if cfg["mode"] not in MODE:
+            raise ValueError(f"field mode must be one of {', '.join(MODE)}")
         model = ESM2Config(**cfg["model_config"])  # checks sizes (parameter budget) itself
         head = cfg["head"]
         for key, limit in HEAD_LIMITS.items():

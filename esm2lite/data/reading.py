@@ -8,7 +8,7 @@ Conventions chosen here:
   (all mean the validation split, key "valid"); `test`. Anything else is an error.
 - CSV ids for inference without an id column: "row2", "row3", ... (the spreadsheet row).
 - FASTA: id = first word of the header; lines starting with ';' are comments.
-- Regression targets: finite float32 numbers (|x| <= 3.4e38, labels.TARGET_LIMIT: they are
+- Regression targets: finite float32 numbers (|x| <= 3.4e38, tasks.base.TARGET_LIMIT: they are
   trained on and scored in float32; 1e308, whose square is not even a float64, is refused);
   anything else is refused naming the file, row and column.
 - A file that is perhaps still being written is refused, not read short (textfiles): one that
@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import re
 
 from esm2lite.errors import DataError, TokenizerError, quoted
-from esm2lite.tasks.labels import target_error
 from esm2lite.data.records import DataSpec, Record, check_length, encode_sequence, make_record, residue_error, where, without_stop
 from esm2lite.files.textfiles import read_text
 from esm2lite.model.tokenizer import Tokenizer
@@ -101,49 +99,11 @@ def require_columns(name, header, columns) -> None:
                             f"{', '.join(quoted(h) for h in header)}")
 
 
-def parse_float(value: str, here: str) -> float:
-    if value == "":
-        raise DataError(f"{here}: empty value, expected a number")
-    try:
-        x = float(value)
-    except ValueError:
-        raise DataError(f"{here}: {quoted(value)} is not a number") from None
-    if not math.isfinite(x):
-        raise DataError(f"{here}: {quoted(value)} is not a finite number")
-    return x
-
-
-def _target_number(value: str, here: str) -> float:
-    """A regression target; text that is no number at all gets the --task that reads labels."""
-    try:
-        x = parse_float(value, here)
-    except DataError as e:
-        if value == "" or _is_float(value):  # empty, nan or inf: no other task would read it either
-            raise
-        raise DataError(f"{e}; regression needs numbers: for a class per sequence train with --task classification, "
-                        "for a label per residue (e.g. HHHEEECCC) --task token-classification") from None
-    if (why := target_error(x)) is not None:  # a finite float64 that float32 cannot hold
-        raise DataError(f"{here}: {quoted(value)} is {why}")
-    return x
-
-
-def _is_float(value: str) -> bool:
-    try:
-        float(value)
-        return True
-    except ValueError:
-        return False
-
-
 def _records_from_rows(spec: DataSpec, name: str, rows) -> list[Record]:
     out = []
     for rownum, values in rows:
-        if spec.task == "regression":
-            target = tuple(_target_number(values[c], where(name, rownum, c)) for c in spec.target_columns)
-        else:
-            target = values[spec.target_columns[0]]
-            if target == "":
-                raise DataError(f"{where(name, rownum, spec.target_columns[0])}: empty label")
+        target = spec.task.parse_target([values[c] for c in spec.target_columns],
+                                        [where(name, rownum, c) for c in spec.target_columns])
         mask = values[spec.mask_column] if spec.mask_column is not None else None
         out.append(make_record(spec.task, values[spec.sequence_column], target, mask, name, rownum, "row",
                                spec.columns, spec.max_residues, spec.truncate))
@@ -168,7 +128,7 @@ def _rows_of(spec: DataSpec, path, split_column=None, note=None) -> tuple[str, l
 def unused_mask_columns(spec: DataSpec, header) -> list[str]:
     """Token classification without a mask column: the columns named like a mask (FLIP's
     `resolved`, BioNeMo's `labels_mask`), which are then not used."""
-    if spec.task != "token-classification" or spec.mask_column is not None:
+    if not spec.task.per_residue or spec.mask_column is not None:
         return []
     return mask_like(header)
 

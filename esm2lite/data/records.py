@@ -11,16 +11,11 @@ reading.py; this module checks values and builds Records, from files or from Pyt
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from esm2lite.constants import TASKS
 from esm2lite.errors import DataError, TokenizerError, quoted
 from esm2lite.model.tokenizer import EOS, Tokenizer
+from esm2lite.tasks import DEFAULT_TASK, Task, task_named
 
 _TOKENIZER = Tokenizer()
 STOP = "*"
@@ -30,10 +25,10 @@ STOP = "*"
 class DataSpec:
     """How to read the columns of a labelled CSV."""
 
-    task: str = "regression"
+    task: Task | str = DEFAULT_TASK  # a task, or its name
     sequence_column: str = "sequence"
-    target_columns: tuple[str, ...] = ("target",)  # regression may list several; other tasks one
-    mask_column: str | None = None  # token-classification: per-residue "1"/"0", 0 = ignore
+    target_columns: tuple[str, ...] = ("target",)  # a multi-target task (regression) may list several
+    mask_column: str | None = None  # per-residue tasks: "1"/"0" per residue, 0 = ignore
     split_column: str | None = None  # one CSV: says each row's split; per-split files holding it must agree
     id_column: str | None = None  # row ids for the predictions written after training (None: "id" if present)
     max_residues: int | None = 1022  # longer sequences are an error...
@@ -43,15 +38,13 @@ class DataSpec:
         if isinstance(self.target_columns, str):
             self.target_columns = (self.target_columns,)
         self.target_columns = tuple(self.target_columns)
-        if self.task not in TASKS:
-            raise DataError(f"unknown task {quoted(self.task)}; choose one of {', '.join(TASKS)}")
+        self.task = task_named(self.task)
         if not self.target_columns:
             raise DataError("no target column given")
-        if self.task != "regression" and len(self.target_columns) != 1:
-            raise DataError(f"task {self.task!r} takes exactly one target column, "
-                            f"got {len(self.target_columns)}: {', '.join(self.target_columns)}")
-        if self.mask_column is not None and self.task != "token-classification":
-            raise DataError("a mask column is only used by token-classification")
+        if (why := self.task.check_target_columns(self.target_columns)) is not None:
+            raise DataError(why)
+        if self.mask_column is not None and not self.task.per_residue:
+            raise DataError(f"a mask column is only used by per-residue tasks, not {self.task.name}")
         names = [self.sequence_column, *self.target_columns]
         names += [c for c in (self.mask_column, self.split_column, self.id_column) if c is not None]
         dup = sorted({c for c in names if names.count(c) > 1})
@@ -72,8 +65,9 @@ class Record:
 
     sequence: str  # as given (a trailing '*' included: tokens leave it out)
     tokens: list[int]  # [cls] + residues + [eos]
-    target: object  # regression: tuple of floats; classification: str; token: str (one char/residue); None
-    mask: str | None  # token-classification only: "1"/"0" per residue (0 = no label), or None
+    target: object  # its task's (regression: a tuple of floats; classification: a str; per residue: a str
+    #                 with a character per residue); None without a label
+    mask: str | None  # per-residue tasks only: "1"/"0" per residue (0 = no label), or None
     source: str  # file path, or "<memory>"
     row: int  # spreadsheet row (header = 1), or 0-based index for in-memory data
     row_name: str = "row"  # "row" for files, "item" for in-memory data (used in messages)
@@ -126,93 +120,54 @@ def check_length(tokens: list[int], here: str, max_residues: int | None, truncat
                         "(--truncate cuts longer sequences)")
 
 
-def _check_residue_labels(target: str, mask: str | None, n: int, target_here: str, mask_here: str) -> None:
-    if any(c.isspace() for c in target):
-        raise DataError(f"{target_here}: per-residue labels contain whitespace")
-    if len(target) != n:
-        raise DataError(f"{target_here}: {len(target)} per-residue labels for a sequence of {n} residues")
-    if mask is None:
-        return
-    if len(mask) != n:
-        raise DataError(f"{mask_here}: mask of length {len(mask)} for a sequence of {n} residues")
-    bad = next((i for i, c in enumerate(mask) if c not in "01"), None)
-    if bad is not None:
-        raise DataError(f"{mask_here}: mask character {mask[bad]!r} at position {bad + 1} "
-                        f"(only '0' and '1' are allowed)")
-
-
-def make_record(task, seq, target, mask, source, row, row_name, columns, max_residues, truncate) -> Record:
+def make_record(task: Task, seq, target, mask, source, row, row_name, columns, max_residues, truncate) -> Record:
     """Check one row and build its Record. `columns` = (sequence, target, mask) names."""
     seq_col, target_col, mask_col = columns
     tokens = encode_sequence(seq, where(source, row, seq_col, row_name))
     n = len(tokens) - 2
-    if task == "token-classification":
-        _check_residue_labels(target, mask, n, where(source, row, target_col, row_name),
+    task.check_residue_labels(target, mask, n, where(source, row, target_col, row_name),
                               where(source, row, mask_col, row_name))
     if max_residues is not None and n > max_residues:
         if not truncate:
             raise DataError(f"{where(source, row, seq_col, row_name)}: {n} residues, more than "
                             f"the maximum {max_residues} (turn on truncation to cut it)")
         tokens = tokens[: max_residues + 1] + [EOS]
-        if task == "token-classification":
-            target = target[:max_residues]
-            mask = mask[:max_residues] if mask is not None else None
+        target, mask = task.cut(target, mask, max_residues)
     return Record(sequence=seq, tokens=tokens, target=target, mask=mask, source=source, row=row,
                   row_name=row_name, target_column=target_col)
 
 
-def _regression_values(target, here: str, n_targets: int | None) -> tuple[float, ...]:
-    if isinstance(target, torch.Tensor):
-        target = target.tolist()
-    values = tuple(target) if isinstance(target, (tuple, list, np.ndarray)) else (target,)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise DataError(f"{here}: {quoted(v)} is not a finite number")
-    if not values:
-        raise DataError(f"{here}: no target values")
-    if n_targets is not None and len(values) != n_targets:
-        raise DataError(f"{here}: {len(values)} target values, item 0 has {n_targets}")
-    return tuple(float(v) for v in values)
-
-
-def records_from_pairs(pairs, task="regression", source="<memory>", max_residues: int | None = 1022,
+def records_from_pairs(pairs, task=DEFAULT_TASK, source="<memory>", max_residues: int | None = 1022,
                        truncate: bool = False) -> list[Record]:
     """In-memory (sequence, target) pairs -> Records (the Python API's dataset).
 
-    target: a number or a tuple/list of numbers (regression, the same count for every
-    pair); a class name (classification); a string with one label per residue
+    target: as the task reads it: a number or a tuple/list of numbers (regression, the same count
+    for every pair); a class name (classification); a string with one label per residue
     (token-classification, where a third element, a "1"/"0" mask string, is allowed).
     Errors name `source` and the 0-based item index.
     """
-    if task not in TASKS:
-        raise DataError(f"unknown task {quoted(task)}; choose one of {', '.join(TASKS)}")
+    task = task_named(task)
     out = []
     for i, pair in enumerate(pairs):
-        n_targets = len(out[0].target) if out and task == "regression" else None
+        n_targets = len(out[0].target) if out and task.multi_target else None
         out.append(_record_from_pair(pair, task, source, i, n_targets, max_residues, truncate))
     if not out:
         raise DataError(f"{source}: no data")
     return out
 
 
-def _record_from_pair(pair, task, source, i, n_targets, max_residues, truncate) -> Record:
+def _record_from_pair(pair, task: Task, source, i, n_targets, max_residues, truncate) -> Record:
     item = where(source, i, None, "item")
     if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
         raise DataError(f"{item}: expected a (sequence, target) pair")
-    if len(pair) == 3 and task != "token-classification":
-        raise DataError(f"{item}: a third element (mask) is only used by token-classification")
+    if len(pair) == 3 and not task.per_residue:
+        raise DataError(f"{item}: a third element (mask) is only used by per-residue tasks")
     seq, target, mask = pair[0], pair[1], pair[2] if len(pair) == 3 else None
     if not isinstance(seq, str):
         raise DataError(f"{where(source, i, 'sequence', 'item')}: expected a string, got {type(seq).__name__}")
-    if task == "regression":
-        target = _regression_values(target, where(source, i, "target", "item"), n_targets)
-    else:
-        if not isinstance(target, str) or not target.strip():
-            raise DataError(f"{where(source, i, 'target', 'item')}: expected a non-empty string label, "
-                            f"got {quoted(target)}")
-        target = target.strip()
-        if mask is not None and not isinstance(mask, str):
-            raise DataError(f"{where(source, i, 'mask', 'item')}: expected a '1'/'0' string")
+    target = task.target_from_object(target, where(source, i, "target", "item"), n_targets)
+    if mask is not None and not isinstance(mask, str):
+        raise DataError(f"{where(source, i, 'mask', 'item')}: expected a '1'/'0' string")
     return make_record(task, seq.strip(), target, mask, source, i, "item", ("sequence", "target", "mask"),
                        max_residues, truncate)
 

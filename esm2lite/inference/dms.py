@@ -13,10 +13,11 @@ header is row 1) and the column.
 from dataclasses import dataclass
 
 from esm2lite.errors import DataError
-from esm2lite.data.reading import parse_float, read_csv, require_columns
+from esm2lite.data.reading import read_csv, require_columns
 from esm2lite.data.records import where
 from esm2lite.inference.scoring import ScoreResult, check_options, clean_sequence, shown, mutate, parse_mutant, score_mutants
 from esm2lite.inference.windows import encode_protein
+from esm2lite.tasks.base import parse_number
 
 
 @dataclass
@@ -87,7 +88,7 @@ def read_dms(path, wildtype: str | None = None, mutant_column: str = "mutant", s
         mutants.append(subs)
     dms = None
     if score_column in header:
-        dms = [parse_float(v[score_column], where(name, n, score_column)) for n, v in rows]
+        dms = [parse_number(v[score_column], where(name, n, score_column)) for n, v in rows]
     return DMS(name, header, [v for _, v in rows], [n for n, _ in rows], wildtype, mutants, dms, offset)
 
 

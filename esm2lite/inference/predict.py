@@ -17,7 +17,7 @@ from esm2lite.checkpoints.checkpoint_dir import load_model
 from esm2lite.runtime.device import amp_dtype_for
 from esm2lite.runtime.distributed import Dist, gather
 from esm2lite.errors import DataError
-from esm2lite.tasks.evaluate import run_batches
+from esm2lite.inference.evaluate import run_batches
 from esm2lite.model.heads import mean_pool
 from esm2lite.model.esm2 import ESM2
 from esm2lite.data.records import Record, encode_sequence, unlabelled_records
@@ -27,20 +27,9 @@ from esm2lite.inference.windows import embed_windowed
 
 
 def decode_predictions(model: TaskModel, outputs: list) -> list[dict]:
-    """Per-record head outputs -> one dict of prediction columns per record."""
+    """Per-record head outputs -> one dict of prediction columns per record (its task's)."""
     labels = model.labels
-    if labels.task == "regression":
-        values = labels.decode(torch.stack(outputs))  # [N, n_targets], original scale
-        if values.shape[1] == 1:
-            return [{"prediction": float(v[0])} for v in values]
-        return [{name: float(x) for name, x in zip(labels.target_names, v)} for v in values]
-    if labels.task == "classification":
-        logits = torch.stack(outputs)  # [N, C]
-        probs = logits.softmax(-1)
-        names = labels.decode(logits)
-        return [{"prediction": n, **{f"prob_{c}": float(p) for c, p in zip(labels.classes, row)}}
-                for n, row in zip(names, probs)]
-    return [{"prediction": labels.decode(out[None], lengths=[out.shape[0] - 2])[0]} for out in outputs]
+    return [labels.task.prediction(labels, out) for out in outputs]
 
 
 def predict(checkpoint, sequences, ids=None, batch_tokens: int = 8192, precision: str = "auto", device=None,

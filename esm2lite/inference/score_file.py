@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 from esm2lite.inference.dms import read_dms
 from esm2lite.errors import DataError, quoted
-from esm2lite.data.reading import data_format, parse_float, read_csv, read_fasta, require_columns
+from esm2lite.data.reading import data_format, read_csv, read_fasta, require_columns
 from esm2lite.inference.table import residues
 from esm2lite.data.records import where
 from esm2lite.inference.scoring import METHODS, ScoreResult, score_mutants, score_sequences
+from esm2lite.tasks.base import parse_number
 
 
 @dataclass
@@ -96,7 +97,7 @@ def _read_sequences(path, sequence_column, score_column):
     if not rows:
         raise DataError(f"{name}: no data rows")
     sequences = [residues(v[seq_col], where(name, n, seq_col)) for n, v in rows]
-    scores = [parse_float(v[score_column], where(name, n, score_column)) for n, v in rows] \
+    scores = [parse_number(v[score_column], where(name, n, score_column)) for n, v in rows] \
         if score_column in header else None
     return [v for _, v in rows], sequences, scores
 

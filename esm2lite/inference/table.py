@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from esm2lite.errors import DataError, quoted
 from esm2lite.tasks.labels import LabelSpace
-from esm2lite.data.reading import data_format, mask_like, parse_float, read_csv, read_fasta, require_columns
+from esm2lite.data.reading import data_format, mask_like, read_csv, read_fasta, require_columns
 from esm2lite.data.records import Record, encode_sequence, make_record, where
 from esm2lite.model.tokenizer import EOS, TOKENS
 
@@ -94,11 +94,7 @@ def read_table(path, sequence_column: str | None = None, id_column: str | None =
 
 def prediction_columns(labels: LabelSpace, truncate: bool) -> list[str]:
     """The columns a fine-tuned model's predictions add, in order."""
-    if labels.task == "regression" and len(labels.target_names) > 1:
-        cols = [f"prediction_{t}" for t in labels.target_names]
-    else:
-        cols = ["prediction"] + ([f"prob_{c}" for c in labels.classes] if labels.task == "classification" else [])
-    return cols + (["residues_scored"] if truncate else [])
+    return labels.task.prediction_columns(labels) + (["residues_scored"] if truncate else [])
 
 
 def check_no_clash(table: Table, added: list[str]) -> None:
@@ -114,8 +110,8 @@ def label_columns(table: Table, labels: LabelSpace, mask_column: str | None) -> 
     errors for some but not all, and for a --mask-column that cannot be used."""
     present = [c for c in labels.target_names if c in table.kept]
     if mask_column is not None:
-        if labels.task != "token-classification":
-            raise DataError(f"--mask-column: the model's task is {labels.task}; only token-classification uses a mask")
+        if not labels.task.per_residue:
+            raise DataError(f"--mask-column: the model's task is {labels.task.name}; only per-residue tasks use a mask")
         if not present:
             raise DataError(f"--mask-column: {table.source} has no label column {quoted(labels.target_names[0])} "
                             "to score against, so the mask has no use")
@@ -130,7 +126,7 @@ def label_columns(table: Table, labels: LabelSpace, mask_column: str | None) -> 
 
 def unlabelled_mask_hint(table: Table, labels: LabelSpace, mask_column: str | None) -> str | None:
     """A warning when per-residue labels are scored without a mask while a mask-like column exists."""
-    if labels.task != "token-classification" or mask_column is not None:
+    if not labels.task.per_residue or mask_column is not None:
         return None
     like = next(iter(mask_like(table.kept)), None)
     if like is None:
@@ -161,12 +157,8 @@ def prediction_records(table: Table, labels: LabelSpace, max_residues: int, trun
             out.append(Record(seq, tokens, None, None, table.source, table.rows[k], table.row_name))
             continue
         values = table.values[k]
-        if labels.task == "regression":
-            target = tuple(parse_float(values[c], table.where(k, c)) for c in labels.target_names)
-        else:
-            target = values[labels.target_names[0]]
-            if target == "":
-                raise DataError(f"{table.where(k, labels.target_names[0])}: empty label")
+        target = labels.task.parse_target([values[c] for c in labels.target_names],
+                                          [table.where(k, c) for c in labels.target_names])
         mask = values[mask_column] if mask_column is not None else None
         out.append(make_record(labels.task, seq, target, mask, table.source, table.rows[k], "row", cols,
                                max_residues, truncate))
@@ -177,11 +169,8 @@ def prediction_records(table: Table, labels: LabelSpace, max_residues: int, trun
 
 def output_rows(table: Table, records, predictions: list[dict], labels: LabelSpace, truncate: bool) -> list[dict]:
     """One output row per input row: id, sequence, the kept input columns, the prediction columns."""
-    multi = labels.task == "regression" and len(labels.target_names) > 1
     rows = []
     for k, (record, pred) in enumerate(zip(records, predictions)):
-        if multi:
-            pred = {f"prediction_{t}": pred[t] for t in labels.target_names}
         row = {"id": table.ids[k], "sequence": table.sequences[k], **{c: table.values[k][c] for c in table.kept},
                **pred}
         if truncate:

@@ -6,7 +6,6 @@ import contextlib
 import torch
 from torch import nn
 
-from esm2lite.tasks.labels import LabelSpace
 from esm2lite.model.esm2 import ESM2
 
 
@@ -16,7 +15,7 @@ class TaskModel(nn.Module):
     `labels` says what the outputs mean (LabelSpace.decode); `frozen_encoder` runs the encoder
     without autograd (nothing in it trains, so nothing of it need be saved for backward)."""
 
-    def __init__(self, encoder: ESM2, head: nn.Module, labels: LabelSpace, frozen_encoder: bool = False):
+    def __init__(self, encoder: ESM2, head: nn.Module, labels, frozen_encoder: bool = False):
         super().__init__()
         self.encoder, self.head, self.labels = encoder, head, labels
         self.frozen_encoder = frozen_encoder

@@ -1,10 +1,5 @@
-"""Task metrics, on the original target scale, in plain numpy.
-
-    regression               mse, rmse, pearson, spearman (average ranks for ties), r2;
-                             with several targets each is the mean over targets, and
-                             `<metric>_<target name>` gives each target's own value
-    classification           accuracy, macro_f1
-    token-classification     accuracy, macro_f1 over labelled residues (target != IGNORE_INDEX)
+"""Metrics in plain numpy, on the original target scale (each task picks its own: regression.py
+mse, rmse, pearson, spearman, r2; classification.py and per_residue.py accuracy, macro_f1).
 
 Conventions for degenerate input (they never raise):
 - pearson / spearman are 0.0 when predictions or targets are constant, or there are fewer
@@ -20,25 +15,10 @@ Conventions for degenerate input (they never raise):
 import math
 
 import numpy as np
-import torch
 
-from esm2lite.constants import IGNORE_INDEX, TASKS
 
 METRIC_DIRECTION = {"loss": "min", "mse": "min", "rmse": "min", "pearson": "max",
                     "spearman": "max", "r2": "max", "accuracy": "max", "macro_f1": "max"}
-
-
-TASK_METRICS = dict(zip(TASKS, (("loss", "mse", "rmse", "pearson", "spearman", "r2"),
-                                 ("loss", "accuracy", "macro_f1"), ("loss", "accuracy", "macro_f1"))))
-DEFAULT_METRIC = dict(zip(TASKS, ("spearman", "accuracy", "accuracy")))  # chooses best/ unless told
-
-
-def metric_names(task: str, target_names=()) -> list[str]:
-    """Every metric name evaluation reports for a task (per-target ones with several targets)."""
-    names = list(TASK_METRICS[task])
-    if task == "regression" and len(target_names) > 1:
-        names += [f"{k}_{t}" for k in TASK_METRICS[task][1:] for t in target_names]
-    return names
 
 
 def metric_direction(name: str) -> str:
@@ -47,13 +27,6 @@ def metric_direction(name: str) -> str:
         if name == key or name.startswith(key + "_"):
             return METRIC_DIRECTION[key]
     raise KeyError(f"unknown metric {name!r}; known: {', '.join(METRIC_DIRECTION)}")
-
-
-def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        return (x.double() if x.is_floating_point() else x).numpy()
-    return np.asarray(x)
 
 
 def rankdata(x) -> np.ndarray:
@@ -106,66 +79,3 @@ def macro_f1(pred, target) -> float:
         fn = int(np.sum((pred != c) & (target == c)))
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(f1s))
-
-
-def _regression(outputs, targets, label_space) -> dict:
-    pred, true = torch.as_tensor(outputs), torch.as_tensor(targets)
-    n = pred.shape[0]
-    pred, true = pred.reshape(n, -1), true.reshape(n, -1)
-    if label_space is not None:
-        pred, true = label_space.unstandardize(pred.double()), label_space.unstandardize(true.double())
-    pred, true = _np(pred).astype(np.float64), _np(true).astype(np.float64)
-    names = list(label_space.target_names) if label_space is not None else []
-    if len(names) != pred.shape[1]:
-        names = [str(i) for i in range(pred.shape[1])]
-    keys = ("mse", "rmse", "pearson", "spearman", "r2")
-    if n == 0:
-        return {k: float("nan") for k in keys}
-    per = []
-    for j in range(pred.shape[1]):
-        p, t = pred[:, j], true[:, j]
-        mse = float(np.mean((p - t) ** 2))
-        per.append({"mse": mse, "rmse": math.sqrt(mse), "pearson": pearson(p, t),
-                    "spearman": spearman(p, t), "r2": r2(p, t)})
-    out = {k: float(np.mean([m[k] for m in per])) for k in keys}
-    if len(per) > 1:
-        for name, m in zip(names, per):
-            out.update({f"{k}_{name}": m[k] for k in keys})
-    return out
-
-
-def _classes(outputs, targets):
-    """-> (predicted class indices, target indices) as flat int arrays, labelled only."""
-    if isinstance(outputs, (list, tuple)):
-        parts = [_classes(o, t) for o, t in zip(outputs, targets)]
-        if not parts:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        return np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts])
-    out, tgt = torch.as_tensor(outputs), torch.as_tensor(targets)
-    pred = out.argmax(-1) if out.dim() == tgt.dim() + 1 else out
-    pred, tgt = _np(pred).reshape(-1).astype(np.int64), _np(tgt).reshape(-1).astype(np.int64)
-    keep = tgt != IGNORE_INDEX
-    return pred[keep], tgt[keep]
-
-
-def compute_metrics(task: str, outputs, targets, label_space=None) -> dict:
-    """Metrics for a whole split, as floats.
-
-    regression: outputs and targets [N, n_targets] (or [N]) on the training (standardised)
-    scale, as LabelSpace.encode gives them; they are put back on the original scale with
-    `label_space` (None = use as they are).
-    classification: logits [N, C] (or predicted indices [N]), targets [N].
-    token-classification: logits [N, T, C] (or indices [N, T]), targets [N, T] with IGNORE_INDEX =
-    no label; lists of per-batch tensors (different T) are accepted too.
-    """
-    if task == "regression":
-        if isinstance(outputs, (list, tuple)):
-            outputs = torch.cat([torch.as_tensor(o).reshape(len(o), -1) for o in outputs])
-            targets = torch.cat([torch.as_tensor(t).reshape(len(t), -1) for t in targets])
-        return _regression(outputs, targets, label_space)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}")
-    pred, tgt = _classes(outputs, targets)
-    if len(tgt) == 0:
-        return {"accuracy": float("nan"), "macro_f1": float("nan")}
-    return {"accuracy": float(np.mean(pred == tgt)), "macro_f1": macro_f1(pred, tgt)}

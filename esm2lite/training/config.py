@@ -6,13 +6,13 @@ Every value is checked here, before any work."""
 import math
 from dataclasses import asdict, dataclass, field
 
-from esm2lite.constants import MODES, TASKS
+from esm2lite.checkpoints.modes import MODE
+from esm2lite.tasks import DEFAULT_TASK, TASKS
 from esm2lite.runtime.device import PRECISIONS as INFERENCE_PRECISIONS
 from esm2lite.runtime.device import check_device
 from esm2lite.runtime.distributed import DIST_TIMEOUT
 from esm2lite.errors import Esm2liteError
 from esm2lite.model.lora import LoRAConfig
-from esm2lite.tasks.metrics import metric_names
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = tuple(p for p in INFERENCE_PRECISIONS if p != "fp16")  # fp16 training: no loss scaling here
@@ -43,8 +43,8 @@ class TrainConfig:
                                   "(FLIP's secondary structure: resolved)", DATA)
     id_column: str | None = opt(None, "column of row ids, copied into predictions_valid.csv / predictions_test.csv "
                                 "(default: id, when the CSV has it)", DATA)
-    task: str = opt("regression", "regression: a number per sequence; classification: a class per sequence; "
-                    "token-classification: a label per residue (e.g. HHHEEECCC)", DATA, choices=TASKS)
+    task: str = opt(DEFAULT_TASK.name, "; ".join(f"{t.name}: {t.help}" for t in TASKS.values()), DATA,
+                    choices=tuple(TASKS))
     max_residues: int = opt(1022, "longest sequence allowed", DATA)
     truncate: bool = opt(False, "cut longer sequences instead of stopping with an error", DATA)
     standardize: bool = opt(False, "regression: train on z-scored targets (undone at prediction)", DATA,
@@ -53,7 +53,7 @@ class TrainConfig:
                                  "(e.g. facebook/esm2_t33_650M_UR50D)", MODEL)
     model: str | None = opt(None, "architecture name to train from RANDOM weights (e.g. esm2_t6_8M_UR50D)", MODEL)
     mode: str = opt("lora", "lora: adapters + head train; full: everything trains; head: only the head trains",
-                    MODEL, choices=MODES)
+                    MODEL, choices=tuple(MODE))
     lora: LoRAConfig = opt(LoRAConfig, "LoRA settings", MODEL, prefix="--lora-",
                            fields=("rank", "alpha", "dropout", "targets", "layers", "init_a", "init_b", "tie_weights"))
     head_hidden: int = opt(256, "hidden width of the head's MLP", MODEL)
@@ -96,7 +96,7 @@ class TrainConfig:
         for ok, message in self._checks():
             if not ok:
                 raise Esm2liteError(message)
-        known = metric_names(self.task, self.target_columns)
+        known = TASKS[self.task].metric_names(self.target_columns)
         if self.best_metric is not None and self.best_metric not in known:
             raise Esm2liteError(f"--best-metric {self.best_metric[:40]!r} is not reported for task {self.task}; "
                                 f"choose one of {', '.join(known)}")
@@ -104,8 +104,10 @@ class TrainConfig:
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [
-            (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
+            (self.mode in MODE, f"--mode must be one of {', '.join(MODE)}"),
             (self.task in TASKS, f"--task must be one of {', '.join(TASKS)}"),
+            (not self.standardize or self.task not in TASKS or TASKS[self.task].numeric,
+             f"--standardize-targets z-scores numeric targets; --task {self.task} has labels: drop it"),
             (self.schedule in SCHEDULES, "--schedule must be cosine or constant"),
             (self.precision != "fp16", "--precision fp16 training is not supported (use bf16 or fp32)"),
             (self.precision in PRECISIONS, "--precision must be auto, fp32 or bf16"),

@@ -28,12 +28,11 @@ from esm2lite.checkpoints.run_dir import Checkpointer
 from esm2lite.runtime.device import amp_dtype_for
 from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import Esm2liteError, TrainingInterrupted
-from esm2lite.tasks.evaluate import class_report, evaluate, prediction_rows, score
-from esm2lite.model.heads import build_head
+from esm2lite.inference.evaluate import evaluate, prediction_rows, score
 from esm2lite.training.inputs import DataFiles, check_ranks_agree, check_resume, data_paths
 from esm2lite.tasks.labels import LabelSpace
 from esm2lite.tasks.metrics import metric_direction
-from esm2lite.training.modes import MODE
+from esm2lite.checkpoints.modes import MODE
 from esm2lite.training.optim import lr_at, make_optimizer, set_lr
 from esm2lite.data.reading import load_splits
 from esm2lite.data.records import DataSpec
@@ -160,7 +159,7 @@ def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> tuple[TaskModel
         raise Esm2liteError(f"{str(e).replace('LoRAConfig.layers', '--lora-layers')} (layers count from 0 here; "
                             "BioNeMo's layer_selection counts from 1)") from None
     encoder.activation_checkpointing = cfg.activation_checkpointing
-    head = build_head(labels.task, encoder.config.d_model, labels.num_outputs, cfg.head_hidden, cfg.head_dropout)
+    head = labels.task.head(encoder.config.d_model, labels.num_outputs, cfg.head_hidden, cfg.head_dropout)
     spec = CheckpointSpec(cfg.mode, labels, head.config, cfg.lora if mode.uses_lora else None, encoder.config, base)
     return TaskModel(encoder, head.to(device), labels, frozen_encoder=mode.frozen_encoder), spec
 
@@ -240,7 +239,7 @@ def train_step(run: Run, state: TrainState) -> None:
         tokens = batch["tokens"].to(run.device)  # [B, T]
         with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
             out = model(tokens)  # [B, n_outputs] or [B, T, n_classes]
-        loss = model.head.loss(out.float(), batch["target"].to(run.device))
+        loss = model.labels.task.loss(out, batch["target"].to(run.device))
         if distributed.any_true(d, not bool(torch.isfinite(loss))):
             finite = False
             if not cfg.skip_nonfinite:
@@ -334,11 +333,7 @@ def finish(run: Run, state: TrainState, start_time: float) -> dict:
                                                    split, d)
     if summary["test"] is not None:
         run.checkpointer.log({"step": state.best_step, "split": "test", **summary["test"]})
-    if labels.task != "regression":
-        reports = {split: class_report(labels, run.records[split], out) for split, out in outputs.items()}
-        summary["per_class"] = {split: per_class for split, (per_class, _) in reports.items()}
-        summary["confusion_matrix"] = {"classes": labels.classes, "rows": "true class", "columns": "predicted class",
-                                       **{split: counts for split, (_, counts) in reports.items()}}
+    summary.update(labels.task.report(labels, run.records, outputs))  # per class, confusion matrix
     summary.update(steps=run.total, skipped_steps=state.skipped, world_size=d.world,
                    wall_time_s=time.time() - start_time)
     if d.main:

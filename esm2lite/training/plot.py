@@ -22,8 +22,9 @@ from esm2lite.checkpoints.run_dir import Checkpointer
 from esm2lite.commands.cli import OneLineParser, run_main
 from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import Esm2liteError
+from esm2lite.tasks import TASKS
+from esm2lite.tasks.base import new_figure
 
-HEADLINE = {"regression": "spearman", "classification": "accuracy", "token-classification": "accuracy"}
 INSTALL = 'pip install "esm2lite[plot]"'
 
 
@@ -36,20 +37,13 @@ def available() -> bool:
     return True
 
 
-def _figure(width: float, height: float, ncols: int = 1):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-
-
 def learning_curves(log: list[dict], summary: dict):
     """Left: train and valid loss per step. Right (with a valid split): the valid metric that chose
     best/, or the task's headline metric when best/ was chosen by the loss."""
     valid = [r for r in log if r.get("split") == "valid"]
     metric = summary.get("best_metric")
-    shown = metric if metric not in (None, "loss") else HEADLINE[summary["task"]]
-    fig, axes = _figure(10 if valid else 5.5, 4, 2 if valid else 1)
+    shown = metric if metric not in (None, "loss") else TASKS[summary["task"]].headline
+    fig, axes = new_figure(10 if valid else 5.5, 4, 2 if valid else 1)
     train = [r for r in log if r.get("split") == "train"]
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if valid:
@@ -68,56 +62,14 @@ def _shown_split(summary: dict, predictions: dict) -> str | None:
     return next((s for s in ("test", "valid") if s in predictions and summary.get(s)), None)
 
 
-def _metrics_line(summary: dict, split: str, names, n: int) -> str:
-    """Two title lines: which split and checkpoint, then its metrics."""
-    unit = "labelled residues" if summary["task"] == "token-classification" else "sequences"
-    return (f"{split} split ({n} {unit}), best/ = step {summary['best_step']}\n"
-            + ", ".join(f"{k} {summary[split][k]:.3f}" for k in names if k in summary[split]))
-
-
-def predicted_vs_true(rows: list[dict], summary: dict, split: str):
-    """One scatter per target: true value (x) against best/'s prediction (y), the line y = x."""
-    targets = summary["targets"]
-    fig, axes = _figure(5 * len(targets), 5, len(targets))
-    for ax, name in zip(axes, targets):
-        predicted = "prediction" if len(targets) == 1 else f"prediction_{name}"
-        x = [float(r[name]) for r in rows]
-        y = [float(r[predicted]) for r in rows]
-        ax.scatter(x, y, s=8, alpha=0.5)
-        low, high = min(x + y), max(x + y)
-        ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1)
-        suffix = "" if len(targets) == 1 else f"_{name}"
-        ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}",
-               title=_metrics_line(summary, split, [k + suffix for k in ("spearman", "r2", "rmse")], len(rows)))
-    return fig
-
-
-def confusion_matrix(summary: dict, split: str):
-    """Counts of true (rows) x predicted (columns) class, annotated."""
-    classes, counts = summary["confusion_matrix"]["classes"], summary["confusion_matrix"][split]
-    fig, (ax,) = _figure(max(4.5, 1.5 + 0.8 * len(classes)), max(4.0, 1.2 + 0.8 * len(classes)))
-    ax.imshow(counts, cmap="Blues")
-    top = max(max(row) for row in counts) or 1
-    for i, row in enumerate(counts):
-        for j, n in enumerate(row):
-            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > top / 2 else "black")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    total = sum(map(sum, counts))
-    ax.set(xlabel="predicted", ylabel="true", title=_metrics_line(summary, split, ("accuracy", "macro_f1"), total))
-    return fig
-
-
 def figures(log: list[dict], summary: dict, predictions: dict) -> dict:
-    """{file name: Figure} for a finished run (predictions: {split: CSV rows})."""
+    """{file name: Figure} for a finished run (predictions: {split: CSV rows}): the learning curves,
+    and the task's figure of a split (predicted against true values, or the confusion matrix)."""
     out = {"learning_curves.png": learning_curves(log, summary)}
     split = _shown_split(summary, predictions)
-    if split is None:
-        return out
-    if summary["task"] == "regression":
-        out["predicted_vs_true.png"] = predicted_vs_true(predictions[split], summary, split)
-    else:
-        out["confusion_matrix.png"] = confusion_matrix(summary, split)
+    made = TASKS[summary["task"]].figure(summary, predictions[split], split) if split is not None else None
+    if made is not None:
+        out[made[0]] = made[1]
     return out
 
 
@@ -140,7 +92,7 @@ def main(argv) -> None:
         raise Esm2liteError(f"plots need matplotlib, which is not installed: {INSTALL}")
     run = Checkpointer(args.run, Dist())
     log, summary, predictions = run.read_finished()
-    if "task" not in summary:
+    if summary.get("task") not in TASKS:
         raise Esm2liteError(f"{run.summary}: written by an esm2lite that did not record the task; cannot plot it")
     paths = write_plots(run.plots, log, summary, predictions)
     print("wrote " + ", ".join(paths))

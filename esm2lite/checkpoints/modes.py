@@ -12,8 +12,7 @@ The masked-LM head is not on a task's path: in full mode it keeps its pretrained
 import torch
 
 from esm2lite.weights.pretrained import build_model, resolve_dtype
-from esm2lite.constants import MODES
-from esm2lite.model.heads import head_from_config
+from esm2lite.tasks import head_from_config
 from esm2lite.model.lora import apply_lora, lora_state_dict, merge_lora
 from esm2lite.model.esm2 import ESM2
 
@@ -94,4 +93,3 @@ class Head(Mode):
 
 
 MODE = {m.name: m for m in (LoRA(), Full(), Head())}
-assert tuple(MODE) == MODES
