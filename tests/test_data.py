@@ -224,10 +224,11 @@ def test_token_labels_and_mask_alignment(tmp_path):
     assert y.tolist() == [[-100, 2, 2, -100, 0, -100],
                           [-100, 0, 1, -100, -100, -100]]
     batch = collate(r, ls)
-    assert batch["tokens"].tolist() == [[0, 20, 15, 7, 4, 2], [0, 5, 6, 2, 1, 1]]
-    assert torch.equal(batch["target"], y)
+    assert batch.tokens.tolist() == [[0, 20, 15, 7, 4, 2], [0, 5, 6, 2, 1, 1]]
+    assert batch.lengths.tolist() == [6, 4] and batch.offsets.tolist() == [0, 6, 10]
+    assert torch.equal(batch.target, y)
     logits = torch.nn.functional.one_hot(torch.tensor([[0, 2, 2, 1, 0, 0], [0, 0, 1, 0, 0, 0]]), 3).float()
-    assert ls.decode(logits, tokens=batch["tokens"]) == ["HHEC", "CE"]
+    assert ls.decode(logits, tokens=batch.tokens) == ["HHEC", "CE"]
     assert ls.decode(logits, lengths=[4, 2]) == ["HHEC", "CE"]
 
 
@@ -400,10 +401,10 @@ def test_batches_of_equal_lengths_are_random():
 def test_collate_pads_with_one():
     recs = records_from_pairs([("MKV", 1.0), ("L", 2.0)])
     batch = collate(recs, None)
-    assert batch["tokens"].tolist() == [[0, 20, 15, 7, 2], [0, 4, 2, 1, 1]]
-    assert batch["target"] is None
+    assert batch.tokens.tolist() == [[0, 20, 15, 7, 2], [0, 4, 2, 1, 1]]
+    assert batch.target is None
     ls = LabelSpace.fit("regression", recs, ["target"])
-    assert collate(recs, ls)["target"].tolist() == [[1.0], [2.0]]
+    assert collate(recs, ls).target.tolist() == [[1.0], [2.0]]
 
 
 def test_error_messages_are_one_line_with_file_first(tmp_path):

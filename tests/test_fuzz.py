@@ -102,7 +102,7 @@ def test_load_splits(data, suffix, task, use_mask, one_csv, max_residues, trunca
             for records in splits.values():
                 batch = _expect_result_or_own_error(collate, records, labels)  # checks labels, encodes
                 if batch is not None:
-                    assert batch["tokens"].shape[0] == batch["target"].shape[0] == len(records)
+                    assert batch.tokens.shape[0] == batch.target.shape[0] == len(records)
     finally:
         os.remove(path)
 

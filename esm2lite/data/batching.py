@@ -1,7 +1,7 @@
 """Batches: records grouped by length under a token budget, padded into tensors.
 
     make_batches   indices -> length-bucketed batches, max(len) * len(batch) <= batch_tokens
-    collate        records -> {"tokens": [B, T], "target": encoded targets}
+    collate        records -> a Batch (model/batch.py): padded tokens [B, T], encoded targets
     Batches        the training stream: every rank's next batch, epoch after epoch, resumable
 """
 
@@ -9,6 +9,7 @@ import numpy as np
 
 from esm2lite.tasks.labels import LabelSpace
 from esm2lite.data.records import Record
+from esm2lite.model.batch import Batch
 from esm2lite.model.tokenizer import pad_tokens
 
 
@@ -58,11 +59,11 @@ def make_batches(lengths: list[int], batch_tokens: int, shuffle: bool, seed: int
     return [batches[k] for k in rng.permutation(len(batches))]
 
 
-def collate(records: list[Record], label_space: LabelSpace | None) -> dict:
-    """{"tokens": LongTensor [B, T] right-padded with <pad>, "target": encoded targets
-    (see LabelSpace.encode) or None}."""
+def collate(records: list[Record], label_space: LabelSpace | None) -> Batch:
+    """A Batch: tokens [B, T] right-padded with <pad>, and the encoded targets (LabelSpace.encode)
+    when a label space is given."""
     target = label_space.encode(records) if label_space is not None else None
-    return {"tokens": pad_tokens([r.tokens for r in records]), "target": target}
+    return Batch(pad_tokens([r.tokens for r in records]), target)
 
 
 class Batches:
@@ -98,5 +99,5 @@ class Batches:
         """This rank's record indices for the next micro-batch (every rank advances the stream)."""
         return [self._take() for _ in range(self.world)][self.rank]
 
-    def next(self) -> dict:
+    def next(self) -> Batch:
         return collate([self.records[i] for i in self.next_indices()], self.labels)

@@ -27,13 +27,13 @@ def _forward_mine(model: TaskModel, records, batches, d: Dist, precision: str, w
     for j in tqdm(range(rounds), desc=desc, disable=quiet, leave=False):
         idx = mine[j] if j < len(mine) else batches[0]  # a spare rank repeats a batch and drops it
         batch = collate([records[i] for i in idx], model.labels if with_loss else None)
-        tokens = batch["tokens"].to(device)  # [B, T]
+        batch = batch.to(device)  # tokens [B, T], targets
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(tokens).float()  # [B, n] or [B, T, C]
+            out = model(batch).float()  # [B, n] or [B, T, C]
         if j >= len(mine):
             continue
         if with_loss:
-            total, units = model.labels.task.loss_sum(out, batch["target"].to(device))
+            total, units = model.labels.task.loss_sum(out, batch.target)
             loss = (float(total), units)
         else:
             loss = (0.0, 0)

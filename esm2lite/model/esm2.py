@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esm2lite.model.config import ESM2Config
 from esm2lite.errors import Esm2liteError
+from esm2lite.model.batch import Batch
+from esm2lite.model.config import ESM2Config
 from esm2lite.model.tokenizer import MASK, PAD
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # fraction of tokens ESM-2 saw as <mask> in training
@@ -132,19 +133,19 @@ class ESM2(nn.Module):
         self.lm_head = LMHead(config) if config.lm_head else NoLMHead(source)
         self.activation_checkpointing = False
 
-    def embed(self, tokens):
-        """tokens: [B, T] -> x: [B, T, d] with token dropout and zeroed padding rows."""
+    def embed(self, batch: Batch):
+        """batch.tokens: [B, T] -> x: [B, T, d] with token dropout (per sequence) and zeroed padding rows."""
+        tokens = batch.tokens
         x = self.embed_tokens(tokens)
-        is_pad = tokens.eq(PAD)
         if self.config.token_dropout:  # applied at inference too
             is_mask = tokens.eq(MASK)
             x = x.masked_fill(is_mask[..., None], 0.0)
-            observed = is_mask.sum(-1).to(x.dtype) / (~is_pad).sum(-1)  # [B]
+            observed = is_mask.sum(-1).to(x.dtype) / batch.lengths  # [B]: the share of <mask> in each sequence
             x = x * (1 - MASK_RATIO_TRAIN) / (1 - observed)[:, None, None]
-        return x * (~is_pad)[..., None].to(x.dtype)
+        return x * (~batch.padding)[..., None].to(x.dtype)
 
-    def forward(self, tokens: torch.Tensor, repr_layers=(), logits: bool = True) -> dict:
-        """tokens: [B, T] right-padded with <pad>.
+    def forward(self, batch, repr_layers=(), logits: bool = True) -> dict:
+        """batch: a Batch, or its tokens [B, T] right-padded with <pad>.
 
         Returns "last_hidden_state" [B, T, d] (after the final LayerNorm), "logits"
         [B, T, 33] unless logits=False (an error when config.lm_head is False), and with repr_layers (fair-esm's convention:
@@ -156,12 +157,11 @@ class ESM2(nn.Module):
             raise ValueError(f"repr_layers {bad} out of range 0..{self.config.num_layers}")
         if logits and isinstance(self.lm_head, NoLMHead):
             raise self.lm_head.error()  # before any work
-        B, T = tokens.shape
-        is_pad = tokens.eq(PAD)
-        positions = torch.arange(T, device=tokens.device).expand(B, T)  # <cls> at 0
-        attn_mask = (~is_pad)[:, None, None, :] if is_pad.any() else None  # [B, 1, 1, T]
+        batch = Batch.of(batch)
+        positions = batch.positions  # [B, T], <cls> at 0
+        attn_mask = (~batch.padding)[:, None, None, :] if batch.padding.any() else None  # [B, 1, 1, T]
 
-        x = self.embed(tokens)
+        x = self.embed(batch)
         hidden = {0: x} if 0 in repr_layers else {}
         for i, block in enumerate(self.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():

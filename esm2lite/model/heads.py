@@ -14,18 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esm2lite.model.tokenizer import PAD, residue_mask
+from esm2lite.model.batch import Batch
+from esm2lite.model.tokenizer import residue_mask  # noqa: F401  (heads' tests read it here)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def mean_pool(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """hidden [B, T, d], tokens [B, T] -> [B, d]: mean over residue positions only (cls,
-    eos and padding excluded; padding rows may hold anything, even NaN). Computed and
+def mean_pool(hidden: torch.Tensor, batch) -> torch.Tensor:
+    """hidden [B, T, d], a Batch (or its tokens [B, T]) -> [B, d]: mean over residue positions only
+    (cls, eos and padding excluded; padding rows may hold anything, even NaN). Computed and
     returned in fp32 (fp64 input stays fp64)."""
-    mask = residue_mask(tokens)[..., None]  # [B, T, 1]
+    mask = Batch.of(batch).residues[..., None]  # [B, T, 1]
     h = torch.where(mask, _at_least_fp32(hidden), 0.0)
     count = mask.sum(1).clamp(min=1).to(h.dtype)  # [B, 1]
     return h.sum(1) / count
@@ -59,10 +60,10 @@ class MLPHead(Head):
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, num_outputs))
 
-    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, d], tokens [B, T] -> [B, num_outputs] (fp32)."""
+    def forward(self, hidden: torch.Tensor, batch) -> torch.Tensor:
+        """hidden [B, T, d], a Batch (or its tokens) -> [B, num_outputs] (fp32)."""
         with self._no_autocast(hidden):
-            pooled = mean_pool(hidden, tokens).to(self.mlp[0].weight.dtype)
+            pooled = mean_pool(hidden, batch).to(self.mlp[0].weight.dtype)
             return self.mlp(pooled)
 
 
@@ -75,13 +76,13 @@ class ConvHead(Head):
         self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv1d(hidden, num_outputs, kernel_size=7, padding=3)
 
-    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, d], tokens [B, T] -> logits [B, T, C] (fp32). Non-residue rows of
+    def forward(self, hidden: torch.Tensor, batch) -> torch.Tensor:
+        """hidden [B, T, d], a Batch (or its tokens) -> logits [B, T, C] (fp32). Non-residue rows of
         the input are zeroed, and the first conv's output at padding too (conv2 sees zeros past
         the end, as for the sequence alone): a sequence's predictions do not depend on its batch."""
+        batch = Batch.of(batch)
         with self._no_autocast(hidden):
-            mask = residue_mask(tokens)[..., None]
-            x = torch.where(mask, hidden.to(self.conv1.weight.dtype), 0.0)
+            x = torch.where(batch.residues[..., None], hidden.to(self.conv1.weight.dtype), 0.0)
             x = F.relu(self.conv1(x.transpose(1, 2)))  # [B, hidden, T]
-            x = torch.where(tokens.ne(PAD)[:, None, :], x, 0.0)
+            x = torch.where(~batch.padding[:, None, :], x, 0.0)
             return self.conv2(self.drop(x)).transpose(1, 2)  # [B, T, C]

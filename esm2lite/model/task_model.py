@@ -6,6 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
+from esm2lite.model.batch import Batch
 from esm2lite.model.esm2 import ESM2
 
 
@@ -20,7 +21,9 @@ class TaskModel(nn.Module):
         self.encoder, self.head, self.labels = encoder, head, labels
         self.frozen_encoder = frozen_encoder
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [B, T]
+    def forward(self, batch) -> torch.Tensor:
+        """batch: a Batch (or its tokens [B, T]) -> head outputs."""
+        batch = Batch.of(batch)
         with torch.no_grad() if self.frozen_encoder else contextlib.nullcontext():
-            hidden = self.encoder(tokens, logits=False)["last_hidden_state"]  # [B, T, d]
-        return self.head(hidden, tokens)
+            hidden = self.encoder(batch, logits=False)["last_hidden_state"]  # [B, T, d]
+        return self.head(hidden, batch)

@@ -38,7 +38,6 @@ from esm2lite.data.reading import load_splits
 from esm2lite.data.records import DataSpec
 from esm2lite.checkpoints.spec import BaseRef, CheckpointSpec
 from esm2lite.model.task_model import TaskModel
-from esm2lite.model.tokenizer import PAD
 from esm2lite.training.config import TrainConfig
 
 @dataclass
@@ -235,11 +234,10 @@ def train_step(run: Run, state: TrainState) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     step_loss, finite = 0.0, True
     for _ in range(cfg.grad_accum):
-        batch = run.batches.next()
-        tokens = batch["tokens"].to(run.device)  # [B, T]
+        batch = run.batches.next().to(run.device)  # tokens [B, T], targets
         with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
-            out = model(tokens)  # [B, n_outputs] or [B, T, n_classes]
-        loss = model.labels.task.loss(out, batch["target"].to(run.device))
+            out = model(batch)  # [B, n_outputs] or [B, T, n_classes]
+        loss = model.labels.task.loss(out, batch.target)
         if distributed.any_true(d, not bool(torch.isfinite(loss))):
             finite = False
             if not cfg.skip_nonfinite:
@@ -251,7 +249,7 @@ def train_step(run: Run, state: TrainState) -> None:
             break
         (loss / cfg.grad_accum).backward()
         step_loss += loss.item() / cfg.grad_accum
-        state.window_tokens += int(tokens.ne(PAD).sum())
+        state.window_tokens += int(batch.lengths.sum())
     if finite:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
         run.optimizer.step()
