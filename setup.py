@@ -12,6 +12,13 @@ setup(
     packages=["esm2lite", *(f"esm2lite.{p}" for p in find_packages("esm2lite")), "esm2lite.kernels"],
     package_dir={"esm2lite.kernels": "kernels"},
     package_data={"esm2lite": ["demo/*.csv", "demo/*.md", "demo/*.fasta"]},
+    entry_points={"console_scripts": [  # the command lines (python train.py / infer.py run the first two in a checkout)
+        "esm2lite-train=esm2lite.commands.train:console",
+        "esm2lite-infer=esm2lite.commands.infer:console",
+        "esm2lite-export=esm2lite.commands.export:console",
+        "esm2lite-convert=esm2lite.commands.convert:console",
+        "esm2lite-plot=esm2lite.commands.plot:console",
+    ]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -34,6 +41,6 @@ setup(
             "matplotlib",  # the plots' tests (tests/test_run_outputs.py)
         ],
         "hub": ["huggingface_hub"],
-        "plot": ["matplotlib"],  # PNGs of a run: train.py at the end, or python -m esm2lite.training.plot RUN
+        "plot": ["matplotlib"],  # PNGs of a run: train.py at the end, or esm2lite-plot RUN
     },
 )

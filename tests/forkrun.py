@@ -29,8 +29,8 @@ import tempfile
 import threading
 
 # torch._dynamo: torch.optim.Optimizer's constructor imports it (seconds); matplotlib: train.py's plots
-PRELOAD = ["torch", "torch._dynamo", "numpy", "safetensors.torch", "esm2lite.training.loop", "esm2lite.inference.predict",
-           "esm2lite.inference.score_file", "esm2lite.weights.export", "esm2lite.commands.convert", "esm2lite.training.plot", "esm2lite.commands.cli"]
+PRELOAD = ["torch", "torch._dynamo", "numpy", "safetensors.torch", "esm2lite.training.loop", "esm2lite.inference.embed",
+           "esm2lite.inference.score_file", "esm2lite.commands.export", "esm2lite.commands.convert", "esm2lite.commands.plot", "esm2lite.commands.infer", "esm2lite.commands.train", "esm2lite.cli"]
 OPTIONAL = ["matplotlib.figure", "matplotlib.backends.backend_agg", "transformers", "peft"]
 
 

@@ -1,5 +1,5 @@
-"""Bad input through the real command-line tools (train.py, infer.py, python -m esm2lite.commands.convert,
-python -m esm2lite.weights.export), each in its own process (tests/forkrun.py).
+"""Bad input through the real command-line tools (train.py, infer.py, esm2lite-convert,
+esm2lite-export), each in its own process (tests/forkrun.py).
 
 Every case is one row: a name, the files to create, the command line and the substrings the error
 must contain (file name, row / FASTA record, column / field). One helper checks what every bad input
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {"train": [str(ROOT / "train.py")], "infer": [str(ROOT / "infer.py")],
-         "convert": ["-m", "esm2lite.commands.convert"], "export": ["-m", "esm2lite.weights.export"]}
+         "convert": ["-m", "esm2lite.commands.convert"], "export": ["-m", "esm2lite.commands.export"]}
 WORKERS = 2  # this machine has 2 cores; each CLI start is mostly CPU-bound
 
 

@@ -17,7 +17,7 @@ import torch
 import oracles
 from esm2lite.checkpoints import checkpoint_dir as ckpt_dir
 from esm2lite.files import textfiles
-from esm2lite.commands.cli import run_main
+from esm2lite.cli import run_main
 from esm2lite.model.config import MAX_LAYERS, ESM2Config
 from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import CheckpointError, DataError, Esm2liteError

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import oracles
-from esm2lite.commands.cli import run_main
-from esm2lite.weights.export import main as export_main
+from esm2lite.cli import run_main
+from esm2lite.commands.export import main as export_main
 from esm2lite.checkpoints.checkpoint_dir import load_model
 from esm2lite.model.tokenizer import Tokenizer
 from esm2lite.training.loop import TrainConfig, train_model

@@ -1,4 +1,4 @@
-"""Inference: infer.py / esm2lite.inference.predict against the training loop, the model itself and bad input.
+"""Inference: infer.py / esm2lite.inference.embed against the training loop, the model itself and bad input.
 
 One small LoRA run on the tiny HF checkpoint is trained once per session (shared with
 test_export.py through `trained_run`) and every test reads it."""
@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 
 import oracles
-from esm2lite.commands.cli import run_main
+from esm2lite.cli import run_main
 from esm2lite.checkpoints.checkpoint_dir import load_model
 from esm2lite.model.heads import mean_pool
-from esm2lite.inference.predict import predict
+from esm2lite import predict
 from esm2lite.model.lora import LoRAConfig, lora_modules
 from esm2lite.data.reading import read_sequences
 from esm2lite.model.tokenizer import Tokenizer

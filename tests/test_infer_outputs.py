@@ -13,7 +13,7 @@ import torch
 
 from esm2lite.checkpoints.checkpoint_dir import load_model
 from esm2lite.inference.evaluate import evaluate
-from esm2lite.inference.predict import predict
+from esm2lite import predict
 from esm2lite.data.reading import load_splits
 from esm2lite.data.records import DataSpec
 from esm2lite.model.tokenizer import Tokenizer

@@ -341,13 +341,15 @@ def test_scores_and_summary_follow_the_umask(tmp_path, fair_tiny, cli, capsys, m
     assert sorted(os.listdir(tmp_path)) == ["dms.csv", "s.csv", "s.metrics.json"]  # no temporaries left
 
 
-def test_help_names_every_new_option_and_each_default_once(cli):
-    text = cli.parser().format_help()
+def test_help_names_every_new_option_and_each_default_once():
+    from esm2lite.commands.infer import parser
+
+    text = parser().format_help()
     for flag in ("--score", "--wildtype", "--mutant-column", "--dms-score-column", "--offset", "--residue-probs",
                  "--mask-column"):
         assert flag in text
     assert "(default: None)" not in text and "(default: False)" not in text
-    helps = [a.help for a in cli.parser()._actions]
+    helps = [a.help for a in parser()._actions]
     assert all(h is None or h.count("default") <= 1 for h in helps)
 
 

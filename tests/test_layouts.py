@@ -309,7 +309,7 @@ def test_bionemo_errors(hf_plain, tmp_path):
 
 
 def test_bionemo_converts_to_an_hf_directory(bionemo, hf_plain, tmp_path, batch, forkrun):
-    """python -m esm2lite.commands.convert BIONEMO_DIR OUT: transformers reads OUT as EsmForMaskedLM."""
+    """esm2lite-convert BIONEMO_DIR OUT: transformers reads OUT as EsmForMaskedLM."""
     r = forkrun.run(["-m", "esm2lite.commands.convert", bionemo, tmp_path / "hf"])
     assert r.returncode == 0, r.stderr
     with torch.no_grad():
@@ -356,7 +356,7 @@ def test_fine_tune_esm_model_directory(resaved, tmp_path, batch, forkrun):
         assert torch.isfinite(tuned(batch)).all()
         want = tuned.encoder(batch, logits=False)["last_hidden_state"]
     # Its export is an EsmModel directory that transformers reads with the fine-tuned encoder.
-    r = forkrun.run(["-m", "esm2lite.weights.export", "--run", tmp_path / "run", "--merged", tmp_path / "merged"], cwd=ROOT)
+    r = forkrun.run(["-m", "esm2lite.commands.export", "--run", tmp_path / "run", "--merged", tmp_path / "merged"], cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert json.load(open(tmp_path / "merged" / "config.json"))["architectures"] == ["EsmModel"]
     agrees_with_hf(want, oracles.load_hf(tmp_path / "merged", "EsmModel", add_pooling_layer=False), batch)

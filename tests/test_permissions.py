@@ -34,7 +34,7 @@ def test_outputs_follow_the_umask(hf_tiny, tmp_path, mask, forkrun):
          "2", "--batch-tokens", "600", "--save-every", "1", "--keep-last", "1", "--out", "run"], mask, tmp_path)
     run(forkrun, [str(ROOT / "infer.py"), "--run", "run", "--input", "in.fasta", "--output", "pred.csv", "--embeddings",
          "emb.safetensors"], mask, tmp_path)
-    run(forkrun, ["-m", "esm2lite.weights.export", "--run", "run", "--merged", "merged", "--peft", "peft"], mask, tmp_path)
+    run(forkrun, ["-m", "esm2lite.commands.export", "--run", "run", "--merged", "merged", "--peft", "peft"], mask, tmp_path)
     found = modes(*(tmp_path / n for n in ("run", "pred.csv", "emb.safetensors", "merged", "peft")))
     want = {p: (0o777 if p.is_dir() else 0o666) & ~mask for p in found}
     assert found == want

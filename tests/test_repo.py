@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -122,3 +124,16 @@ def test_no_module_outside_the_tasks_package_names_a_task():
              if not name.startswith("esm2lite.tasks") for node in ast.walk(tree)
              if isinstance(node, ast.Constant) and node.value in TASKS]
     assert not named, "\n".join(named)
+
+
+@pytest.mark.parametrize("command", ["esm2lite-train", "esm2lite-infer", "esm2lite-export", "esm2lite-convert",
+                                     "esm2lite-plot"])
+def test_installed_commands_name_themselves(command):
+    """setup.py's console scripts: installed with the package, each --help naming itself."""
+    import shutil
+    import subprocess
+
+    path = shutil.which(command)
+    assert path, f"{command} is not installed (pip install -e . makes it)"
+    r = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: {command} "), r.stdout[:200] + r.stderr[-500:]

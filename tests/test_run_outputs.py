@@ -245,11 +245,11 @@ def test_per_residue_confusion_plot_shows_the_counts(per_residue):
 
 @pytest.mark.slow
 def test_plot_cli_and_a_run_without_matplotlib(regression, tmp_path, forkrun):
-    """python -m esm2lite.training.plot RUN draws the same files again; without matplotlib (an import that
+    """esm2lite-plot RUN draws the same files again; without matplotlib (an import that
     fails) train.py ends normally and names the extra to install, and the plot CLI says it in one line."""
     run, _ = regression
     before = {n: decoded(run / "plots" / n) for n in os.listdir(run / "plots")}
-    r = forkrun.run(["-m", "esm2lite.training.plot", run])
+    r = forkrun.run(["-m", "esm2lite.commands.plot", run])
     assert r.returncode == 0 and "predicted_vs_true.png" in r.stdout, r.stderr
     assert all(np.array_equal(decoded(run / "plots" / n), a) for n, a in before.items())
 
@@ -264,9 +264,9 @@ def test_plot_cli_and_a_run_without_matplotlib(regression, tmp_path, forkrun):
                         json.load(open(run / "config.json"))["checkpoint"], "--steps", "1", "--batch-tokens", "600",
                         "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert 'pip install "esm2lite[plot]"' in r.stdout and f"python -m esm2lite.training.plot {out}" in r.stdout
+    assert 'pip install "esm2lite[plot]"' in r.stdout and f"esm2lite-plot {out}" in r.stdout
     assert not (out / "plots").exists() and (out / "predictions_test.csv").exists() and (out / "summary.json").exists()
-    r = subprocess.run([sys.executable, "-m", "esm2lite.training.plot", str(out)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "esm2lite.commands.plot", str(out)], capture_output=True, text=True,
                        timeout=120, env=env)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and 'pip install "esm2lite[plot]"' in r.stderr
 

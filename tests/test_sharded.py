@@ -114,7 +114,7 @@ def test_infer_cli_on_damaged_shards_exits_2_with_one_line(full_run, tmp_path, f
 def test_full_fine_tune_exports_to_a_directory_transformers_loads(full_run, tmp_path):
     from transformers import EsmModel
 
-    from esm2lite.weights.export import main as export_main
+    from esm2lite.commands.export import main as export_main
     from esm2lite.model.tokenizer import Tokenizer
 
     export_main(["--run", str(full_run), "--merged", str(tmp_path / "hf")])

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import oracles
-from esm2lite.commands.cli import run_main
-from esm2lite.inference.predict import predict
+from esm2lite.cli import run_main
+from esm2lite import predict
 from esm2lite.model.lora import LoRAConfig
 from esm2lite.data.records import records_from_pairs
 from esm2lite.training.loop import TrainConfig, train_model

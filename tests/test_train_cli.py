@@ -15,8 +15,8 @@ import pytest
 from safetensors.torch import load_file
 
 import oracles
-from esm2lite.weights import export
-from esm2lite.commands.cli import run_main
+from esm2lite.commands import export
+from esm2lite.cli import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQS = oracles.random_sequences(24, 15, 40, seed=21, with_mask=False)
@@ -180,7 +180,7 @@ def test_bionemo_lora_options_reach_the_checkpoint(train_main, capsys, tmp_path,
     assert len(adapters) == 12 and all(k.startswith("encoder.layers.0.") for k in adapters)  # tied: one pair
     assert json.load(open(out / "summary.json"))["best_step"] == 2
 
-    # the base model moved: loading the run names --base-path (through python -m esm2lite.weights.export)
+    # the base model moved: loading the run names --base-path (through esm2lite-export)
     base.rename(tmp_path / "moved")
     capsys.readouterr()
     assert run_main(export.main, ["--run", str(out), "--merged", str(tmp_path / "merged")]) == 2

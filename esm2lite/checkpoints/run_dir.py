@@ -314,6 +314,17 @@ class Checkpointer:
         return log
 
 
+def holds_a_run(path: str) -> bool:
+    """A directory whose config.json is a run's settings (is_run_config): ours to replace."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isdir(path) or not os.path.isfile(config):
+        return False
+    try:
+        return is_run_config(read_json(config), os.path.exists(os.path.join(path, "metrics.jsonl")))
+    except Esm2liteError:
+        return False
+
+
 def is_run_config(saved, has_log: bool) -> bool:
     """Whether a config.json's value is a run's settings: it says so (RUN_FORMAT), or it was written
     before that field existed (a run's settings: grad_accum, world_size, out, task, mode) and the

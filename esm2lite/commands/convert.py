@@ -1,5 +1,5 @@
-"""python -m esm2lite.commands.convert IN OUT_DIR: a fair-esm .pt file or a BioNeMo export (any layout
-checkpoint.load_pretrained reads) as an HF-layout directory.
+"""esm2lite-convert IN OUT_DIR: a fair-esm .pt file or a BioNeMo export (any layout
+weights.pretrained.load_pretrained reads) as an HF-layout directory.
 
 The result loads with transformers.EsmForMaskedLM.from_pretrained(OUT_DIR) and with
 esm2lite.load_pretrained(OUT_DIR). The contact-regression head is not converted.
@@ -8,13 +8,16 @@ esm2lite.load_pretrained(OUT_DIR). The contact-regression head is not converted.
 import sys
 
 from esm2lite.weights.pretrained import load_pretrained, save_hf_dir
-from esm2lite.commands.cli import OneLineParser, run_main
+from esm2lite.cli import OneLineParser, run_main
 from esm2lite.files.paths import Input, check_output_dir
 
 
-def main(argv=None):
+PROG = "esm2lite-convert"
+
+
+def main(argv, prog: str = PROG) -> None:
     p = OneLineParser(
-        prog="python -m esm2lite.commands.convert",
+        prog=prog,
         description="Convert an ESM-2 checkpoint (a fair-esm .pt file, a BioNeMo NVEsm export, "
                     "any layout esm2lite loads) into a HuggingFace-layout directory "
                     "(config.json + model.safetensors) that transformers and esm2lite load.")
@@ -30,5 +33,10 @@ def main(argv=None):
     print(f"wrote {args.output} ({model.config.num_layers} layers, d={model.config.d_model})")
 
 
+def console() -> int:
+    """The esm2lite-convert command."""
+    return run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_main(lambda argv: main(argv, "python -m esm2lite.commands.convert")))

@@ -39,10 +39,11 @@ class Table:
     values: list[dict]  # every input column of each row ({} for FASTA)
 
     def where(self, k: int, column: str | None = None) -> str:
-        """'in.csv, row 7, column 'x'' or 'in.fasta, record 3 ('id')': the start of an error line."""
+        """'in.csv, row 7, column 'x'', 'in.fasta, record 3 ('id')' or '<memory>, item 2': the start of an
+        error line."""
         if self.row_name == "record":
             return f"{self.source}, record {self.rows[k]} ({quoted(self.ids[k])})"
-        return where(self.source, self.rows[k], column)
+        return where(self.source, self.rows[k], column, self.row_name)
 
 
 def _csv_ids(name: str, rows, id_column: str | None) -> list[str]:
@@ -87,6 +88,24 @@ def read_table(path, sequence_column: str | None = None, id_column: str | None =
     kept = [c for c in header if c not in (seq_col, id_column)]
     return Table(name, _csv_ids(name, rows, id_column), [v[seq_col] for _, v in rows], [n for n, _ in rows], "row",
                  seq_col, kept, [v for _, v in rows])
+
+
+def in_memory(sequences: list[str], ids=None) -> Table:
+    """Sequences given in Python -> a Table: source "<memory>", items counted from 0, ids "item0",
+    "item1", ... unless given (unique, one per sequence)."""
+    ids = [f"item{k}" for k in range(len(sequences))] if ids is None else [str(i) for i in ids]
+    if len(ids) != len(sequences):
+        raise DataError(f"<memory>: {len(ids)} ids for {len(sequences)} sequences")
+    seen = {}
+    for k, (sid, seq) in enumerate(zip(ids, sequences)):
+        if sid in seen:
+            raise DataError(f"<memory>, item {k}: duplicate id {quoted(sid)} (also item {seen[sid]})")
+        seen[sid] = k
+        if not isinstance(seq, str):
+            raise DataError(f"<memory>, item {k}: expected a sequence string, got {type(seq).__name__}")
+        encode_sequence(seq, where("<memory>", k, None, "item"))
+    return Table("<memory>", ids, list(sequences), list(range(len(sequences))), "item", None, [],
+                 [{} for _ in sequences])
 
 
 # ----------------------------------------------------------------------------- what a model adds
@@ -167,7 +186,7 @@ def prediction_records(table: Table, labels: LabelSpace, max_residues: int, trun
     return out
 
 
-def output_rows(table: Table, records, predictions: list[dict], labels: LabelSpace, truncate: bool) -> list[dict]:
+def output_rows(table: Table, records, predictions: list[dict], truncate: bool) -> list[dict]:
     """One output row per input row: id, sequence, the kept input columns, the prediction columns."""
     rows = []
     for k, (record, pred) in enumerate(zip(records, predictions)):

@@ -4,9 +4,10 @@ field. train.py's command line is generated from these fields (cli.add_options):
 Every value is checked here, before any work."""
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from esm2lite.checkpoints.modes import MODE
+from esm2lite.cli import opt
 from esm2lite.tasks import DEFAULT_TASK, TASKS
 from esm2lite.runtime.device import PRECISIONS as INFERENCE_PRECISIONS
 from esm2lite.runtime.device import check_device
@@ -17,13 +18,6 @@ from esm2lite.model.lora import LoRAConfig
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = tuple(p for p in INFERENCE_PRECISIONS if p != "fp16")  # fp16 training: no loss scaling here
 MAX_HEAD_HIDDEN = 65536  # the largest head a checkpoint may ask for (spec.HEAD_LIMITS)
-
-
-def opt(default, help, group, **meta):
-    """A config field that is also a command-line option (a dataclass default: built per instance)."""
-    if isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help, "group": group, **meta})
-    return field(default=default, metadata={"help": help, "group": group, **meta})
 
 
 DATA, MODEL, OPTIM, OUTPUT = "data", "model", "optimisation", "evaluation and output"

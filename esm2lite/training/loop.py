@@ -347,7 +347,7 @@ def write_outputs(run: Run, summary: dict, outputs: dict) -> None:
         predictions[split] = prediction_rows(run.model.labels, run.records[split], out)
         run.checkpointer.write_predictions(split, predictions[split])
     if not plot.available():
-        print(f"note: no plots (matplotlib is not installed: {plot.INSTALL}; then python -m esm2lite.training.plot "
+        print(f"note: no plots (matplotlib is not installed: {plot.INSTALL}; then esm2lite-plot "
               f"{run.cfg.out})", flush=True)
         return
     plot.write_plots(run.checkpointer.plots, run.checkpointer.read_log(), summary, predictions)

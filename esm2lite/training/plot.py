@@ -7,21 +7,16 @@
     confusion_matrix.png   classification and per-residue tasks: true x predicted class counts of the
                            test split (valid without one), with accuracy and macro F1 on top
 
-    python -m esm2lite.training.plot RUN        (train.py draws them at the end when matplotlib is installed:
-                                        pip install "esm2lite[plot]")
+    esm2lite-plot RUN        (train.py draws them at the end when matplotlib is installed:
+                             pip install "esm2lite[plot]")
 
 The figure functions return matplotlib Figures (no pyplot, no global state); write_plots saves
 them all at once (atomic_dir). Reading the run's files is the checkpointer's (read_finished).
 """
 
 import os
-import sys
 
 from esm2lite.files.atomic import atomic_dir
-from esm2lite.checkpoints.run_dir import Checkpointer
-from esm2lite.commands.cli import OneLineParser, run_main
-from esm2lite.runtime.distributed import Dist
-from esm2lite.errors import Esm2liteError
 from esm2lite.tasks import TASKS
 from esm2lite.tasks.base import new_figure
 
@@ -80,23 +75,3 @@ def write_plots(directory: str, log: list[dict], summary: dict, predictions: dic
         for name, fig in made.items():
             fig.savefig(os.path.join(tmp, name))
     return [os.path.join(directory, name) for name in made]
-
-
-def main(argv) -> None:
-    p = OneLineParser(prog="python -m esm2lite.training.plot", description="Draw the plots of a finished train.py run "
-                      "(learning curves; predicted vs true or confusion matrix) as PNGs in RUN/plots/.")
-    p.add_argument("run", help="a train.py output directory (--out) of a finished run")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    args = p.parse_args(argv)
-    if not available():
-        raise Esm2liteError(f"plots need matplotlib, which is not installed: {INSTALL}")
-    run = Checkpointer(args.run, Dist())
-    log, summary, predictions = run.read_finished()
-    if summary.get("task") not in TASKS:
-        raise Esm2liteError(f"{run.summary}: written by an esm2lite that did not record the task; cannot plot it")
-    paths = write_plots(run.plots, log, summary, predictions)
-    print("wrote " + ", ".join(paths))
-
-
-if __name__ == "__main__":
-    sys.exit(run_main(main))

@@ -55,7 +55,7 @@ def run_main(main, argv=None) -> int:
 
 
 OOM_TEXT = re.compile(r"out of memory|can't allocate memory|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
-PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # esm2lite/
+PACKAGE = os.path.dirname(os.path.abspath(__file__))  # esm2lite/
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -82,6 +82,15 @@ def out_of_memory_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- options from a config dataclass
+
+
+def opt(default, help, group, **meta):
+    """A config field that is also a command-line option (a dataclass default: built per instance).
+    meta: flag (instead of --field-name), choices, metavar, item_type (tuples), prefix and fields
+    (a nested config)."""
+    if isinstance(default, type):
+        return dataclasses.field(default_factory=default, metadata={"help": help, "group": group, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **meta})
 
 
 def add_options(parser: argparse.ArgumentParser, cls) -> None:
@@ -120,7 +129,7 @@ def _add(group, flag: str, dest: str, hint, default, meta) -> None:
     if "choices" in meta:
         kw["choices"] = list(meta["choices"])
     elif kind is not bool:
-        kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+        kw["metavar"] = meta.get("metavar", flag.lstrip("-").upper().replace("-", "_"))
     group.add_argument(flag, **kw)
 
 

@@ -1,11 +1,8 @@
-"""Inference: predictions and embeddings from a fine-tuning checkpoint or a plain ESM-2.
-
-Sequences are scored in length-bucketed token-budget batches and returned in input order.
-LoRA adapters are merged into the base weights first (one GEMM per linear instead of three).
-"""
+"""Embeddings from an ESM-2 encoder (a plain one or a fine-tuned model's): per-sequence means and
+per-residue states of chosen layers, in length-bucketed token-budget batches, keyed by id; proteins
+longer than the model reads are embedded in overlapping windows (windows.py) or cut."""
 
 import json
-import os
 
 import torch
 from safetensors.torch import save_file
@@ -13,34 +10,13 @@ from tqdm import tqdm
 
 from esm2lite.files.atomic import atomic_path
 from esm2lite.data.batching import make_batches
-from esm2lite.checkpoints.checkpoint_dir import load_model
 from esm2lite.runtime.device import amp_dtype_for
 from esm2lite.runtime.distributed import Dist, gather
-from esm2lite.errors import DataError
-from esm2lite.inference.evaluate import run_batches
 from esm2lite.model.heads import mean_pool
 from esm2lite.model.esm2 import ESM2
-from esm2lite.data.records import Record, encode_sequence, unlabelled_records
-from esm2lite.model.task_model import TaskModel
+from esm2lite.data.records import Record, encode_sequence
 from esm2lite.model.tokenizer import EOS, TOKENS, pad_tokens
 from esm2lite.inference.windows import embed_windowed
-
-
-def decode_predictions(model: TaskModel, outputs: list) -> list[dict]:
-    """Per-record head outputs -> one dict of prediction columns per record (its task's)."""
-    labels = model.labels
-    return [labels.task.prediction(labels, out) for out in outputs]
-
-
-def predict(checkpoint, sequences, ids=None, batch_tokens: int = 8192, precision: str = "auto", device=None,
-            merge: bool = True, max_residues: int | None = 1022, truncate: bool = False) -> list[dict]:
-    """Notebook API: checkpoint dir (or a loaded TaskModel, used as it is) + sequences ->
-    [{"id", "sequence", prediction columns...}]."""
-    ids = list(ids) if ids is not None else [str(i) for i in range(len(sequences))]
-    model = checkpoint if isinstance(checkpoint, TaskModel) else load_model(checkpoint, device=device, merge=merge)
-    records = unlabelled_records(list(zip(ids, sequences)), max_residues=max_residues, truncate=truncate)
-    outputs, _ = run_batches(model, records, batch_tokens, precision, desc="predict")
-    return [{"id": i, "sequence": r.sequence, **p} for i, r, p in zip(ids, records, decode_predictions(model, outputs))]
 
 
 @torch.no_grad()
@@ -116,16 +92,3 @@ def write_embeddings(path: str, tensors: dict, ids, info: dict | None = None) ->
     metadata.update({k: json.dumps(v) for k, v in (info or {}).items() if v})
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-
-
-def check_writable(path: str) -> None:
-    """Fail before any work if an output file cannot be written (paths.check_output keeps it off
-    every input)."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, not an output file")
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK) or (os.path.exists(parent) and not os.path.isdir(parent)):
-        raise DataError(f"{path}: cannot write here (directory {parent} is not writable)")

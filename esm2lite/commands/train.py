@@ -1,0 +1,77 @@
+"""esm2lite-train (python train.py in a checkout): fine-tune ESM-2 on labelled sequences. Every
+option is a TrainConfig field (training/config.py); with no arguments it runs the built-in demo."""
+
+import os
+import sys
+
+from esm2lite.checkpoints.run_dir import holds_a_run
+from esm2lite.cli import OneLineParser, UsageError, add_options, options_to_config, run_main
+from esm2lite.files.atomic import remove_dir
+from esm2lite.training.config import TrainConfig
+
+PROG = "esm2lite-train"
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
+DEMO_OUT = os.path.join("runs", "demo")
+DEMO_ARGS = ["--csv", os.path.join(DEMO_DIR, "demo.csv"), "--model", "esm2_t6_8M_UR50D", "--mode", "lora",
+             "--steps", "50", "--eval-every", "25", "--lr", "1e-3", "--out", DEMO_OUT, "--seed", "0"]
+
+
+def parser(prog: str = PROG) -> OneLineParser:
+    """Every TrainConfig field is an option (help text beside the field, in training/config.py)."""
+    p = OneLineParser(
+        prog=prog,
+        description="Fine-tune ESM-2 on a CSV of protein sequences and labels. Writes metrics.jsonl, "
+                    "summary.json and checkpoints (best/ for prediction) to --out. "
+                    "Run with no arguments for a one-minute demo.")
+    add_options(p, TrainConfig)
+    run = p.add_argument_group("running")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                     "(one that has none is started at step 0, and says so)")
+    run.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def main(argv, prog: str = PROG) -> None:
+    demo = not [a for a in argv if a != "--debug"]
+    if demo:
+        print("No arguments: running the demo (10 sequences, target = length/100, a small randomly "
+              f"initialised ESM-2 with LoRA, 50 steps). `{prog} --help` shows real usage.", flush=True)
+        if holds_a_run(DEMO_OUT):  # the previous demo run: ours to replace (anything else there is refused)
+            remove_dir(DEMO_OUT)
+        argv = DEMO_ARGS + argv
+    p = parser(prog)
+    args = p.parse_args(argv)
+    if not (args.train_csv or args.csv):
+        p.error("give --train-csv (with optional --valid-csv/--test-csv) or --csv with a split column")
+    try:
+        cfg = options_to_config(TrainConfig, args)
+    except UsageError as e:
+        p.error(str(e))
+    from esm2lite.training.loop import train_model  # after the options: --help and usage errors stay fast
+
+    result = train_model(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        report(result, args.out, demo, "python infer.py" if prog.startswith("python") else "esm2lite-infer")
+
+
+def report(result: dict, out: str, demo: bool, infer: str) -> None:
+    s = result["summary"]
+    chosen = f"by validation {s['best_metric']}" if s["best_metric"] else "the last step: no validation split"
+    print(f"done: best step {s['best_step']} ({chosen}); checkpoint {result['checkpoint']}")
+    for split in ("valid", "test"):
+        if s[split]:
+            print(f"  {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in s[split].items()))
+    written = [os.path.join(out, name) for name in ("metrics.jsonl", "summary.json", "predictions_valid.csv",
+                                                     "predictions_test.csv", "plots")]
+    print("wrote " + ", ".join(path for path in written if os.path.exists(path)))
+    if demo:
+        print(f"demo run written to runs/demo/ — now try `{infer}`")
+
+
+def console() -> int:
+    """The esm2lite-train command."""
+    return run_main(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(lambda argv: main(argv, "python -m esm2lite.commands.train")))
