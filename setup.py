@@ -38,7 +38,7 @@ setup(
             "peft==0.21.2",
             "scipy",
             "ruff==0.17.6",  # lint (.ci/run: ruff check .; rules in ruff.toml)
-            "matplotlib",  # the plots' tests (tests/test_run_outputs.py)
+            "matplotlib",  # the plots' tests (tests/training/test_run_outputs.py)
         ],
         "hub": ["huggingface_hub"],
         "plot": ["matplotlib"],  # PNGs of a run: train.py at the end, or esm2lite-plot RUN

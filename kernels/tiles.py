@@ -161,7 +161,7 @@ def target_arch() -> int:
 
 def tile_fits(bm: int, out: int, R: int, dropout: bool, arch: int, kind: str = "mma") -> bool:
     """Does an output tile [bm, out] stay in registers and shared memory? The rules are what the
-    compile check (tests/test_kernels_compile.py) found compiling every config for sm_90 and sm_80:
+    compile check (tests/kernels/test_kernels_compile.py) found compiling every config for sm_90 and sm_80:
     mma (bf16/fp16):
       * without warpgroup MMA (sm_80: mma.sync keeps its operands in registers) the 128 x 256
         tile spills beside the rank tiles;

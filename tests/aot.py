@@ -9,7 +9,7 @@ ptxas inside the triton wheel) and stops before launching. The ptxas log (-v) gi
 stack and spills; the compiled kernel's metadata gives shared memory; its ttgir shows whether
 the dots became Hopper's warpgroup MMA (wgmma).
 
-Used by tests/test_kernels_compile.py, in spawned processes (TRITON_INTERPRET unset, one per
+Used by tests/kernels/test_kernels_compile.py, in spawned processes (TRITON_INTERPRET unset, one per
 architecture). `compile_cover(arch)` returns plain dicts, one per compiled unit (kernel x
 specialisation x config), plus the launches that failed to bind or compile.
 """

@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The tests mirror the package's folders; a few import helpers from another folder's tests (test_train's
+# small trained runs, test_infer's CLI runner...), so every folder is importable from every test.
+sys.path[1:1] = [str(d) for d in sorted(Path(__file__).parent.iterdir()) if d.is_dir() and d.name != "__pycache__"]
 
 import oracles  # noqa: E402
 
@@ -35,7 +38,7 @@ def forkrun():
 
     from forkrun import Zygote
 
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parent.parent)  # conftest.py stays at the top of tests/
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
            "CUDA_VISIBLE_DEVICES": ""}
     zygote = Zygote(env)

@@ -18,7 +18,7 @@ from esm2lite.data.records import records_from_pairs
 from esm2lite.training.loop import TrainConfig, train_model
 from esm2lite import load_pretrained
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def synthetic(n, seed):

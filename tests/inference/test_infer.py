@@ -24,7 +24,7 @@ from esm2lite.data.reading import read_sequences
 from esm2lite.model.tokenizer import Tokenizer
 from esm2lite.training.loop import TrainConfig, train_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INFER = ROOT / "infer.py"
 
 

@@ -320,7 +320,7 @@ def test_bionemo_converts_to_an_hf_directory(bionemo, hf_plain, tmp_path, batch,
 
 # ---------------------------------------------------------------- fine-tuning from each layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def write_csv(path, n, seed):

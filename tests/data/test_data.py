@@ -16,7 +16,7 @@ from esm2lite.data.reading import load_splits, read_fasta, read_sequences
 from esm2lite.data.records import DataSpec, records_from_pairs
 from esm2lite.errors import DataError
 
-DEMO = Path(__file__).resolve().parent.parent / "esm2lite" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "esm2lite" / "demo"
 
 
 def write(tmp_path, name, text, encoding="utf-8", newline="\n"):

@@ -30,7 +30,7 @@ from esm2lite.data.records import records_from_pairs
 from esm2lite.training.loop import TrainConfig, train_model
 from test_train import read_jsonl, small_config, synthetic, trained
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)

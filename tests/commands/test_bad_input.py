@@ -27,7 +27,7 @@ import oracles
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOOLS = {"train": [str(ROOT / "train.py")], "infer": [str(ROOT / "infer.py")],
          "convert": ["-m", "esm2lite.commands.convert"], "export": ["-m", "esm2lite.commands.export"]}
 WORKERS = 2  # this machine has 2 cores; each CLI start is mostly CPU-bound
@@ -553,7 +553,7 @@ CASES = [
     # A copy of the trained run, resumed with its training CSV or base model changed since it started: the copy's
     # config.json names the case's own copy of that input ({d}/train.csv, {d}/ck), which is then changed. Refused
     # before anything is done, in one line naming the file or the base and what changed. (Kill-then-resume, a file
-    # edited during a run, and ranks that disagree: tests/test_interrupt.py, tests/test_distributed.py.)
+    # edited during a run, and ranks that disagree: tests/training/test_interrupt.py, tests/training/test_distributed.py.)
     Case("resume_train_csv_edited", {
         "run": run_copy(lambda run: json.dump({**json.load(open(run / "config.json")),
                                                "train_csv": str(run.parent / "train.csv")}, open(run / "config.json", "w"))),

@@ -20,7 +20,7 @@ import oracles
 from esm2lite import load_pretrained
 
 pytestmark = pytest.mark.slow
-TRAIN = str(Path(__file__).resolve().parent.parent / "train.py")
+TRAIN = str(Path(__file__).resolve().parents[2] / "train.py")
 STEPS = 16
 
 

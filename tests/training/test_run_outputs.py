@@ -27,7 +27,7 @@ from esm2lite.model.tokenizer import Tokenizer
 from esm2lite.training.loop import TrainConfig, train_model
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPLITS = ["train"] * 3 + ["valid", "test"]  # row i's split: SPLITS[i % 5]
 
 

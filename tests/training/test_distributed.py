@@ -21,7 +21,7 @@ from esm2lite.checkpoints.checkpoint_dir import load_model
 from test_train import trained
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "train.py")
 
 

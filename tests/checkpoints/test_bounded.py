@@ -2,7 +2,7 @@
 or model directory is read, size caps, a file changing or still being written refused), every config
 is checked against a parameter and layer budget, numbers that are not finite in the precision they are
 used in are refused, out-of-memory is one line, and BioNeMo's ambiguous qkv_weight_interleaved is
-refused. The same cases through the real commands are rows of tests/test_bad_input.py."""
+refused. The same cases through the real commands are rows of tests/commands/test_bad_input.py."""
 
 import argparse
 import json

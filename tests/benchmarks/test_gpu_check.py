@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
@@ -167,7 +167,7 @@ def test_smoke_runs_every_step_of_the_device_command(tmp_path):
 
 def gpu_test_ids() -> list[str]:
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                        "tests/test_kernels.py"], capture_output=True, text=True, cwd=ROOT)
+                        "tests/kernels/test_kernels.py"], capture_output=True, text=True, cwd=ROOT)
     ids = sorted(line for line in r.stdout.splitlines() if "::" in line)
     assert ids, r.stdout
     return ids

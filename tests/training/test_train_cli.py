@@ -18,7 +18,7 @@ import oracles
 from esm2lite.commands import export
 from esm2lite.cli import run_main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEQS = oracles.random_sequences(24, 15, 40, seed=21, with_mask=False)
 
 
