@@ -2,10 +2,8 @@
 from a checkout). `python infer.py --help` for every option; with no arguments it predicts the demo
 sequences with runs/demo/best (training it first)."""
 
-import sys
-
-from esm2lite.cli import run_main
+from esm2lite.cli import exit_process, run_main
 from esm2lite.commands.infer import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda argv: main(argv, "python infer.py")))
+    exit_process(run_main(lambda argv: main(argv, "python infer.py")))

@@ -1,10 +1,8 @@
 """Fine-tune ESM-2 on your labelled sequences (esm2lite-train, from a checkout). `python train.py
 --help` for every option; with no arguments it runs the built-in demo (esm2lite/demo/README.md)."""
 
-import sys
-
-from esm2lite.cli import run_main
+from esm2lite.cli import exit_process, run_main
 from esm2lite.commands.train import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda argv: main(argv, "python train.py")))
+    exit_process(run_main(lambda argv: main(argv, "python train.py")))

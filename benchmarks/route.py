@@ -40,8 +40,8 @@ HERE = Path(__file__).resolve().parent
 
 def import_graph(package_dir: Path, kernels_dir: Path | None) -> tuple[dict, dict]:
     """-> ({module: modules it imports at module level}, {module: modules it imports anywhere})."""
-    files = {f"esm2lite.{p.stem}": p for p in package_dir.glob("*.py")}
-    files["esm2lite"] = package_dir / "__init__.py"
+    files = {".".join(("esm2lite", *p.relative_to(package_dir).with_suffix("").parts)): p
+             for p in package_dir.rglob("*.py") if "kernels" not in p.relative_to(package_dir).parts}
     if kernels_dir is not None:
         files.update({f"esm2lite.kernels.{p.stem}": p for p in kernels_dir.glob("*.py")})
         files["esm2lite.kernels"] = kernels_dir / "__init__.py"

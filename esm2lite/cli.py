@@ -54,6 +54,18 @@ def run_main(main, argv=None) -> int:
         return 130
 
 
+def exit_process(code: int) -> None:
+    """End the process with `code`. Under torchrun (WORLD_SIZE > 1) a rank ends with os._exit once
+    its streams are flushed, skipping the interpreter's finalization: there, after every file is
+    written and the process group destroyed, gloo's threads have at times aborted the process
+    (SIGABRT, "terminate called without an active exception"), failing a run that had succeeded."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 OOM_TEXT = re.compile(r"out of memory|can't allocate memory|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
 PACKAGE = os.path.dirname(os.path.abspath(__file__))  # esm2lite/
 

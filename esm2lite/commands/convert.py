@@ -5,10 +5,9 @@ The result loads with transformers.EsmForMaskedLM.from_pretrained(OUT_DIR) and w
 esm2lite.load_pretrained(OUT_DIR). The contact-regression head is not converted.
 """
 
-import sys
 
 from esm2lite.weights.pretrained import load_pretrained, save_hf_dir
-from esm2lite.cli import OneLineParser, run_main
+from esm2lite.cli import OneLineParser, exit_process, run_main
 from esm2lite.files.paths import Input, check_output_dir
 
 
@@ -33,10 +32,10 @@ def main(argv, prog: str = PROG) -> None:
     print(f"wrote {args.output} ({model.config.num_layers} layers, d={model.config.d_model})")
 
 
-def console() -> int:
+def console() -> None:
     """The esm2lite-convert command."""
-    return run_main(main)
+    exit_process(run_main(main))
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda argv: main(argv, "python -m esm2lite.commands.convert")))
+    exit_process(run_main(lambda argv: main(argv, "python -m esm2lite.commands.convert")))

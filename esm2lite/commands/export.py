@@ -6,11 +6,10 @@ export holds).
 """
 
 import os
-import sys
 
 from esm2lite.checkpoints.checkpoint_dir import load_model, read_spec
 from esm2lite.checkpoints.run_dir import reader_inputs
-from esm2lite.cli import OneLineParser, run_main
+from esm2lite.cli import OneLineParser, exit_process, run_main
 from esm2lite.errors import Esm2liteError
 from esm2lite.files.paths import check_output_dir
 from esm2lite.weights.export import export_peft, merged_encoder
@@ -59,10 +58,10 @@ def main(argv, prog: str = PROG) -> None:
         print(f"wrote merged model to {args.merged}")
 
 
-def console() -> int:
+def console() -> None:
     """The esm2lite-export command."""
-    return run_main(main)
+    exit_process(run_main(main))
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda argv: main(argv, "python -m esm2lite.commands.export")))
+    exit_process(run_main(lambda argv: main(argv, "python -m esm2lite.commands.export")))

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from esm2lite.cli import OneLineParser, UsageError, add_options, options_to_config, run_main
+from esm2lite.cli import OneLineParser, exit_process, UsageError, add_options, options_to_config, run_main
 from esm2lite.errors import Esm2liteError
 from esm2lite.inference.config import InferConfig
 
@@ -50,10 +50,10 @@ def main(argv, prog: str = PROG) -> None:
     run(cfg, demo)
 
 
-def console() -> int:
+def console() -> None:
     """The esm2lite-infer command."""
-    return run_main(main)
+    exit_process(run_main(main))
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda argv: main(argv, "python -m esm2lite.commands.infer")))
+    exit_process(run_main(lambda argv: main(argv, "python -m esm2lite.commands.infer")))

@@ -1,9 +1,8 @@
 """esm2lite-plot RUN: draw a finished run's plots (training/plot.py) again, as PNGs in RUN/plots/."""
 
-import sys
 
 from esm2lite.checkpoints.run_dir import Checkpointer
-from esm2lite.cli import OneLineParser, run_main
+from esm2lite.cli import OneLineParser, exit_process, run_main
 from esm2lite.errors import Esm2liteError
 from esm2lite.runtime.distributed import Dist
 from esm2lite.tasks import TASKS
@@ -28,10 +27,10 @@ def main(argv, prog: str = PROG) -> None:
     print("wrote " + ", ".join(paths))
 
 
-def console() -> int:
+def console() -> None:
     """The esm2lite-plot command."""
-    return run_main(main)
+    exit_process(run_main(main))
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda argv: main(argv, "python -m esm2lite.commands.plot")))
+    exit_process(run_main(lambda argv: main(argv, "python -m esm2lite.commands.plot")))

@@ -2,10 +2,9 @@
 option is a TrainConfig field (training/config.py); with no arguments it runs the built-in demo."""
 
 import os
-import sys
 
 from esm2lite.checkpoints.run_dir import holds_a_run
-from esm2lite.cli import OneLineParser, UsageError, add_options, options_to_config, run_main
+from esm2lite.cli import OneLineParser, exit_process, UsageError, add_options, options_to_config, run_main
 from esm2lite.files.atomic import remove_dir
 from esm2lite.training.config import TrainConfig
 
@@ -68,10 +67,10 @@ def report(result: dict, out: str, demo: bool, infer: str) -> None:
         print(f"demo run written to runs/demo/ — now try `{infer}`")
 
 
-def console() -> int:
+def console() -> None:
     """The esm2lite-train command."""
-    return run_main(main)
+    exit_process(run_main(main))
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(lambda argv: main(argv, "python -m esm2lite.commands.train")))
+    exit_process(run_main(lambda argv: main(argv, "python -m esm2lite.commands.train")))
