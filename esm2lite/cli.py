@@ -163,5 +163,22 @@ def options_to_config(cls, args: argparse.Namespace):
     return cls(**kwargs)
 
 
+def saved_options(cls, saved: dict) -> argparse.Namespace:
+    """The options a saved config (cls(...).to_dict(), e.g. a run's config.json) was made from, as
+    parse_args' namespace: parse_args(argv, namespace=saved_options(...)) keeps every saved value but
+    those of the options argv gives (argparse fills in a default only where the namespace has none)."""
+    ns = argparse.Namespace()
+    for f in dataclasses.fields(cls):
+        if f.name not in saved:
+            continue
+        if "fields" in f.metadata:
+            for name in f.metadata["fields"]:
+                if isinstance(saved[f.name], dict) and name in saved[f.name]:
+                    setattr(ns, f"{f.name}.{name}", saved[f.name][name])
+        elif "group" in f.metadata:
+            setattr(ns, f.name, saved[f.name])
+    return ns
+
+
 class UsageError(ValueError):
     """A bad option value found while building a config: the parser reports it (exit 2)."""

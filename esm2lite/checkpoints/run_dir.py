@@ -55,6 +55,7 @@ from esm2lite.files.paths import Input, check_output
 from esm2lite.files.textfiles import open_file, read_json, read_text
 
 UNCHECKED = ("out", "device", "dist_timeout", "grad_accum")  # may change on --resume (grad_accum x ranks may not)
+LENGTH = ("steps", "epochs")  # may grow on --resume: the run continues to its new end
 RUN_FORMAT = "esm2lite-run"  # config.json's "format": this directory is a run's, ours to write in
 OWN = ("config.json", "metrics.jsonl", "summary.json", "predictions_valid.csv", "predictions_test.csv", "plots",
        "best", "checkpoints", ".lock")  # everything a run writes in its directory (as in Checkpointer)
@@ -136,16 +137,35 @@ class Checkpointer:
             raise Esm2liteError(f"{self.out}: is not a train.py run directory (its config.json is not a run's "
                                 "settings); nothing in it was changed: choose a new or empty --out")
 
-    def _check_same_settings(self, settings: dict) -> None:
+    def _check_same_settings(self, settings: dict) -> dict:
+        """Esm2liteError unless `settings` are the run's but for UNCHECKED ones, grad_accum x ranks kept,
+        and a training length kept or grown; returns {length option: (saved, new)} for one that grew."""
         saved = read_json(self.config)
         if not isinstance(saved, dict) or not isinstance(saved.get("grad_accum"), int):
             raise Esm2liteError(f"{self.config}: damaged (not the settings of a run)")
-        changed = [k for k, v in settings.items() if saved.get(k) != v and k not in UNCHECKED + ("world_size",)]
+        grown = self._grown(saved, settings)
+        changed = [k for k, v in settings.items()
+                   if saved.get(k) != v and k not in UNCHECKED + ("world_size",) + tuple(grown)]
         ranks = saved.get("world_size", 1)
         if saved["grad_accum"] * ranks != settings["grad_accum"] * settings["world_size"]:
             changed.append(f"grad_accum x ranks (was {saved['grad_accum']} x {ranks})")
         if changed:
             raise Esm2liteError(f"{self.config}: --resume needs the same settings; changed: {', '.join(changed)}")
+        return grown
+
+    def _grown(self, saved: dict, settings: dict) -> dict:
+        """The length option (--steps or --epochs, the one the run was started with) given larger than the
+        run's; a smaller one is refused. A switch from one to the other is left to the caller's check."""
+        grown = {}
+        for k in LENGTH:
+            was, now = saved.get(k), settings.get(k)
+            if was is None or now is None or was == now:
+                continue
+            if now < was:
+                raise Esm2liteError(f"{self.config}: --{k} {now}: this run is {was} {k} long; --resume can train a "
+                                    f"run longer (--{k} more than {was}), not shorten it")
+            grown[k] = (was, now)
+        return grown
 
     # ------------------------------------------------------------ claiming the directory (rank 0)
 
@@ -158,6 +178,9 @@ class Checkpointer:
         self._take_lock()
         if self.check(settings, resume, note=False):
             self._remove_leftovers()
+            grown = self._check_same_settings(settings)
+            if grown:
+                self._lengthen(grown)
             return
         self._remove_leftovers()  # what a start that never reached a checkpoint left
         remove_dir(self.best)
@@ -167,6 +190,22 @@ class Checkpointer:
                 os.remove(path)
         write_json(self.config, {"format": RUN_FORMAT, **settings})
         write_text(self.metrics, "")
+
+    def _lengthen(self, grown: dict) -> None:
+        """A resumed run given a larger --steps/--epochs: the outputs of its old end go (they are rewritten
+        at the new one), config.json takes the new length and lists every change of length, and
+        metrics.jsonl says where it happened (a "lengthened" line at the step the run continues from)."""
+        remove_dir(self.plots)
+        for path in (self.summary, self.predictions("valid"), self.predictions("test")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        saved, step = read_json(self.config), self.step_dirs()[-1][0]
+        change = {"at_step": step, **{k: {"from": was, "to": now} for k, (was, now) in grown.items()}}
+        new = {k: now for k, (_, now) in grown.items()}
+        write_json(self.config, {**saved, **new, "lengthened": saved.get("lengthened", []) + [change]})
+        self.log({"step": step, "split": "lengthened", **new})
+        print(f"--resume: {self.out} is trained longer from step {step}: "
+              + ", ".join(f"--{k} {was} -> {now}" for k, (was, now) in grown.items()), flush=True)
 
     def _take_lock(self, probe: bool = False) -> None:
         """Hold OUT/.lock (flock: released by the OS when the process ends, however it ends). probe:

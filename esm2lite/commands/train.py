@@ -2,10 +2,14 @@
 option is a TrainConfig field (training/config.py); with no arguments it runs the built-in demo."""
 
 import os
+import shlex
 
 from esm2lite.checkpoints.run_dir import holds_a_run
-from esm2lite.cli import OneLineParser, exit_process, UsageError, add_options, options_to_config, run_main
+from esm2lite.cli import (OneLineParser, UsageError, add_options, exit_process, options_to_config, run_main,
+                          saved_options)
+from esm2lite.errors import TrainingInterrupted
 from esm2lite.files.atomic import remove_dir
+from esm2lite.files.textfiles import read_json
 from esm2lite.training.config import TrainConfig
 
 PROG = "esm2lite-train"
@@ -24,8 +28,10 @@ def parser(prog: str = PROG) -> OneLineParser:
                     "Run with no arguments for a one-minute demo.")
     add_options(p, TrainConfig)
     run = p.add_argument_group("running")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
-                     "(one that has none is started at step 0, and says so)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                     "with the settings it was started with (only --out is needed; other options given must "
+                     "match them, but a larger --steps or --epochs trains a run longer). A run that has no "
+                     "checkpoint yet is started at step 0, and says so")
     run.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
 
@@ -40,17 +46,48 @@ def main(argv, prog: str = PROG) -> None:
         argv = DEMO_ARGS + argv
     p = parser(prog)
     args = p.parse_args(argv)
+    if args.resume:
+        args = continued(p, argv, args)
     if not (args.train_csv or args.csv):
-        p.error("give --train-csv (with optional --valid-csv/--test-csv) or --csv with a split column")
+        p.error("give --train-csv (with optional --valid-csv/--test-csv) or --csv with a split column"
+                + (f" (--resume: {args.out} holds no run to take them from)" if args.resume else ""))
     try:
         cfg = options_to_config(TrainConfig, args)
     except UsageError as e:
         p.error(str(e))
     from esm2lite.training.loop import train_model  # after the options: --help and usage errors stay fast
 
-    result = train_model(cfg, resume=args.resume)
+    try:
+        result = train_model(cfg, resume=args.resume)
+    except TrainingInterrupted as e:
+        raise TrainingInterrupted(f"{e}; continue with: {continue_command(prog, args.out)}", e.signum) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         report(result, args.out, demo, "python infer.py" if prog.startswith("python") else "esm2lite-infer")
+
+
+def continued(p: OneLineParser, argv: list[str], args):
+    """--resume on a run directory: the options the run was started with (its config.json), but for
+    those given here. A given value that differs from the run's is refused when the run is checked
+    (run_dir.Checkpointer), except a longer --steps or --epochs: the run continues to the new end."""
+    if not holds_a_run(args.out):
+        return args
+    saved = saved_options(TrainConfig, read_json(os.path.join(args.out, "config.json")))
+    if args.steps is not None or args.epochs is not None:  # the length given replaces the run's
+        for name in ("steps", "epochs"):
+            vars(saved).pop(name, None)
+    return p.parse_args(argv, namespace=saved)
+
+
+def continue_command(prog: str, out: str) -> str:
+    """The command that continues the run in `out`, as this one was started (under torchrun: as many
+    processes per node, on as many nodes)."""
+    ranks, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    options = f"--out {shlex.quote(out)} --resume"
+    if ranks == 1:
+        return f"{prog} {options}"
+    script = "train.py" if prog == "python train.py" else "-m esm2lite.commands.train"
+    nodes = f"--nnodes {ranks // local} (and your rendezvous options) " if ranks > local else ""
+    return f"torchrun {nodes}--nproc-per-node {local} {script} {options}"
 
 
 def report(result: dict, out: str, demo: bool, infer: str) -> None:

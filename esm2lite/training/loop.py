@@ -376,4 +376,4 @@ def stop_on_signals():
 def interrupted(run: Run, state: TrainState, stop: list):
     signum = stop[0] if stop else signal.SIGTERM
     raise TrainingInterrupted(f"{signal.Signals(signum).name}: stopped after step {state.step}; checkpoint saved in "
-                              f"{run.checkpointer.step_dir(state.step)}; continue with --resume", signum)
+                              f"{run.checkpointer.step_dir(state.step)}", signum)  # the command adds how to continue

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -100,10 +101,12 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(setup, tmp_path, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
     line = err.strip().splitlines()[-1]
-    assert f"{sig.name}: stopped after step" in line and "continue with --resume" in line
+    assert f"{sig.name}: stopped after step" in line, line
     step = int(line.split("after step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step_{step}" / "trainer_state.json").exists()
-    r = forkrun.run([TRAIN, *args(out), "--resume"])
+    command = line.split("; continue with: ")[1]  # the exact command, which needs only --out
+    assert shlex.split(command) == ["python", "train.py", "--out", str(out), "--resume"], command
+    r = forkrun.run([TRAIN, *shlex.split(command)[2:]])
     assert r.returncode == 0, r.stderr[-2000:]
     assert_equal_weights(final_weights(out), final_weights(ref))
 
