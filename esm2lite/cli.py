@@ -98,8 +98,8 @@ def out_of_memory_line(e: BaseException) -> str:
 
 def opt(default, help, group, **meta):
     """A config field that is also a command-line option (a dataclass default: built per instance).
-    meta: flag (instead of --field-name), choices, metavar, item_type (tuples), prefix and fields
-    (a nested config)."""
+    meta: flag (instead of --field-name), aliases (more flags), choices, metavar, item_type (tuples),
+    prefix and fields (a nested config)."""
     if isinstance(default, type):
         return dataclasses.field(default_factory=default, metadata={"help": help, "group": group, **meta})
     return dataclasses.field(default=default, metadata={"help": help, "group": group, **meta})
@@ -142,7 +142,7 @@ def _add(group, flag: str, dest: str, hint, default, meta) -> None:
         kw["choices"] = list(meta["choices"])
     elif kind is not bool:
         kw["metavar"] = meta.get("metavar", flag.lstrip("-").upper().replace("-", "_"))
-    group.add_argument(flag, **kw)
+    group.add_argument(flag, *meta.get("aliases", ()), **kw)
 
 
 def options_to_config(cls, args: argparse.Namespace):

@@ -51,3 +51,8 @@ def key_mismatch(expected: dict, got: dict, unexpected) -> str:
             shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
             clauses.append(f"{len(items)} {what}: {shown}")
     return "; ".join(clauses)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 sequence', '2 sequences' (words: an irregular plural) for messages people read."""
+    return f"{n} {word if n == 1 else words or word + 's'}"

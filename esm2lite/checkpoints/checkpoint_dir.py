@@ -32,7 +32,6 @@ from esm2lite.files.atomic import atomic_dir
 from esm2lite.weights.pretrained import check_keys
 from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import CheckpointError, Esm2liteError
-from esm2lite.tasks import head_from_config
 from esm2lite.checkpoints.modes import MODE
 from esm2lite.checkpoints.sharded import DIRNAME, has_sharded, load_sharded, read_sharded, save_sharded
 from esm2lite.checkpoints.spec import FORMAT, CheckpointSpec
@@ -245,25 +244,6 @@ def read_tensors(ckpt_dir: str, expected: dict | None = None) -> tuple[dict, dic
     encoder = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
     head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
     return encoder, head
-
-
-def load_model(ckpt_dir: str, dtype=None, device=None, base_path: str | None = None, merge: bool = False) -> TaskModel:
-    """Rebuild the task model a checkpoint holds (eval mode); base_path: where its base model is now.
-    merge: ready for prediction (LoRA adapters merged into the weights; the numbers are the same)."""
-    spec = read_spec(ckpt_dir)
-    mode = MODE[spec.mode]
-    tensors = read_tensors(ckpt_dir, mode.stored_shapes(spec))  # shapes from the verified config: bounded
-    verify(ckpt_dir)
-    if base_path:
-        spec.base.path = base_path
-    encoder = mode.load_encoder(spec, tensors[0], dtype, device, ckpt_dir)
-    try:
-        head = head_from_config(spec.head).to(device or "cpu")
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{os.path.join(ckpt_dir, CONFIG)}: bad head config ({e})") from None
-    model = load_weights(TaskModel(encoder, head, spec.labels, mode.frozen_encoder), ckpt_dir, tensors=tensors)
-    mode.for_inference(model.encoder, merge)
-    return model.eval()
 
 
 def load_weights(model: TaskModel, ckpt_dir: str, optimizer=None, tensors: tuple[dict, dict] | None = None) -> TaskModel:

@@ -41,9 +41,10 @@ class Mode:
         """{key: meta tensor} a stored checkpoint must hold, checked before loading (sharded only)."""
         return None
 
-    def load_encoder(self, spec, encoder_state: dict, dtype, device, source: str) -> ESM2:
-        """The encoder a checkpoint describes, before its trained tensors are copied in."""
-        return spec.base.load(dtype, device)
+    def load_encoder(self, spec, encoder_state: dict, dtype, device, source: str, read) -> ESM2:
+        """The encoder a checkpoint describes, before its trained tensors are copied in; read: how
+        its base is read (BaseRef.load)."""
+        return spec.base.load(dtype, device, read)
 
     def for_inference(self, encoder: ESM2, merge: bool) -> None:
         """Make the loaded encoder ready to predict (LoRA: merge the adapters unless told not to)."""
@@ -58,8 +59,8 @@ class LoRA(Mode):
     def encoder_state(self, encoder):
         return lora_state_dict(encoder)
 
-    def load_encoder(self, spec, encoder_state, dtype, device, source):
-        return apply_lora(spec.base.load(dtype, device), spec.lora)
+    def load_encoder(self, spec, encoder_state, dtype, device, source, read):
+        return apply_lora(spec.base.load(dtype, device, read), spec.lora)
 
     def for_inference(self, encoder, merge):
         if merge:
@@ -81,7 +82,7 @@ class Full(Mode):
         return {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
                 **{f"head.{k}": v for k, v in head.state_dict().items()}}
 
-    def load_encoder(self, spec, encoder_state, dtype, device, source):
+    def load_encoder(self, spec, encoder_state, dtype, device, source, read):
         return build_model(spec.model_config, encoder_state, [], source, resolve_dtype(dtype), torch.device(device or "cpu"))
 
 

@@ -184,10 +184,7 @@ class Checkpointer:
             return
         self._remove_leftovers()  # what a start that never reached a checkpoint left
         remove_dir(self.best)
-        remove_dir(self.plots)
-        for path in (self.summary, self.predictions("valid"), self.predictions("test")):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+        self._remove_end()
         write_json(self.config, {"format": RUN_FORMAT, **settings})
         write_text(self.metrics, "")
 
@@ -195,10 +192,7 @@ class Checkpointer:
         """A resumed run given a larger --steps/--epochs: the outputs of its old end go (they are rewritten
         at the new one), config.json takes the new length and lists every change of length, and
         metrics.jsonl says where it happened (a "lengthened" line at the step the run continues from)."""
-        remove_dir(self.plots)
-        for path in (self.summary, self.predictions("valid"), self.predictions("test")):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+        self._remove_end()
         saved, step = read_json(self.config), self.step_dirs()[-1][0]
         change = {"at_step": step, **{k: {"from": was, "to": now} for k, (was, now) in grown.items()}}
         new = {k: now for k, (_, now) in grown.items()}
@@ -206,6 +200,13 @@ class Checkpointer:
         self.log({"step": step, "split": "lengthened", **new})
         print(f"--resume: {self.out} is trained longer from step {step}: "
               + ", ".join(f"--{k} {was} -> {now}" for k, (was, now) in grown.items()), flush=True)
+
+    def _remove_end(self) -> None:
+        """What a run writes at its end (plots, summary, predictions): gone until the end is reached."""
+        remove_dir(self.plots)
+        for path in (self.summary, self.predictions("valid"), self.predictions("test")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
     def _take_lock(self, probe: bool = False) -> None:
         """Hold OUT/.lock (flock: released by the OS when the process ends, however it ends). probe:
@@ -375,42 +376,6 @@ def is_run_config(saved, has_log: bool) -> bool:
     legacy = "format" not in saved and isinstance(saved.get("grad_accum"), int) and \
         {"world_size", "out", "task", "mode"} <= saved.keys()
     return legacy and has_log
-
-
-def reader_inputs(run: str | None, checkpoint: str | None, base_path: str | None) -> list[Input]:
-    """What a command that reads a run's best/ (--run) or a checkpoint must never write into: that
-    checkpoint, the files of its run (--run, or the run that holds the checkpoint as best/ or
-    checkpoints/step_N), and the base model (--base-path, else the one recorded)."""
-    if not (run or checkpoint):
-        return []
-    ckpt, flag = (os.path.join(run, "best"), f"--run {run}") if run else (checkpoint, f"--checkpoint {checkpoint}")
-    found = [Input(ckpt, f"the checkpoint this command reads ({flag})")]
-    run = run or _run_holding(checkpoint)
-    if run:
-        found += [Input(os.path.join(run, name), f"a file of the run this command reads ({flag})") for name in OWN]
-    if base_path:
-        found.append(Input(base_path, f"the base model (--base-path {base_path})"))
-    else:
-        with contextlib.suppress(Esm2liteError):  # a damaged checkpoint is reported when it is loaded
-            recorded = ckpt_dir.read_spec(ckpt).base.path
-            found.append(Input(recorded, f"the base model of the checkpoint this command reads ({flag})"))
-    return found
-
-
-def _run_holding(checkpoint: str) -> str | None:
-    """The run directory whose best/ or checkpoints/step_N `checkpoint` is, if it is one."""
-    real = os.path.realpath(checkpoint)
-    name, parent = os.path.basename(real), os.path.dirname(real)
-    if name == "best":
-        run = parent
-    elif os.path.basename(parent) == "checkpoints":
-        run = os.path.dirname(parent)
-    else:
-        return None
-    with contextlib.suppress(Esm2liteError):
-        if is_run_config(read_json(os.path.join(run, "config.json")), os.path.exists(os.path.join(run, "metrics.jsonl"))):
-            return run
-    return None
 
 
 def _check_creatable(path: str) -> None:

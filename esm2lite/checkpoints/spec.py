@@ -43,12 +43,15 @@ class BaseRef:
     def where(self) -> str:
         return self.path or f"random {self.name} seed {self.seed}"
 
-    def load(self, dtype=None, device=None) -> ESM2:
-        """The base encoder; CheckpointError when its weights or config are not the recorded ones."""
+    def load(self, dtype=None, device=None, read=load_base) -> ESM2:
+        """The base encoder; CheckpointError when its weights or config are not the recorded ones.
+        read(path, dtype, device) -> (ESM2, WeightsHash): load_base reads a pretrained model;
+        checkpoints/loading.read_base also a fine-tuned esm2lite checkpoint (the base of a run
+        started from one)."""
         if self.sha256 and self.path and os.path.isabs(self.path) and not os.path.exists(self.path):
             raise CheckpointError(f"{self.path}: the base model this checkpoint was trained on is not there (moved or "
                                   "deleted?); give its new location with --base-path")
-        model, sha = load_base(self.path, dtype, device) if self.path else random_base(self.name, self.seed, dtype, device)
+        model, sha = read(self.path, dtype, device) if self.path else random_base(self.name, self.seed, dtype, device)
         differs = self.weights_difference(sha)
         if differs:
             raise CheckpointError(f"{self.where}: {differs}; adapters are made for another base model")

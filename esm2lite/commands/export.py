@@ -7,8 +7,9 @@ export holds).
 
 import os
 
-from esm2lite.checkpoints.checkpoint_dir import load_model, read_spec
-from esm2lite.checkpoints.run_dir import reader_inputs
+from esm2lite.checkpoints.checkpoint_dir import read_spec
+from esm2lite.checkpoints.loading import load_model
+from esm2lite.checkpoints.loading import reader_inputs
 from esm2lite.cli import OneLineParser, exit_process, run_main
 from esm2lite.errors import Esm2liteError
 from esm2lite.files.paths import check_output_dir

@@ -16,7 +16,12 @@ PROG = "esm2lite-train"
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
 DEMO_OUT = os.path.join("runs", "demo")
 DEMO_ARGS = ["--csv", os.path.join(DEMO_DIR, "demo.csv"), "--model", "esm2_t6_8M_UR50D", "--mode", "lora",
-             "--steps", "50", "--eval-every", "25", "--lr", "1e-3", "--out", DEMO_OUT, "--seed", "0"]
+             "--steps", "60", "--eval-every", "20", "--lr", "3e-3", "--batch-tokens", "1024", "--out", DEMO_OUT,
+             "--seed", "0"]
+DEMO_SAYS = ("No arguments: running the demo. A small ESM-2 (the 8M architecture, randomly initialised: no "
+             "download) with LoRA learns each sequence's GRAVY (mean Kyte-Doolittle hydropathy) from 96 made-up "
+             "sequences in 60 steps, and is scored every 20 steps on 24 held-out ones: watch the validation "
+             "loss fall and r2 rise. Under a minute on 2 CPU cores.")
 
 
 def parser(prog: str = PROG) -> OneLineParser:
@@ -39,8 +44,7 @@ def parser(prog: str = PROG) -> OneLineParser:
 def main(argv, prog: str = PROG) -> None:
     demo = not [a for a in argv if a != "--debug"]
     if demo:
-        print("No arguments: running the demo (10 sequences, target = length/100, a small randomly "
-              f"initialised ESM-2 with LoRA, 50 steps). `{prog} --help` shows real usage.", flush=True)
+        print(f"{DEMO_SAYS} `{prog} --help` shows real usage.", flush=True)
         if holds_a_run(DEMO_OUT):  # the previous demo run: ours to replace (anything else there is refused)
             remove_dir(DEMO_OUT)
         argv = DEMO_ARGS + argv
@@ -71,10 +75,18 @@ def continued(p: OneLineParser, argv: list[str], args):
     (run_dir.Checkpointer), except a longer --steps or --epochs: the run continues to the new end."""
     if not holds_a_run(args.out):
         return args
-    saved = saved_options(TrainConfig, read_json(os.path.join(args.out, "config.json")))
+    config = read_json(os.path.join(args.out, "config.json"))
+    saved = saved_options(TrainConfig, config)
     if args.steps is not None or args.epochs is not None:  # the length given replaces the run's
         for name in ("steps", "epochs"):
             vars(saved).pop(name, None)
+    ranks, was = int(os.environ.get("WORLD_SIZE", "1")), config.get("world_size")
+    if isinstance(was, int) and was != ranks and isinstance(config.get("grad_accum"), int) \
+            and config["grad_accum"] * was % ranks == 0:  # the same global batch on another number of ranks
+        saved.grad_accum = config["grad_accum"] * was // ranks
+        if "--grad-accum" not in argv and os.environ.get("RANK", "0") == "0":
+            print(f"--resume: {args.out} ran on {was} rank(s), this on {ranks}: --grad-accum {saved.grad_accum} "
+                  "keeps its batch per step", flush=True)
     return p.parse_args(argv, namespace=saved)
 
 
@@ -101,7 +113,7 @@ def report(result: dict, out: str, demo: bool, infer: str) -> None:
                                                      "predictions_test.csv", "plots")]
     print("wrote " + ", ".join(path for path in written if os.path.exists(path)))
     if demo:
-        print(f"demo run written to runs/demo/ — now try `{infer}`")
+        print(f"demo run written to runs/demo/ — now try `{infer}`: it predicts five new sequences with it")
 
 
 def console() -> None:

@@ -33,6 +33,12 @@ from esm2lite.model.tokenizer import Tokenizer
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid",
                  "dev": "valid", "test": "test"}
 FASTA_SUFFIXES = (".fa", ".fasta", ".faa", ".fas")
+# The id of every output row (training's predictions_*.csv, infer.py, esm2lite.predict): the id
+# column's value when the input has one (--id-column, else a column named "id"); else the FASTA
+# record's id (the rest of its header line in a "description" column); else the row's number among
+# the data rows, "1" for the first under the header (in Python, the sequence's place in the list,
+# from 1). Error messages count spreadsheet rows instead (the header is row 1).
+ID_RULE = "id column, else FASTA id, else the data row's number from 1"
 MASK_WORDS = ("mask", "resolved")  # column names that look like a per-residue mask
 
 
@@ -100,14 +106,15 @@ def require_columns(name, header, columns) -> None:
 
 
 def _records_from_rows(spec: DataSpec, name: str, rows) -> list[Record]:
+    """rows: (spreadsheet row, data row number, values), as _rows_of numbers them."""
     out = []
-    for rownum, values in rows:
+    for rownum, number, values in rows:
         target = spec.task.parse_target([values[c] for c in spec.target_columns],
                                         [where(name, rownum, c) for c in spec.target_columns])
         mask = values[spec.mask_column] if spec.mask_column is not None else None
         out.append(make_record(spec.task, values[spec.sequence_column], target, mask, name, rownum, "row",
                                spec.columns, spec.max_residues, spec.truncate))
-        out[-1].id = values.get(spec.id_column or "id")
+        out[-1].id = values.get(spec.id_column or "id", str(number))  # the id rule: ID_RULE
     return out
 
 
@@ -122,7 +129,7 @@ def _rows_of(spec: DataSpec, path, split_column=None, note=None) -> tuple[str, l
         (note or print)(f"WARNING: {path}: column {quoted(column)} looks like a per-residue mask, but no --mask-column "
                         f"was given, so every residue is trained on and scored; pass --mask-column {column} to leave "
                         "out the residues it marks 0")
-    return str(path), rows
+    return str(path), [(rownum, number, values) for number, (rownum, values) in enumerate(rows, start=1)]
 
 
 def unused_mask_columns(spec: DataSpec, header) -> list[str]:
@@ -139,16 +146,16 @@ def mask_like(columns) -> list[str]:
 
 
 def _split_rows(spec: DataSpec, csv_path, note=None) -> tuple[str, dict]:
-    """One CSV with a split column -> (name, {split: [(row number, values)]})."""
+    """One CSV with a split column -> (name, {split: [(spreadsheet row, data row number, values)]})."""
     name, rows = _rows_of(spec, csv_path, spec.split_column, note)
     by_split = {"train": [], "valid": [], "test": []}
-    for rownum, values in rows:
+    for rownum, number, values in rows:
         raw = values[spec.split_column]
         split = SPLIT_ALIASES.get(raw.lower())
         if split is None:
             raise DataError(f"{where(name, rownum, spec.split_column)}: split {quoted(raw)} is "
                             f"not one of train, valid (or validation/val/dev), test")
-        by_split[split].append((rownum, values))
+        by_split[split].append((rownum, number, values))
     if not by_split["train"]:
         raise DataError(f"{name}: split 'train' has no rows")
     return name, {s: r for s, r in by_split.items() if r}
@@ -183,7 +190,7 @@ def load_splits(spec: DataSpec, train=None, valid=None, test=None, csv=None, not
 def _check_role(column: str | None, name: str, rows, split: str) -> None:
     """A per-split file may hold a split column only when every row names that file's split: one
     whose rows say otherwise was meant to be split by it (--csv), not trained on whole."""
-    for rownum, values in rows:
+    for rownum, _, values in rows:
         raw = values.get(column) if column is not None else None
         if raw is not None and SPLIT_ALIASES.get(raw.lower()) != split:
             raise DataError(f"{where(name, rownum, column)}: split {quoted(raw)} in the --{split}-csv file, whose rows "
@@ -204,9 +211,9 @@ def data_format(path) -> tuple[bool, str | None]:
     return text.lstrip("\ufeff \t\r\n").startswith(">"), text
 
 
-def _csv_id(values: dict, id_column, rownum: int, name: str, seen: dict) -> str:
+def _csv_id(values: dict, id_column, rownum: int, number: int, name: str, seen: dict) -> str:
     if id_column is None:
-        return f"row{rownum}"
+        return str(number)
     sid = values[id_column]
     if sid == "":
         raise DataError(f"{where(name, rownum, id_column)}: empty id")
@@ -221,8 +228,8 @@ def read_sequences(path, sequence_column="sequence", id_column=None, max_residue
     """Sequences to score -> [(id, sequence)] in input order.
 
     FASTA (by suffix .fa/.fasta/.faa/.fas, or content starting with '>'), otherwise CSV
-    (.tsv/.tab: tab-separated). CSV ids come from `id_column`, or are "row<N>" with N the
-    spreadsheet row (header = 1). Every sequence is checked with the tokenizer (and against
+    (.tsv/.tab: tab-separated). CSV ids come from `id_column`, or are the row's number among the
+    data rows ("1" for the first row under the header): ID_RULE. Every sequence is checked with the tokenizer (and against
     max_residues unless truncate); ids must be unique.
     """
     fasta, text = data_format(path)
@@ -234,8 +241,8 @@ def read_sequences(path, sequence_column="sequence", id_column=None, max_residue
     if not rows:
         raise DataError(f"{name}: no data rows")
     out, seen = [], {}
-    for rownum, values in rows:
-        sid = _csv_id(values, id_column, rownum, name, seen)
+    for number, (rownum, values) in enumerate(rows, start=1):
+        sid = _csv_id(values, id_column, rownum, number, name, seen)
         here = where(name, rownum, sequence_column)
         check_length(encode_sequence(values[sequence_column], here), here, max_residues, truncate)
         out.append((sid, values[sequence_column]))
@@ -243,21 +250,21 @@ def read_sequences(path, sequence_column="sequence", id_column=None, max_residue
 
 
 def _fasta_records(text: str, name: str) -> list:
-    """-> [[id, header line, [(line number, residues of the line)]]]."""
+    """-> [[id, description, header line, [(line number, residues of the line)]]]."""
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         s = line.strip()
         if not s or s.startswith(";"):
             continue
         if s.startswith(">"):
-            words = s[1:].split()
+            words = s[1:].split(maxsplit=1)
             if not words:
                 raise DataError(f"{name}, line {lineno}, record {len(records) + 1}: header without an id")
-            records.append([words[0], lineno, []])
+            records.append([words[0], words[1].strip() if len(words) > 1 else "", lineno, []])
         elif not records:
             raise DataError(f"{name}, line {lineno}: sequence line before the first '>' header; is this a FASTA file?")
         else:
-            records[-1][2].append((lineno, "".join(s.split())))
+            records[-1][3].append((lineno, "".join(s.split())))
     if not records:
         raise DataError(f"{name}: no FASTA records")
     return records
@@ -277,17 +284,18 @@ def _bad_residue_line(msg: str, lines: list) -> int:
 
 
 def read_fasta(path, max_residues: int | None = None, truncate: bool = False,
-               text: str | None = None) -> list[tuple[str, str]]:
-    """FASTA -> [(id, sequence)] in file order.
+               text: str | None = None, described: bool = False) -> list[tuple]:
+    """FASTA -> [(id, sequence)] in file order; described: [(id, description, sequence)].
 
     Multi-line records, lowercase, blank lines, CRLF and a BOM are fine; id = first word of
-    the header; lines starting with ';' are comments. Errors name the record (1-based), its
+    the header, description = the rest of it ("" if none); lines starting with ';' are comments. Errors name the record (1-based), its
     id and the line: sequence lines before the first header, an empty header or record,
     duplicate ids, unknown residues.
     """
     name = str(path)
     out, seen = [], {}
-    for k, (sid, header_line, lines) in enumerate(_fasta_records(_text(path) if text is None else text, name), start=1):
+    for k, (sid, description, header_line, lines) in enumerate(_fasta_records(_text(path) if text is None else text, name),
+                                                               start=1):
         if sid in seen:
             j, first_line = seen[sid]
             raise DataError(f"{name}: duplicate id {quoted(sid)} in record {j} (line {first_line}) "
@@ -303,5 +311,5 @@ def read_fasta(path, max_residues: int | None = None, truncate: bool = False,
             raise DataError(f"{name}, record {k} ({quoted(sid)}), line {_bad_residue_line(msg, lines)}: "
                             f"{msg}") from None
         check_length(tokens, f"{name}, record {k} ({quoted(sid)}, line {header_line})", max_residues, truncate)
-        out.append((sid, seq))
+        out.append((sid, description, seq) if described else (sid, seq))
     return out

@@ -151,6 +151,7 @@ def records_from_pairs(pairs, task=DEFAULT_TASK, source="<memory>", max_residues
     for i, pair in enumerate(pairs):
         n_targets = len(out[0].target) if out and task.multi_target else None
         out.append(_record_from_pair(pair, task, source, i, n_targets, max_residues, truncate))
+        out[-1].id = str(i + 1)  # reading.ID_RULE: the place in the list, from 1
     if not out:
         raise DataError(f"{source}: no data")
     return out

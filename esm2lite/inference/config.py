@@ -16,7 +16,8 @@ MODEL, IO, SCORE, RUNNING = "model (give one)", "input and output", "zero-shot v
 
 @dataclass
 class InferConfig:
-    run: str | None = opt(None, "a train.py output directory (uses RUN/best)", MODEL, metavar="DIR")
+    run: str | None = opt(None, "a train.py output directory (uses RUN/best); under torchrun write --run-dir, as "
+                          "torchrun takes --run for its own --run-path", MODEL, metavar="DIR", aliases=("--run-dir",))
     checkpoint: str | None = opt(None, "a checkpoint directory (e.g. RUN/best or RUN/checkpoints/step_500)", MODEL,
                                  metavar="DIR")
     base: str | None = opt(None, "a plain pretrained ESM-2 (HF dir, fair-esm .pt, hub id): embeddings, or --score "
@@ -28,6 +29,9 @@ class InferConfig:
                                       "mutated_sequence)", IO, metavar="COLUMN")
     id_column: str | None = opt(None, "CSV column with sequence ids (default: a column named id, else row numbers)",
                                 IO, metavar="COLUMN")
+    split_column: str | None = opt(None, "CSV column grouping the rows (train, valid, test, ...): metrics are "
+                                   "reported for each group and for all rows (default: a column named split, if "
+                                   "any)", IO, metavar="COLUMN")
     output: str | None = opt(None, "CSV to write: id, sequence, the input's other columns, the predictions (--score: "
                              "the input's columns and the score); metrics go beside it (preds.csv -> "
                              "preds.metrics.json)", IO, metavar="CSV")

@@ -49,6 +49,14 @@ def run_batches(model: TaskModel, records, batch_tokens: int, precision: str = "
     tensors in INPUT ORDER ([n_outputs], or [T_i, n_classes] for per-residue tasks, T_i = that
     record's tokens); loss, when with_loss (records need targets), is the task's loss summed over
     every unit of the split divided by their number."""
+    outputs, loss_sum, units = forward_all(model, records, batch_tokens, precision, desc, with_loss, d)
+    return outputs, (loss_sum / max(units, 1) if with_loss else None)
+
+
+@torch.no_grad()
+def forward_all(model: TaskModel, records, batch_tokens: int, precision: str, desc: str | None, with_loss: bool,
+                d: Dist | None = None) -> tuple[list, float, int]:
+    """run_batches, with the loss as (sum over the units, number of units)."""
     d = d or Dist()
     was_training = model.training
     model.eval()
@@ -60,7 +68,7 @@ def run_batches(model: TaskModel, records, batch_tokens: int, precision: str = "
             for i, row in zip(idx, rows):
                 outputs[i] = row
     model.train(was_training)
-    return outputs, (loss_sum / max(units, 1) if with_loss else None)
+    return outputs, loss_sum, units
 
 
 def evaluate(model: TaskModel, records, batch_tokens: int, precision: str, split: str, d: Dist | None = None) -> dict:
@@ -74,6 +82,28 @@ def score(model: TaskModel, records, batch_tokens: int, precision: str, split: s
     labels = model.labels
     labels.check(records)
     return finite(split, {"loss": loss, **labels.task.split_metrics(labels, records, outputs)}, outputs), outputs
+
+
+def score_groups(model: TaskModel, records, groups: dict[str, list[int]], batch_tokens: int, precision: str,
+                 d: Dist | None = None) -> tuple[dict, dict, list]:
+    """An input whose rows fall in groups (infer.py's split column): each group forwarded and scored
+    as a split of its own, so its numbers are those of its rows scored alone; and every row ("all":
+    the loss summed over every group's units and divided once, the metrics on every output).
+    -> ({"all": metrics, group: metrics...}, {the same keys: their records}, outputs in input order)."""
+    labels = model.labels
+    labels.check(records)
+    outputs, metrics, parts, total, units = [None] * len(records), {}, {"all": records}, 0.0, 0
+    for name, idx in groups.items():
+        part = [records[i] for i in idx]
+        outs, loss_sum, n = forward_all(model, part, batch_tokens, precision, f"eval {name}", True, d)
+        for i, out in zip(idx, outs):
+            outputs[i] = out
+        metrics[name] = finite(name, {"loss": loss_sum / max(n, 1), **labels.task.split_metrics(labels, part, outs)},
+                               outs)
+        parts[name], total, units = part, total + loss_sum, units + n
+    every = finite("input", {"loss": total / max(units, 1), **labels.task.split_metrics(labels, records, outputs)},
+                   outputs)
+    return {"all": every, **metrics}, parts, outputs
 
 
 def finite(split: str, metrics: dict, outputs) -> dict:
@@ -96,7 +126,7 @@ def finite(split: str, metrics: dict, outputs) -> dict:
 
 
 def prediction_rows(labels: LabelSpace, records, outputs) -> list[dict]:
-    """One row per record, in input order: its row (and id), sequence, then its task's columns: the
+    """One row per record, in input order: its id (reading.ID_RULE), sequence, then its task's columns: the
     true value(s) and the prediction(s) (tasks: Task.predictions_row)."""
-    return [{records[0].row_name: r.row, **({"id": r.id} if records[0].id is not None else {}), "sequence": r.sequence,
+    return [{"id": r.id, "sequence": r.sequence,
              **labels.task.predictions_row(labels, r, out)} for r, out in zip(records, outputs)]

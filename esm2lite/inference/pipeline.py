@@ -13,13 +13,13 @@ label columns: then training's evaluation scores them too, from the same forward
 
 import os
 
-from esm2lite.checkpoints.checkpoint_dir import load_model
-from esm2lite.errors import CheckpointError, Esm2liteError
+from esm2lite.checkpoints.loading import load_model
+from esm2lite.errors import CheckpointError, DataError, Esm2liteError, plural
 from esm2lite.files.atomic import csv_text, json_text, write_together
 from esm2lite.inference import embed
 from esm2lite.inference import table as tables
 from esm2lite.inference.config import InferConfig
-from esm2lite.inference.evaluate import run_batches, score
+from esm2lite.inference.evaluate import run_batches, score, score_groups
 from esm2lite.inference.outputs import check_outputs, print_demo_table, say_windows, write_predictions
 from esm2lite.inference.score_file import read_wildtype, score_file
 from esm2lite.model.task_model import TaskModel
@@ -45,12 +45,22 @@ def run(cfg: InferConfig, demo: bool = False) -> None:
 
 
 def predict(checkpoint, sequences, ids=None, batch_tokens: int = 8192, precision: str = "auto", device=None,
-            merge: bool = True, max_residues: int | None = 1022, truncate: bool = False) -> list[dict]:
+            merge: bool = True, max_residues: int | None = 1022, truncate: bool = False,
+            sequence_column: str | None = None, id_column: str | None = None) -> list[dict]:
     """Notebook API: a checkpoint directory (or a loaded TaskModel, used as it is) and sequences ->
-    the rows infer.py writes: {"id", "sequence", prediction columns...} (ids: "item0", "item1", ...
-    unless given; with truncate, "residues_scored")."""
+    the rows infer.py writes: {"id", "sequence", prediction columns...}; with truncate, "residues_scored".
+
+    sequences: a list of sequences (ids "1", "2", ... unless given), or the path of a CSV or FASTA
+    file, read as infer.py reads --input (its other columns kept; ids by reading.ID_RULE)."""
     model = checkpoint if isinstance(checkpoint, TaskModel) else load_model(checkpoint, device=device, merge=merge)
-    table = tables.in_memory(list(sequences), ids)
+    if isinstance(sequences, (str, os.PathLike)):
+        if ids is not None:
+            raise DataError(f"{sequences}: a file's ids come from the file (id_column=...), not from ids=")
+        table = tables.read_table(sequences, sequence_column, id_column)
+    else:
+        if (sequence_column, id_column) != (None, None):
+            raise DataError("sequence_column and id_column name columns of a file; give sequences as its path")
+        table = tables.in_memory(list(sequences), ids)
     cfg = InferConfig(batch_tokens=batch_tokens, precision=precision, truncate=truncate,
                       max_residues=max_residues if max_residues is not None else 10**9)
     return predictions(cfg, Dist(), table, model)["rows"]
@@ -85,19 +95,30 @@ def prepare(cfg: InferConfig, table, model) -> tuple:
 
 
 def predictions(cfg: InferConfig, d: Dist, table, model: TaskModel) -> dict:
-    """-> {"rows", "residues", "metrics", "cut"}: what rank 0 writes."""
+    """-> {"rows", "residues", "metrics", "report", "cut"}: what rank 0 writes. metrics: {"all": ...,
+    and each split's when the input has a split column}; report: the task's per class and confusion
+    matrix (classification), keyed alike."""
     with distributed.same_error(d):
         records, labelled = prepare(cfg, table, model)
-    if labelled:  # training's evaluation of these rows: its loss and metrics, and the outputs
-        metrics, outputs = score(model, records, cfg.batch_tokens, cfg.precision, "input", d)
-    else:
-        metrics, (outputs, _) = None, run_batches(model, records, cfg.batch_tokens, cfg.precision, "predict", d=d)
     labels = model.labels
+    metrics, report, groups = None, None, {}
+    if labelled:  # training's evaluation of these rows (each split of them, and all): loss, metrics, outputs
+        groups = tables.split_groups(table, cfg.split_column)
+        if groups:
+            metrics, parts, outputs = score_groups(model, records, groups, cfg.batch_tokens, cfg.precision, d)
+            outputs_by = {"all": outputs, **{name: [outputs[i] for i in idx] for name, idx in groups.items()}}
+        else:
+            every, outputs = score(model, records, cfg.batch_tokens, cfg.precision, "input", d)
+            metrics, parts, outputs_by = {"all": every}, {"all": records}, {"all": outputs}
+        report = labels.task.report(labels, parts, outputs_by)  # per class and confusion matrix, as summary.json
+    else:
+        outputs, _ = run_batches(model, records, cfg.batch_tokens, cfg.precision, "predict", d=d)
     predicted = [labels.task.prediction(labels, out) for out in outputs]
     rows = tables.output_rows(table, records, predicted, cfg.truncate)
     residues = tables.residue_rows(table, records, outputs, labels) if cfg.residue_probs else None
     cut = sum(1 for r in records if len(r.tokens) - 2 < len(tables.residues(r.sequence, ""))) if cfg.truncate else 0
-    return {"rows": rows, "residues": residues, "metrics": metrics, "cut": cut}
+    return {"rows": rows, "residues": residues, "metrics": metrics, "report": report, "cut": cut,
+            "split_rows": {name: len(idx) for name, idx in groups.items()}}
 
 
 def predict_and_write(cfg: InferConfig, d: Dist, device, demo: bool) -> None:
@@ -106,7 +127,8 @@ def predict_and_write(cfg: InferConfig, d: Dist, device, demo: bool) -> None:
     model, encoder = load(cfg, device)
     too_deep = [i for i in cfg.layers or () if i > encoder.config.num_layers]
     if cfg.embeddings and too_deep:
-        raise Esm2liteError(f"--layers {too_deep}: this model has layers 0..{encoder.config.num_layers}")
+        raise Esm2liteError(f"--layers {' '.join(map(str, too_deep))}: this model's layers are 0 (input embeddings) "
+                            f"to {encoder.config.num_layers}")
     out = predictions(cfg, d, table, model) if (cfg.output or cfg.residue_probs) else {}
     if cfg.embeddings:
         tensors, info = embed.embed_any(encoder, table.ids, table.sequences, cfg.max_residues, cfg.truncate,
@@ -115,7 +137,7 @@ def predict_and_write(cfg: InferConfig, d: Dist, device, demo: bool) -> None:
         write_predictions(cfg, out, table)
         if cfg.embeddings:
             embed.write_embeddings(cfg.embeddings, tensors, table.ids, info)
-            print(f"wrote embeddings of {len(table.ids)} sequences to {cfg.embeddings}")
+            print(f"wrote embeddings of {plural(len(table.ids), 'sequence')} to {cfg.embeddings}")
             say_windows(cfg, info)
         if demo:
             print_demo_table(out["rows"])

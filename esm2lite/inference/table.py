@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from esm2lite.errors import DataError, quoted
 from esm2lite.tasks.labels import LabelSpace
-from esm2lite.data.reading import data_format, mask_like, read_csv, read_fasta, require_columns
+from esm2lite.data.reading import SPLIT_ALIASES, data_format, mask_like, read_csv, read_fasta, require_columns
 from esm2lite.data.records import Record, encode_sequence, make_record, where
 from esm2lite.model.tokenizer import EOS, TOKENS
 
@@ -47,8 +47,8 @@ class Table:
 
 
 def _csv_ids(name: str, rows, id_column: str | None) -> list[str]:
-    if id_column is None:
-        return [f"row{n}" for n, _ in rows]
+    if id_column is None:  # reading.ID_RULE: the data row's number, from 1
+        return [str(k) for k in range(1, len(rows) + 1)]
     ids, seen = [], {}
     for n, values in rows:
         sid = values[id_column]
@@ -71,9 +71,9 @@ def read_table(path, sequence_column: str | None = None, id_column: str | None =
         for flag, value in (("--sequence-column", sequence_column), ("--id-column", id_column)):
             if value is not None:
                 raise DataError(f"{name}: is FASTA (ids and sequences come from its records), so {flag} has no use")
-        pairs = read_fasta(path, text=text)
-        return Table(name, [i for i, _ in pairs], [s for _, s in pairs], list(range(1, len(pairs) + 1)), "record",
-                     None, [], [{} for _ in pairs])
+        records = read_fasta(path, text=text, described=True)  # (id, description, sequence)
+        return Table(name, [i for i, _, _ in records], [s for _, _, s in records], list(range(1, len(records) + 1)),
+                     "record", None, ["description"], [{"description": d} for _, d, _ in records])
     header, rows = read_csv(path, text)
     seq_col = sequence_column or "sequence"
     if id_column is None and "id" in header and seq_col != "id":
@@ -91,9 +91,9 @@ def read_table(path, sequence_column: str | None = None, id_column: str | None =
 
 
 def in_memory(sequences: list[str], ids=None) -> Table:
-    """Sequences given in Python -> a Table: source "<memory>", items counted from 0, ids "item0",
-    "item1", ... unless given (unique, one per sequence)."""
-    ids = [f"item{k}" for k in range(len(sequences))] if ids is None else [str(i) for i in ids]
+    """Sequences given in Python -> a Table: source "<memory>", items counted from 0 (in messages),
+    ids "1", "2", ... (reading.ID_RULE) unless given (unique, one per sequence)."""
+    ids = [str(k) for k in range(1, len(sequences) + 1)] if ids is None else [str(i) for i in ids]
     if len(ids) != len(sequences):
         raise DataError(f"<memory>: {len(ids)} ids for {len(sequences)} sequences")
     seen = {}
@@ -184,6 +184,24 @@ def prediction_records(table: Table, labels: LabelSpace, max_residues: int, trun
     if labelled:
         labels.check(out)  # a class unseen in training: one line naming the row, before any forward
     return out
+
+
+def split_groups(table: Table, column: str | None) -> dict[str, list[int]]:
+    """{group: row indices} by the split column (`column`, else one named "split" if the CSV has it;
+    train, valid and test first, as training names them: validation/val/dev are valid), or {}."""
+    if column is not None and table.sequence_column is None:
+        raise DataError(f"{table.source}: is FASTA (no columns), so --split-column has no use")
+    if column is not None and column not in table.kept:
+        raise DataError(f"{table.source}: no column {quoted(column)} (--split-column); the columns are: "
+                        f"{', '.join(quoted(c) for c in [table.sequence_column, *table.kept])}")
+    column = column or ("split" if "split" in table.kept else None)
+    if column is None:
+        return {}
+    groups = {"train": [], "valid": [], "test": []}
+    for k, values in enumerate(table.values):
+        raw = values[column].strip()
+        groups.setdefault(SPLIT_ALIASES.get(raw.lower(), raw or "(blank)"), []).append(k)
+    return {name: idx for name, idx in groups.items() if idx}
 
 
 def output_rows(table: Table, records, predictions: list[dict], truncate: bool) -> list[dict]:

@@ -36,9 +36,12 @@ from esm2lite.checkpoints.modes import MODE
 from esm2lite.training.optim import lr_at, make_optimizer, set_lr
 from esm2lite.data.reading import load_splits
 from esm2lite.data.records import DataSpec
+from esm2lite.checkpoints.loading import finetuned_dir, load_start
+from esm2lite.training import start
 from esm2lite.checkpoints.spec import BaseRef, CheckpointSpec
 from esm2lite.model.task_model import TaskModel
 from esm2lite.training.config import TrainConfig
+from esm2lite.weights.pretrained import load_base
 
 @dataclass
 class TrainState:
@@ -82,6 +85,11 @@ class Run:
     @property
     def amp(self):
         return amp_dtype_for(self.cfg.precision, self.device)
+
+    @property
+    def started_from(self) -> bool:
+        """Begun from a fine-tuned model (--checkpoint RUN/best): its step 0 is logged (start.validate)."""
+        return finetuned_dir(self.spec.base.path) is not None
 
     @property
     def eval_every(self) -> int:
@@ -144,13 +152,15 @@ def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> tuple[TaskModel
     """The base encoder with the mode's trainable parameters and a fresh head, seeded by cfg.seed;
     and the spec its checkpoints will carry."""
     torch.manual_seed(cfg.seed)
-    local = cfg.checkpoint and os.path.exists(cfg.checkpoint)  # stored absolute: found again from any directory
-    base = (BaseRef(path=os.path.abspath(cfg.checkpoint) if local else cfg.checkpoint) if cfg.checkpoint
-            else BaseRef(name=cfg.model, seed=cfg.seed))
+    path = finetuned_dir(cfg.checkpoint)  # a fine-tuned model (a run directory: its best/), or None
+    base = BaseRef(path=path or cfg.checkpoint) if cfg.checkpoint else BaseRef(name=cfg.model, seed=cfg.seed)
     if cfg.model:
         print(f"WARNING: --model {cfg.model}: the encoder is RANDOMLY INITIALISED, not pretrained. "
               "Pass --checkpoint for pretrained ESM-2 weights.", flush=True)
-    encoder = base.load(device=device)
+    begun = load_start(path, device=device) if path else None  # (that TaskModel, its identity)
+    encoder = base.load(device=device, read=(lambda *_: (begun[0].encoder, begun[1])) if begun else load_base)
+    if cfg.checkpoint and os.path.exists(base.path):  # loaded as typed: messages name the path the user gave
+        base.path = os.path.abspath(base.path)  # recorded absolute: found again from any directory
     mode = MODE[cfg.mode]
     try:
         mode.prepare(encoder, cfg.lora)
@@ -159,6 +169,8 @@ def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> tuple[TaskModel
                             "BioNeMo's layer_selection counts from 1)") from None
     encoder.activation_checkpointing = cfg.activation_checkpointing
     head = labels.task.head(encoder.config.d_model, labels.num_outputs, cfg.head_hidden, cfg.head_dropout)
+    if begun:
+        start.announce(cfg.checkpoint, path, start.take_head(begun[0], head, labels))
     spec = CheckpointSpec(cfg.mode, labels, head.config, cfg.lora if mode.uses_lora else None, encoder.config, base)
     return TaskModel(encoder, head.to(device), labels, frozen_encoder=mode.frozen_encoder), spec
 
@@ -207,6 +219,8 @@ def fit(run: Run, state: TrainState, start_time: float) -> dict:
     bar = tqdm(total=run.total, initial=state.step, desc="train", dynamic_ncols=True,
                disable=None if d.main else True)  # None: shown on a terminal only (stderr is for errors)
     try:
+        if state.step == 0 and run.started_from:
+            start.validate(run, bar)
         with stop_on_signals() as stop:
             while state.step < run.total:
                 train_step(run, state)

@@ -71,6 +71,10 @@ FAIR_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 # file's own names (before any renaming), reported once as ignored.
 HF_TASK_HEADS = re.compile(r"^((esm|model)\.)?(pooler|contact_head)\.|^classifier\.")
 FAIR_TASK_HEADS = re.compile(r"^contact_head\.")
+# Of those, what every hub file carries: the contact head (EsmForMaskedLM, EsmModel, fair-esm) and
+# EsmModel's pooler, neither trained by anything a user ran. Left out without a word; a classifier
+# is someone's trained head, and is named when it is left out.
+EXPECTED_HEADS = re.compile(r"^((esm|model)\.)?(pooler|contact_head)\.")
 
 
 def split_task_heads(tensors: dict, pattern: re.Pattern) -> tuple[dict, list]:

@@ -30,7 +30,7 @@ from esm2lite.files.atomic import atomic_dir
 from esm2lite.model.config import ESM2Config, read_json_object
 from esm2lite.errors import CheckpointError, key_mismatch
 from esm2lite.weights.layouts import (FAIR_IGNORED, FAIR_NAMES, FAIR_PREFIX, FAIR_TASK_HEADS, FAIR_TIED, HF_IGNORED, HF_NAMES,
-                      HF_TASK_HEADS, HF_TIED, has_lm_head, normalize_hf, split_task_heads, to_esm2lite_keys)
+                      EXPECTED_HEADS, HF_TASK_HEADS, HF_TIED, has_lm_head, normalize_hf, split_task_heads, to_esm2lite_keys)
 from esm2lite.model.esm2 import ESM2
 from esm2lite.weights.names import rename
 from esm2lite.model.tokenizer import TOKENS
@@ -222,11 +222,13 @@ def read_checkpoint(path: str) -> Loaded:
 
 def report_ignored(source: str, ignored: list) -> None:
     """One line on stdout, as the CLIs' other notices (stderr is for errors), rank 0 only under
-    torchrun, written at once: the task-head weights that were not loaded."""
+    torchrun, written at once: the task-head weights that were not loaded, but for the contact head
+    and pooler every hub file carries (EXPECTED_HEADS)."""
+    ignored = [k for k in ignored if not EXPECTED_HEADS.match(k)]
     if ignored and os.environ.get("RANK", "0") == "0":
         shown = ", ".join(ignored[:8]) + (f", ... ({len(ignored) - 8} more)" if len(ignored) > 8 else "")
         sys.stdout.write(f"warning: {source}: ignored {len(ignored)} task-head weights that are not part of "
-                         f"the ESM-2 encoder: {shown}\n")
+                         f"the encoder: {shown}\n")
         sys.stdout.flush()
 
 

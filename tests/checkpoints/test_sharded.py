@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import oracles
-from esm2lite.checkpoints.checkpoint_dir import load_model, load_weights
+from esm2lite.checkpoints.checkpoint_dir import load_weights
+from esm2lite.checkpoints.loading import load_model
 from esm2lite.errors import CheckpointError
 from esm2lite.data.records import records_from_pairs
 from esm2lite.training.loop import TrainConfig, train_model

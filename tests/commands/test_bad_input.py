@@ -385,7 +385,7 @@ CASES = [
          ["{d}/pred.csv"]),
     Case("infer_layers_too_deep", {"in.fasta": FASTA},
          ["infer", "--run", "{run}", "--input", "{d}/in.fasta", "--embeddings", "{d}/emb.safetensors", "--layers", "9"],
-         ["--layers [9]", "layers 0..2"], ["{d}/emb.safetensors"]),
+         ["--layers 9:", "layers are 0 (input embeddings) to 2"], ["{d}/emb.safetensors"]),
     Case("infer_batch_tokens_zero", {"in.fasta": FASTA},
          infer("--run", "{run}", "--input", "{d}/in.fasta", "--batch-tokens", "0"), ["--batch-tokens", "positive"],
          ["{d}/pred.csv"]),

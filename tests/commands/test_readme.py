@@ -74,7 +74,7 @@ def test_bionemo_regression_tutorial(workdir, hf_tiny, forkrun):
     summary = json.load(open(workdir / "runs" / "tutorial" / "summary.json"))
     assert summary["task"] == "regression" and summary["best_metric"] == "loss" and summary["valid"]["mse"] >= 0
     rows = (workdir / "preds.csv").read_text().splitlines()
-    assert rows[0].startswith("id,sequence,prediction") and len(rows) == 1 + 4  # the four demo sequences
+    assert rows[0].startswith("id,sequence,description,prediction") and len(rows) == 1 + 4  # the tutorial's four FASTA records
 
 
 def test_lora_secondary_structure(workdir, hf_tiny, forkrun):

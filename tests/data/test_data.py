@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from esm2lite.data.batching import collate, make_batches
+from esm2lite.demo import make_data
 from esm2lite.tasks.labels import LabelSpace
 from esm2lite.data.reading import load_splits, read_fasta, read_sequences
 from esm2lite.data.records import DataSpec, records_from_pairs
@@ -183,13 +184,35 @@ def test_per_split_files(tmp_path):
         load_splits(DataSpec(), valid=va)  # train is required
 
 
-def test_demo_csv():
+def test_demo_data(tmp_path):
+    """demo.csv: 96 train and 24 held-out valid rows, each target the sequence's GRAVY, checked against
+    the Kyte-Doolittle scale written out here (Kyte & Doolittle 1982, Table 2); predict.fasta: five
+    sequences, their GRAVY in the description. make_data.py rewrites both files exactly."""
+    kd = dict(zip("ARNDCQEGHILKMFPSTWYV", (1.8, -4.5, -3.5, -3.5, 2.5, -3.5, -3.5, -0.4, -3.2, 4.5, 3.8, -3.9, 1.9,
+                                           2.8, -1.6, -0.8, -0.7, -0.9, -1.3, 4.2)))
     out = load_splits(DataSpec(split_column="split"), csv=str(DEMO / "demo.csv"))
+    assert len(out["train"]) == 96 and len(out["valid"]) == 24 and "test" not in out
+    assert not {r.sequence for r in out["train"]} & {r.sequence for r in out["valid"]}
+    for r in out["train"] + out["valid"]:
+        assert r.target[0] == pytest.approx(sum(kd[c] for c in r.sequence) / len(r.sequence), abs=5e-5)  # 4 decimals
+    fasta = read_fasta(str(DEMO / "predict.fasta"))
+    assert len(fasta) == 5 and len({len(s) for _, s in fasta}) == 5
+    headers = [line for line in (DEMO / "predict.fasta").read_text().splitlines() if line.startswith(">")]
+    for (_, seq), header in zip(fasta, headers):
+        assert header.endswith(f"GRAVY {sum(kd[c] for c in seq) / len(seq):.2f}")
+    make_data.main(str(tmp_path))
+    for name in ("demo.csv", "predict.fasta"):
+        assert (tmp_path / name).read_bytes() == (DEMO / name).read_bytes()
+
+
+def test_bionemo_tutorial_data():
+    """README Walkthrough 1: BioNeMo's ten sequences, target length / 100, validated on themselves."""
+    out = load_splits(DataSpec(split_column="split"), csv=str(DEMO / "bionemo_tutorial.csv"))
     assert len(out["train"]) == len(out["valid"]) == 10 and "test" not in out
     for r in out["train"]:
         assert math.isclose(r.target[0], len(r.sequence) / 100)
     assert [r.sequence for r in out["train"]] == [r.sequence for r in out["valid"]]
-    fasta = read_fasta(str(DEMO / "predict.fasta"))
+    fasta = read_fasta(str(DEMO / "bionemo_tutorial.fasta"))
     assert len(fasta) == 4 and len({len(s) for _, s in fasta}) == 4
 
 
@@ -348,7 +371,7 @@ def test_fasta_errors(tmp_path):
 
 def test_read_sequences_csv(tmp_path):
     p = write(tmp_path, "in.csv", "name,sequence\nfoo,MKV\nbar,LLA\n")
-    assert read_sequences(p) == [("row2", "MKV"), ("row3", "LLA")]
+    assert read_sequences(p) == [("1", "MKV"), ("2", "LLA")]  # the data rows' numbers
     assert read_sequences(p, id_column="name") == [("foo", "MKV"), ("bar", "LLA")]
     p = write(tmp_path, "bad.csv", "name,sequence\nfoo,MKV\nbar,LBJ\n")
     assert error(read_sequences, p) == f"{p}, row 3, column 'sequence': unknown residue 'J' at position 3"

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import oracles
 from esm2lite.cli import run_main
-from esm2lite.checkpoints.checkpoint_dir import load_model
+from esm2lite.checkpoints.loading import load_model
 from esm2lite.model.heads import mean_pool
 from esm2lite import predict
 from esm2lite.model.lora import LoRAConfig, lora_modules
@@ -131,7 +131,7 @@ def test_predictions_recompute_the_summary_test_metrics(run, tmp_path, forkrun):
     preds = read_preds(out)
     truth = list(csv.DictReader(open(run["test"])))
     assert [p["sequence"] for p in preds] == [t["sequence"] for t in truth]  # input order
-    assert [p["id"] for p in preds] == [f"row{i + 2}" for i in range(len(truth))]
+    assert [p["id"] for p in preds] == [str(i + 1) for i in range(len(truth))]  # no id column: data row numbers
     y_hat = [float(p["prediction"]) for p in preds]
     y = [float(t["target"]) for t in truth]
     summary = json.load(open(os.path.join(run["run"], "summary.json")))["test"]
@@ -367,9 +367,15 @@ def test_demo_trains_if_needed_then_predicts(tmp_path, forkrun):
     ids = [sid for sid, _ in read_sequences(str(ROOT / "esm2lite" / "demo" / "predict.fasta"))]
     rows = read_preds(demo / "predictions.csv")
     assert [row["id"] for row in rows] == ids
-    assert all(float(row["prediction"]) == float(row["prediction"]) for row in rows)  # not NaN
+    truth = [float(line.rsplit(" ", 1)[1]) for line in (ROOT / "esm2lite" / "demo" / "predict.fasta").read_text()
+             .splitlines() if line.startswith(">")]  # each description ends with the sequence's true GRAVY
+    predicted = [float(row["prediction"]) for row in rows]
+    order = lambda values: sorted(range(len(values)), key=values.__getitem__)  # noqa: E731
+    assert order(predicted) == order(truth), (predicted, truth)  # it learned: the new sequences rank as GRAVY does
     table = [line for line in r.stdout.splitlines() if line.strip().split(" ")[0] in ids]
-    assert len(table) == len(ids)
+    assert len(table) == len(ids) and "the predictions rank the sequences as their true GRAVY does" in r.stdout
+    valid = [x for x in map(json.loads, open(demo / "metrics.jsonl")) if x["split"] == "valid"]
+    assert valid[-1]["loss"] < 0.2 * valid[0]["loss"] and valid[-1]["r2"] > 0.9, valid  # on held-out sequences
     # a second run reuses the trained model
     r2 = forkrun.run([INFER], cwd=tmp_path)
     assert r2.returncode == 0 and "training the demo first" not in r2.stdout

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from esm2lite.checkpoints.checkpoint_dir import load_model
+from esm2lite.checkpoints.loading import load_model
 from esm2lite.inference.evaluate import evaluate
 from esm2lite import predict
 from esm2lite.data.reading import load_splits
@@ -221,7 +221,7 @@ def test_truncate_says_how_many_residues_and_scores_like_training(per_residue, t
     assert [int(r["residues_scored"]) for r in rows] == [min(len(r["sequence"]), 20) for r in rows]
     assert [len(r["prediction"]) for r in rows] == [int(r["residues_scored"]) for r in rows]
     cut = sum(len(r["sequence"]) > 20 for r in rows)
-    assert cut > 0 and f"--truncate: {cut} sequence(s) cut to 20 residues" in stdout
+    assert cut > 0 and f"--truncate: {cut} sequences cut to 20 residues" in stdout
     spec = DataSpec(task="token-classification", target_columns=("ss",), mask_column="resolved", max_residues=20,
                     truncate=True)
     records = load_splits(spec, train=per_residue["test"])["train"]  # training's reading of these rows

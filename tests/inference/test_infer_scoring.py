@@ -226,7 +226,7 @@ def test_2000_residues_embed_without_truncate_at_the_real_limit(tmp_path, fair_t
     oracles.assert_fp32_close(tensors["mean/2/long"], h.mean(0), 64, what="mean/2/long")
     short = [fair_hidden(r, fair_tokens(seq[:40]), [2])[2][1:41] for r in refs]  # under the limit: the plain forward
     oracles.assert_fp32_agrees(tensors["per_residue/2/short"], *short, what="per_residue/2/short")
-    assert "1 sequence(s) over 1022 residues embedded in overlapping windows" in stdout
+    assert "1 sequence over 1022 residues embedded in overlapping windows" in stdout
 
 
 def test_embeddings_over_a_small_limit_equal_the_library_and_under_it_are_unwindowed(tmp_path, fair_tiny, ours,

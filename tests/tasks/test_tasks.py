@@ -207,7 +207,7 @@ def per_residue_metrics_do_not_depend_on_batching(checkpoint, data, summary_test
     run one sequence at a time (cross-entropy summed over labelled residues / their number)."""
     import torch.nn.functional as F
 
-    from esm2lite.checkpoints.checkpoint_dir import load_model
+    from esm2lite.checkpoints.loading import load_model
     from esm2lite.data.reading import load_splits
     from esm2lite.data.records import DataSpec
     from esm2lite.inference.evaluate import score

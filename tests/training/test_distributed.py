@@ -1,6 +1,7 @@
 """torchrun + FSDP2 on CPU (gloo, 2 processes): same trajectory as one process, resumable
 across rank counts, and errors end every rank."""
 
+import csv
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 import oracles
 from esm2lite.errors import CheckpointError
-from esm2lite.checkpoints.checkpoint_dir import load_model
+from esm2lite.checkpoints.loading import load_model
 from test_train import trained
 
 pytestmark = pytest.mark.slow
@@ -146,11 +147,12 @@ def test_resume_under_two_ranks_and_from_two_onto_one(hf_tiny, data, tmp_path, m
 
     one = tmp_path / "one"
     partial_copy(full, one, 3)
-    r = single(common(hf_tiny, data, mode, one) + ["--save-every", "3", "--resume"])
+    r = single(common(hf_tiny, data, mode, one) + ["--save-every", "3", "--resume", "--grad-accum", "1"])
     assert r.returncode == 2 and "changed: grad_accum x ranks (was 1 x 2)" in r.stderr
-    # on 1 rank the same global batch is 2 micro-batches per step
-    r = single(common(hf_tiny, data, mode, one) + ["--save-every", "3", "--resume", "--grad-accum", "2"])
+    # on 1 rank the same global batch is 2 micro-batches per step: --resume chooses that itself
+    r = single(["--out", str(one), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"--resume: {one} ran on 2 rank(s), this on 1: --grad-accum 2 keeps its batch per step" in r.stdout
     assert_close_weights(final, trained(one / "checkpoints" / "step_6"))
     assert_same_trajectory(log(one), log(full))
 
@@ -205,8 +207,8 @@ def test_data_parallel_inference_keeps_order_and_values(hf_tiny, data, tmp_path)
     seqs = oracles.random_sequences(9, 5, 80, seed=9, with_mask=False)
     fasta = tmp_path / "in.fasta"
     fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
-    # (torchrun's own parser takes "--run" for an abbreviation of its --run-path: use --checkpoint)
-    args = ["--checkpoint", str(run / "best"), "--input", str(fasta), "--batch-tokens", "200"]
+    # torchrun's own parser takes "--run" for an abbreviation of its --run-path: --run-dir is infer's same option
+    args = ["--run-dir", str(run), "--input", str(fasta), "--batch-tokens", "200"]
     infer = str(ROOT / "infer.py")
     one = subprocess.run([sys.executable, infer, *args, "--output", str(tmp_path / "one.csv"),
                           "--embeddings", str(tmp_path / "one.safetensors")], capture_output=True, text=True, timeout=120)
@@ -215,13 +217,12 @@ def test_data_parallel_inference_keeps_order_and_values(hf_tiny, data, tmp_path)
                           *args, "--output", str(tmp_path / "two.csv"), "--embeddings", str(tmp_path / "two.safetensors")],
                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
-    rows1 = (tmp_path / "one.csv").read_text().splitlines()
-    rows2 = (tmp_path / "two.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows2] == ["id"] + [f"s{i}" for i in range(9)]
-    assert [r.split(",")[:2] for r in rows1] == [r.split(",")[:2] for r in rows2]
+    rows1, rows2 = (list(csv.DictReader(open(tmp_path / name))) for name in ("one.csv", "two.csv"))
+    assert [r["id"] for r in rows2] == [f"s{i}" for i in range(9)]
+    assert [(r["id"], r["sequence"]) for r in rows1] == [(r["id"], r["sequence"]) for r in rows2]
     # the same forwards in other batches on each rank: rounding only (equal here); two fp32 forwards of the
     # tiny model, each a few eps32 x max|h| from float64 (test_parity), 64 leaves room for other machines
-    oracles.assert_fp32_close([float(r.split(",")[2]) for r in rows2[1:]], [float(r.split(",")[2]) for r in rows1[1:]],
+    oracles.assert_fp32_close([float(r["prediction"]) for r in rows2], [float(r["prediction"]) for r in rows1],
                               64, what="predictions")
     e1, e2 = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert e1.keys() == e2.keys()

@@ -21,7 +21,7 @@ import torch
 
 import oracles
 from esm2lite.training import plot
-from esm2lite.checkpoints.checkpoint_dir import load_model
+from esm2lite.checkpoints.loading import load_model
 from esm2lite.model.lora import LoRAConfig
 from esm2lite.model.tokenizer import Tokenizer
 from esm2lite.training.loop import TrainConfig, train_model
@@ -46,7 +46,7 @@ def run_dir(tmp_path_factory, name, header, rows, **cfg):
     base = dict(csv=str(d / "data.csv"), out=str(d / "run"), steps=8, eval_every=4, log_every=2, batch_tokens=600,
                 lr=5e-3, seed=2, device="cpu", lora=LoRAConfig(rank=4, alpha=8))
     train_model(TrainConfig(**{**base, **cfg}))
-    return d / "run", [dict(zip(header, r), row=str(i + 2)) for i, r in enumerate(rows)]
+    return d / "run", [dict(zip(header, r), number=str(i + 1)) for i, r in enumerate(rows)]  # 1 = first data row
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,8 @@ def test_regression_predictions_sit_next_to_the_truth_in_input_order(regression)
     for split in ("valid", "test"):
         want = [r for r in rows if r["split"] == split]
         got = read_csv(run / f"predictions_{split}.csv")
-        assert list(got[0]) == ["row", "id", "sequence", "target", "prediction"]
-        assert [(g["row"], g["id"], g["sequence"]) for g in got] == [(w["row"], w["id"], w["sequence"]) for w in want]
+        assert list(got[0]) == ["id", "sequence", "target", "prediction"]
+        assert [(g["id"], g["sequence"]) for g in got] == [(w["id"], w["sequence"]) for w in want]
         assert [float(g["target"]) for g in got] == [float(w["target"]) for w in want]
         model, outputs = best_outputs(run, [w["sequence"] for w in want])
         # training's batched evaluation vs best/ run alone: the same forward in other matrix shapes, rounding
@@ -140,7 +140,7 @@ def test_per_residue_predictions_confusion_matrix_and_per_class_metrics(per_resi
     for split in ("valid", "test"):
         want = [r for r in rows if r["split"] == split]
         got = read_csv(run / f"predictions_{split}.csv")
-        assert list(got[0]) == ["row", "id", "sequence", "ss", "mask", "prediction", "accuracy"]
+        assert list(got[0]) == ["id", "sequence", "ss", "mask", "prediction", "accuracy"]
         assert [(g["id"], g["ss"], g["mask"]) for g in got] == [(w["id"], w["ss"], w["resolved"]) for w in want]
         model, outputs = best_outputs(run, [w["sequence"] for w in want])
         assert [g["prediction"] for g in got] == ["".join(classes[int(c)] for c in o[1:-1].argmax(-1)) for o in outputs]
@@ -161,8 +161,8 @@ def test_classification_predictions_and_report(classification):
     classes = summary["confusion_matrix"]["classes"]
     got = read_csv(run / "predictions_test.csv")
     want = [r for r in rows if r["split"] == "test"]
-    assert list(got[0]) == ["row", "sequence", "charge", "prediction", "prob_acidic", "prob_basic"]
-    assert [(g["row"], g["charge"]) for g in got] == [(w["row"], w["charge"]) for w in want]
+    assert list(got[0]) == ["id", "sequence", "charge", "prediction", "prob_acidic", "prob_basic"]
+    assert [(g["id"], g["charge"]) for g in got] == [(w["number"], w["charge"]) for w in want]  # no id column
     _, outputs = best_outputs(run, [w["sequence"] for w in want])
     for g, o in zip(got, outputs):
         probs = o.softmax(-1)

@@ -82,7 +82,7 @@ def test_lora_mode_changes_only_adapters_and_head(hf_tiny, tmp_path, splits):
     enc = {k for k in saved if k.startswith("encoder.")}
     assert enc and all(k.endswith(("lora_a", "lora_b")) for k in enc)  # only adapters + head saved
     assert any(k.startswith("head.") for k in saved)
-    from esm2lite.checkpoints.checkpoint_dir import load_model
+    from esm2lite.checkpoints.loading import load_model
 
     tuned = load_model(str(tmp_path / "run" / "best"))
     base = load_pretrained(hf_tiny).state_dict()
@@ -150,7 +150,7 @@ def test_ranks_share_one_stream_every_row_once_per_epoch(splits, world):
 
 
 def test_base_model_path_is_stored_absolute(hf_tiny, tmp_path, splits, monkeypatch):
-    from esm2lite.checkpoints.checkpoint_dir import load_model
+    from esm2lite.checkpoints.loading import load_model
 
     monkeypatch.chdir(os.path.dirname(hf_tiny))  # train with a relative --checkpoint
     train_model(small_config(os.path.basename(hf_tiny), tmp_path / "run", steps=1, eval_every=1), records=splits)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import oracles
-from esm2lite.checkpoints.checkpoint_dir import load_model
+from esm2lite.checkpoints.loading import load_model
 from esm2lite.errors import CheckpointError
 from esm2lite.model.tokenizer import Tokenizer
 from test_infer import trained_run

@@ -9,7 +9,7 @@ import torch
 import oracles
 from esm2lite.cli import run_main
 from esm2lite.commands.export import main as export_main
-from esm2lite.checkpoints.checkpoint_dir import load_model
+from esm2lite.checkpoints.loading import load_model
 from esm2lite.model.tokenizer import Tokenizer
 from esm2lite.training.loop import TrainConfig, train_model
 from test_infer import assert_one_line_error, trained_run
