@@ -49,11 +49,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def attend(q, k, v, attn_mask):
+def attend(q, k, v, attn_mask, scale: float = 1.0):
     """Softmax attention. q, k, v: [B, H, T, hd]; attn_mask: [B, 1, 1, T] bool (True = key
-    may be attended) or None. q is already scaled. The one place a packed varlen kernel
-    (cu_seqlens) would plug in."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+    may be attended) or None; scale multiplies q·k (ESM-2 scales q before rotary: 1.0). The one
+    place a packed varlen kernel (cu_seqlens) would plug in."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 class Attention(nn.Module):

@@ -32,6 +32,8 @@ from esm2lite.errors import CheckpointError, key_mismatch
 from esm2lite.weights.layouts import (FAIR_IGNORED, FAIR_NAMES, FAIR_PREFIX, FAIR_TASK_HEADS, FAIR_TIED, HF_IGNORED, HF_NAMES,
                       EXPECTED_HEADS, HF_TASK_HEADS, HF_TIED, has_lm_head, normalize_hf, split_task_heads, to_esm2lite_keys)
 from esm2lite.model.esm2 import ESM2
+from esm2lite.model.esmc import ESMC, ESMCConfig
+from esm2lite.weights import esmc
 from esm2lite.weights.names import rename
 from esm2lite.model.tokenizer import TOKENS
 from esm2lite.files.textfiles import MAX_JSON_BYTES, open_file, read_text
@@ -77,11 +79,12 @@ def read_safetensors(path: str) -> dict:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
 
 
-def read_hf_dir(path: str) -> tuple[dict, ESM2Config, dict]:
-    """HF directory -> (config.json's fields, config, {file key: tensor})."""
+def read_hf_dir(path: str) -> tuple[dict, ESM2Config | ESMCConfig, dict]:
+    """HF directory -> (config.json's fields, config (ESM-2 or ESM C), {file key: tensor})."""
     config_json = os.path.join(path, "config.json")
     hf_config = read_json_object(config_json)
-    config = ESM2Config.from_hf_config(hf_config, source=config_json)
+    family = ESMCConfig if esmc.is_esmc(hf_config) else ESM2Config
+    config = family.from_hf_config(hf_config, source=config_json)
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
@@ -180,9 +183,15 @@ def check_keys(expected: dict, got: dict, unexpected: list, source: str) -> None
         raise CheckpointError(f"{source}: weights do not fit the config ({problems})")
 
 
-def build_model(config: ESM2Config, state: dict, unexpected: list, source: str, dtype, device) -> ESM2:
+def architecture(config: ESM2Config | ESMCConfig):
+    """The model class a config describes: ESM2 or ESMC."""
+    return ESMC if isinstance(config, ESMCConfig) else ESM2
+
+
+def build_model(config: ESM2Config | ESMCConfig, state: dict, unexpected: list, source: str, dtype,
+                device) -> ESM2 | ESMC:
     with torch.device("meta"):
-        model = ESM2(config, source=source)
+        model = architecture(config)(config, source=source)
     check_keys(model.state_dict(), state, unexpected, source)
     for k in list(state):  # convert one tensor at a time: never two full copies
         keep_fp32 = k.endswith("inv_freq")  # rotary stays fp32 whatever the model dtype
@@ -203,6 +212,9 @@ def read_checkpoint(path: str) -> Loaded:
     path = str(path)
     if os.path.isdir(path):
         hf_config, config, tensors = read_hf_dir(path)
+        if isinstance(config, ESMCConfig):
+            state, unexpected, ignored = esmc.to_esmc_keys(tensors)
+            return Loaded(dataclasses.replace(config, lm_head=has_lm_head(state)), state, unexpected, ignored)
         tensors, ignored = split_task_heads(tensors, HF_TASK_HEADS)
         tensors, origin = normalize_hf(tensors, hf_config, config.num_heads, config.head_dim, path)
         state, unexpected = to_esm2lite_keys(tensors, HF_NAMES, HF_IGNORED, HF_TIED, config.num_layers, path)
@@ -316,7 +328,7 @@ def load_base(path: str, dtype=None, device=None, hash_weights: bool = True) -> 
     dtype, device = resolve_dtype(dtype), torch.device(device or "cpu")
     loaded = read_checkpoint(path)
     with torch.device("meta"):
-        check_keys(ESM2(loaded.config).state_dict(), loaded.state, loaded.unexpected, str(path))
+        check_keys(architecture(loaded.config)(loaded.config).state_dict(), loaded.state, loaded.unexpected, str(path))
     sha = weights_hash(loaded.state) if hash_weights else WeightsHash("", "")
     model = build_model(loaded.config, loaded.state, loaded.unexpected, str(path), dtype, device)
     report_ignored(str(path), loaded.ignored)

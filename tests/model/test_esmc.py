@@ -1,0 +1,171 @@
+"""esm2lite's ESM C against transformers' Esmc classes (the reference; never our own code): logits and
+every hidden state on random weights, padded and unpadded, loaded from a directory saved by each of the
+four classes. fp32 comparisons: oracles.assert_fp32_agrees, against a float64 run of the reference."""
+
+import math
+
+import pytest
+import torch
+import transformers
+
+import oracles
+from esm2lite import Tokenizer
+from esm2lite.model.esmc import ESMC, ESMCConfig, swiglu_width
+from esm2lite.weights.pretrained import load_pretrained
+
+CLASSES = ("EsmcForMaskedLM", "EsmcModel", "EsmcForSequenceClassification", "EsmcForTokenClassification")
+
+
+def esmc_config(layers=3, d=96, heads=6, ffn=160):
+    return transformers.EsmcConfig(vocab_size=64, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_labels=3)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A random EsmcForMaskedLM (every weight far from its default) saved by each class's save_pretrained;
+    the task classes keep its encoder and add their own random head."""
+    root = tmp_path_factory.mktemp("esmc")
+    torch.manual_seed(0)
+    reference = transformers.EsmcForMaskedLM(esmc_config()).eval()
+    oracles.randomize_(reference, seed=1)
+    out = {}
+    for name in CLASSES:
+        model = getattr(transformers, name)(reference.config).eval()
+        encoder = model if name == "EsmcModel" else model.esmc
+        encoder.load_state_dict(reference.esmc.state_dict())
+        if name == "EsmcForMaskedLM":
+            model.lm_head.load_state_dict(reference.lm_head.state_dict())
+        model.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return reference, out
+
+
+def batches():
+    tok = Tokenizer()
+    padded = tok.batch_encode(oracles.random_sequences(5, 3, 45, seed=7))  # mixed lengths, <mask> inside
+    return {"padded": padded, "unpadded": tok.batch_encode(oracles.random_sequences(3, 30, 30, seed=8))}
+
+
+def reference_outputs(model, tokens):
+    """transformers' logits (None for EsmcModel) and its hidden states, embeddings first."""
+    with torch.no_grad():
+        out = model(input_ids=tokens, attention_mask=(tokens != 1).long(), output_hidden_states=True)
+    return getattr(out, "logits", None), out.hidden_states
+
+
+@pytest.mark.parametrize("shape", ["padded", "unpadded"])
+def test_masked_lm_logits_and_every_hidden_state(saved, shape):
+    reference, dirs = saved
+    tokens = batches()[shape]
+    ours = load_pretrained(dirs["EsmcForMaskedLM"])
+    assert isinstance(ours, ESMC) and ours.config.lm_head
+    hf = oracles.load_hf(dirs["EsmcForMaskedLM"], "EsmcForMaskedLM")
+    (logits, hidden), (logits64, hidden64) = reference_outputs(hf, tokens), reference_outputs(
+        oracles.float64_copy(hf), tokens)
+    L = ours.config.num_layers
+    with torch.no_grad():
+        out = ours(tokens, repr_layers=range(L + 1))
+    keep = tokens != 1
+    oracles.assert_fp32_agrees(out["logits"], logits, logits64, keep, what="logits")
+    assert len(hidden) == L + 1
+    for i in range(L):  # transformers: the embeddings, then each block's output; its last is after the final norm
+        oracles.assert_fp32_agrees(out["hidden_states"][i], hidden[i], hidden64[i], keep, what=f"hidden_states[{i}]")
+    oracles.assert_fp32_agrees(out["hidden_states"][L], hidden[L], hidden64[L], keep, what="after the final norm")
+    oracles.assert_fp32_agrees(out["last_hidden_state"], hidden[L], hidden64[L], keep, what="last_hidden_state")
+    assert (out["logits"][keep] - logits[keep]).abs().max() <= 5e-5  # the issue's bar, on top of the oracle's
+
+
+@pytest.mark.parametrize("name", CLASSES[1:])
+def test_every_class_loads_the_same_encoder(saved, name, capsys):
+    """EsmcModel (no prefix) and the two task classes: the encoder only; a trained task head is left
+    out and named in one line."""
+    reference, dirs = saved
+    capsys.readouterr()
+    ours = load_pretrained(dirs[name])
+    out = capsys.readouterr().out
+    heads = {"EsmcModel": [], "EsmcForSequenceClassification": ["classifier.dense.bias", "classifier.dense.weight",
+                                                                 "classifier.out_proj.bias", "classifier.out_proj.weight"],
+             "EsmcForTokenClassification": ["score.bias", "score.weight"]}[name]
+    assert out == (f"warning: {dirs[name]}: ignored {len(heads)} task-head weights that are not part of the "
+                   f"encoder: {', '.join(heads)}\n" if heads else "")
+    assert not ours.config.lm_head
+    tokens = batches()["padded"]
+    hf = oracles.load_hf(dirs[name], name).esmc if name != "EsmcModel" else oracles.load_hf(dirs[name], name)
+    with torch.no_grad():
+        want = hf(input_ids=tokens, attention_mask=(tokens != 1).long()).last_hidden_state
+        want64 = oracles.float64_copy(hf)(input_ids=tokens, attention_mask=(tokens != 1).long()).last_hidden_state
+        got = ours(tokens, logits=False)["last_hidden_state"]
+    oracles.assert_fp32_agrees(got, want, want64, tokens != 1, what=name)
+    with pytest.raises(Exception, match="no LM head"):
+        ours(tokens)
+
+
+def test_released_sizes_and_parameter_count():
+    """The three open-weights sizes (EvolutionaryScale's model cards: 300M d960 30 layers 15 heads, 600M d1152
+    36/18, 6B d2560 80/40); the SwiGLU width transformers' default config gives 6B (6912); and the parameter
+    count against transformers' own model built on the meta device."""
+    assert swiglu_width(2560) == transformers.EsmcConfig().intermediate_size == 6912
+    for name, (layers, d, heads) in {"esmc_300m": (30, 960, 15), "esmc_600m": (36, 1152, 18),
+                                     "esmc_6b": (80, 2560, 40)}.items():
+        cfg = ESMCConfig.from_name(name)
+        assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.ffn_dim) == (layers, d, heads, swiglu_width(d))
+        with torch.device("meta"):
+            hf = transformers.EsmcForMaskedLM(transformers.EsmcConfig(**{
+                k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures", "model_type")}))
+        assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    assert math.isclose(ESMCConfig.from_name("esmc_300m").num_parameters() / 1e6, 333, rel_tol=0.02)
+
+
+def test_a_config_esm_c_cannot_compute_is_refused(tmp_path, saved):
+    import json
+    import shutil
+
+    _, dirs = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(dirs["EsmcModel"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["num_key_value_heads"] = 2
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match=r"config.json: field num_key_value_heads is 2; ESM C as released has 6"):
+        load_pretrained(str(bad))
+
+
+@pytest.mark.slow
+def test_infer_embeds_and_scores_esm_c(saved, tmp_path, forkrun):
+    """infer.py --base on an EsmcForMaskedLM directory: mean embeddings equal transformers' last hidden
+    state averaged over residues; PLL equals the sum, over positions, of the log-probability transformers
+    gives the true residue with that one position masked (written out here)."""
+    import csv
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    _, dirs = saved
+    seqs = {"a": "MKTAYIAKQRQISFVKSHFSRQ", "b": "GSHMLEDPVAGG"}
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{k}\n{s}\n" for k, s in seqs.items()))
+    infer = str(Path(__file__).resolve().parents[2] / "infer.py")
+    r = forkrun.run([infer, "--base", dirs["EsmcForMaskedLM"], "--input", str(fasta), "--embeddings",
+                     str(tmp_path / "emb.safetensors"), "--layers", "3"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = forkrun.run([infer, "--base", dirs["EsmcForMaskedLM"], "--input", str(fasta), "--score", "pll",
+                     "--output", str(tmp_path / "pll.csv")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    emb = load_file(tmp_path / "emb.safetensors")
+    scores = {row["id"]: float(row["pll"]) for row in csv.DictReader(open(tmp_path / "pll.csv"))}
+    hf = oracles.load_hf(dirs["EsmcForMaskedLM"], "EsmcForMaskedLM")
+    tok = Tokenizer()
+    for sid, seq in seqs.items():
+        tokens = tok.batch_encode([seq])
+        with torch.no_grad():
+            hidden = hf.esmc(input_ids=tokens).last_hidden_state[0, 1:-1]
+            hidden64 = oracles.float64_copy(hf).esmc(input_ids=tokens).last_hidden_state[0, 1:-1]
+            oracles.assert_fp32_agrees(emb[f"mean/3/{sid}"], hidden.mean(0), hidden64.mean(0), what=f"mean {sid}")
+            masked = tokens.repeat(len(seq), 1)
+            positions = torch.arange(len(seq))
+            masked[positions, positions + 1] = 32  # <mask>, one position per row
+            logp = hf(input_ids=masked).logits.log_softmax(-1)[positions, positions + 1, tokens[0, 1:-1]]
+            logp64 = oracles.float64_copy(hf)(input_ids=masked).logits.log_softmax(-1)[positions, positions + 1,
+                                                                                        tokens[0, 1:-1]]
+        oracles.assert_fp32_agrees([scores[sid]], [logp.sum().item()], [logp64.sum().item()], what=f"pll {sid}")
