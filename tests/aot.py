@@ -30,6 +30,7 @@ TILE_NAMES = ("BM", "BN", "BK", "BP", "GROUP_M")         # autotuned block sizes
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names of torch dtypes
 WIDTHS = {"8M": 320, "35M": 480, "650M": 1280, "3B": 2560, "15B": 5120}  # ESM-2 d; FFN 4d
+ESMC_WIDTHS = {"300M": 960, "600M": 1152, "6B": 2560}  # ESM C d; SwiGLU 8/3 d rounded up to 256: 2560, 3072, 6912
 DROPOUT_P = 0.1
 
 
@@ -58,7 +59,8 @@ def cover(full: bool) -> list[Launch]:
     autotuner expands all of them at every launch). full: also the heaviest flags each kernel
     reaches -- the largest rank in and out of the loops, dropout -- and the ESM-2 cases: widths
     320 ... 5120 and 4d, ranks 8 ... 128, token counts that are and are not multiples of 16,
-    dropout on and off, with and without bias, the first LoRA layer (no dX), both S strategies."""
+    dropout on and off, with and without bias, the first LoRA layer (no dX), both S strategies; and
+    ESM C's bias-free widths (960, 1152, 2560; SwiGLU 2560 ... 6912)."""
     d = WIDTHS
     every_config = [Launch(d["3B"], d["3B"], 16, 4096)]             # S and dS separate, no dropout
     if not full:
@@ -69,6 +71,10 @@ def cover(full: bool) -> list[Launch]:
         Launch(d["15B"], 4 * d["15B"], 128, 4096, p=DROPOUT_P),     # fc2 15B, the largest rank
         Launch(d["35M"], d["35M"], 8, 1000, bias=False),            # 480 = 15·32, rank 8, no bias
         Launch(d["3B"], 4 * d["3B"], 16, 4096, p=DROPOUT_P, need_dX=False),  # the first layer
+        # ESM C (bias-free): 600M q/k/v/o (1152 = 9·128), 6B gate/up (6912 = 54·128), 300M down (K = 2560)
+        Launch(ESMC_WIDTHS["600M"], ESMC_WIDTHS["600M"], 16, 4096, bias=False),
+        Launch(6912, ESMC_WIDTHS["6B"], 16, 4096, p=DROPOUT_P, bias=False),
+        Launch(ESMC_WIDTHS["300M"], 2560, 16, 1000, bias=False),
     ]
 
 

@@ -11,7 +11,7 @@ The masked-LM head is not on a task's path: in full mode it keeps its pretrained
 
 import torch
 
-from esm2lite.weights.pretrained import build_model, resolve_dtype
+from esm2lite.weights.pretrained import architecture, build_model, resolve_dtype
 from esm2lite.tasks import head_from_config
 from esm2lite.model.lora import apply_lora, lora_state_dict, merge_lora
 from esm2lite.model.esm2 import ESM2
@@ -78,7 +78,7 @@ class Full(Mode):
 
     def stored_shapes(self, spec):
         with torch.device("meta"):
-            encoder, head = ESM2(spec.model_config), head_from_config(spec.head)
+            encoder, head = architecture(spec.model_config)(spec.model_config), head_from_config(spec.head)
         return {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
                 **{f"head.{k}": v for k, v in head.state_dict().items()}}
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from esm2lite.weights.pretrained import WeightsHash, load_base, random_base
 from esm2lite.model.config import ESM2Config
+from esm2lite.model.esmc import ESMCConfig
 from esm2lite.checkpoints.modes import MODE
 from esm2lite.errors import CheckpointError, Esm2liteError, quoted
 from esm2lite.tasks.labels import LabelSpace
@@ -128,7 +129,11 @@ class CheckpointSpec:
     def _checked(cls, cfg: dict) -> "CheckpointSpec":
         if cfg["mode"] not in MODE:
             raise ValueError(f"field mode must be one of {', '.join(MODE)}")
-        model = ESM2Config(**cfg["model_config"])  # checks sizes (parameter budget) itself
+        fields = dict(cfg["model_config"])
+        family = {"esm2": ESM2Config, "esmc": ESMCConfig}.get(fields.pop("family", "esm2"))
+        if family is None:
+            raise ValueError("field model_config.family must be esm2 or esmc")
+        model = family(**fields)  # checks sizes (parameter budget) itself
         head = cfg["head"]
         for key, limit in HEAD_LIMITS.items():
             value = head.get(key)

@@ -9,6 +9,7 @@ import os
 
 from esm2lite.checkpoints.checkpoint_dir import read_spec
 from esm2lite.checkpoints.loading import load_model
+from esm2lite.model.esmc import ESMCConfig
 from esm2lite.checkpoints.loading import reader_inputs
 from esm2lite.cli import OneLineParser, exit_process, run_main
 from esm2lite.errors import Esm2liteError
@@ -51,6 +52,9 @@ def main(argv, prog: str = PROG) -> None:
     spec = read_spec(ckpt)
     if args.peft and spec.lora is None:
         raise Esm2liteError(f"{ckpt}: --peft needs a LoRA checkpoint (this one is mode {spec.mode!r})")
+    if args.peft and isinstance(spec.model_config, ESMCConfig):
+        raise Esm2liteError(f"{ckpt}: --peft does not write ESM C adapters yet; --merged writes the tuned ESM C as "
+                            "an EsmcForMaskedLM directory transformers loads")
     model = load_model(ckpt, base_path=args.base_path)
     if args.peft:
         export_peft(model, spec, args)

@@ -121,7 +121,8 @@ class ESMCConfig:
                 "bos_token_id": 0, "eos_token_id": 2, "mask_token_id": 32, "tie_word_embeddings": False}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Stored in checkpoints as model_config; "family" tells it from an ESM2Config (which has none)."""
+        return {"family": "esmc", **asdict(self)}
 
 
 class Attention(nn.Module):

@@ -29,7 +29,8 @@ from esm2lite import kernels
 from esm2lite.errors import CheckpointError, key_mismatch
 from esm2lite.kernels.lora import MAX_RANK
 
-TARGETS = ("query", "key", "value", "out", "fc1", "fc2")
+TARGETS = ("query", "key", "value", "out", "fc1", "fc2")  # ESM-2's linears (the default)
+ESMC_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # ESM C's, all bias-free
 INITS = ("xavier", "kaiming", "normal", "zero")
 
 
@@ -47,7 +48,8 @@ class LoRAConfig:
     alpha: float = dataclasses.field(default=32.0, metadata={"help": "adapter scale = alpha / rank"})
     dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout on the adapters' input"})
     targets: tuple = dataclasses.field(default=TARGETS, metadata={
-        "help": "which linears get adapters: query key value out fc1 fc2"})
+        "help": "which linears get adapters: ESM-2's query key value out fc1 fc2 (the default: all), ESM C's q k v "
+                "o gate up down (all of them when this is left at its default)"})
     layers: tuple | None = dataclasses.field(default=None, metadata={
         "help": "blocks that get adapters, counted from 0 (default: all; BioNeMo's layer_selection counts from 1: "
                 "its [1, 12] is 0 11 here)", "item_type": int})
@@ -78,9 +80,9 @@ class LoRAConfig:
             bad("alpha", "must be a finite number > 0")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             bad("dropout", "must be a number in [0, 1)")
-        unknown = [t for t in self.targets if t not in TARGETS]
+        unknown = [t for t in self.targets if t not in TARGETS + ESMC_TARGETS]
         if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
-            bad("targets", f"must be distinct names from {TARGETS}, at least one")
+            bad("targets", f"must be distinct names from {TARGETS} (ESM-2) or {ESMC_TARGETS} (ESM C), at least one")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)
                                         or not all(_is_int(i) and i >= 0 for i in self.layers)):
             bad("layers", "must be None (all layers) or distinct non-negative layer indices, at least one")
@@ -179,11 +181,12 @@ class LoRALinear(nn.Module):
                 f"dropout={self.dropout_p:g}, merged={self.merged}")
 
 
-ATTN_TARGETS = ("query", "key", "value", "out")
+ATTN_TARGETS = ("query", "key", "value", "out", "q", "k", "v", "o")
 
 
 def module_name(i: int, target: str) -> str:
-    """Our name of target in block i: "layers.3.attn.query", "layers.3.fc1"."""
+    """Our name of target in block i: "layers.3.attn.query", "layers.3.fc1" (ESM C: "layers.3.attn.q",
+    "layers.3.gate")."""
     return f"layers.{i}.attn.{target}" if target in ATTN_TARGETS else f"layers.{i}.{target}"
 
 
@@ -213,6 +216,18 @@ def expected_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple]:
     return shapes
 
 
+def _get(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def default_targets(model: nn.Module) -> tuple:
+    """Every linear of the model's blocks: ESM-2's TARGETS, or ESM C's."""
+    return ESMC_TARGETS if isinstance(_get(model, module_name(0, "gate")), nn.Linear) else TARGETS
+
+
 def _new_adapter(base: nn.Linear, config: LoRAConfig) -> tuple[nn.Parameter, nn.Parameter]:
     N, K = base.weight.shape
     kw = dict(dtype=base.weight.dtype, device=base.weight.device)
@@ -229,6 +244,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     if lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA adapters")
     layers = selected_layers(model, config)
+    missing = [t for t in config.targets if not isinstance(_get(model, module_name(0, t)), nn.Linear)]
+    if missing:
+        own = " ".join(t for t in TARGETS + ESMC_TARGETS if isinstance(_get(model, module_name(0, t)), nn.Linear))
+        raise ValueError(f"LoRAConfig.targets: {' '.join(missing)} not linears of this model (its targets: {own})")
     for p in model.parameters():
         p.requires_grad_(False)
     for t in config.targets:

@@ -45,7 +45,8 @@ class TrainConfig:
                             flag="--standardize-targets")
     checkpoint: str | None = opt(None, "pretrained ESM-2: HF directory, fair-esm .pt, or hub id "
                                  "(e.g. facebook/esm2_t33_650M_UR50D)", MODEL)
-    model: str | None = opt(None, "architecture name to train from RANDOM weights (e.g. esm2_t6_8M_UR50D)", MODEL)
+    model: str | None = opt(None, "architecture name to train from RANDOM weights (e.g. esm2_t6_8M_UR50D, or "
+                            "ESM C's esmc_300m)", MODEL)
     mode: str = opt("lora", "lora: adapters + head train; full: everything trains; head: only the head trains",
                     MODEL, choices=tuple(MODE))
     lora: LoRAConfig = opt(LoRAConfig, "LoRA settings", MODEL, prefix="--lora-",

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -41,6 +41,7 @@ from esm2lite.training import start
 from esm2lite.checkpoints.spec import BaseRef, CheckpointSpec
 from esm2lite.model.task_model import TaskModel
 from esm2lite.training.config import TrainConfig
+from esm2lite.model.lora import TARGETS, default_targets
 from esm2lite.weights.pretrained import load_base
 
 @dataclass
@@ -162,8 +163,9 @@ def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> tuple[TaskModel
     if cfg.checkpoint and os.path.exists(base.path):  # loaded as typed: messages name the path the user gave
         base.path = os.path.abspath(base.path)  # recorded absolute: found again from any directory
     mode = MODE[cfg.mode]
+    lora = cfg.lora if cfg.lora.targets != TARGETS else replace(cfg.lora, targets=default_targets(encoder))  # ESM C: its own
     try:
-        mode.prepare(encoder, cfg.lora)
+        mode.prepare(encoder, lora)
     except ValueError as e:  # --lora-layers beyond the model's depth
         raise Esm2liteError(f"{str(e).replace('LoRAConfig.layers', '--lora-layers')} (layers count from 0 here; "
                             "BioNeMo's layer_selection counts from 1)") from None
@@ -171,7 +173,7 @@ def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> tuple[TaskModel
     head = labels.task.head(encoder.config.d_model, labels.num_outputs, cfg.head_hidden, cfg.head_dropout)
     if begun:
         start.announce(cfg.checkpoint, path, start.take_head(begun[0], head, labels))
-    spec = CheckpointSpec(cfg.mode, labels, head.config, cfg.lora if mode.uses_lora else None, encoder.config, base)
+    spec = CheckpointSpec(cfg.mode, labels, head.config, lora if mode.uses_lora else None, encoder.config, base)
     return TaskModel(encoder, head.to(device), labels, frozen_encoder=mode.frozen_encoder), spec
 
 

@@ -21,6 +21,7 @@ from esm2lite.model.config import read_json_object
 from esm2lite.errors import CheckpointError, Esm2liteError
 from esm2lite.model.lora import merge_lora
 from esm2lite.model.esm2 import ESM2
+from esm2lite.model.esmc import ESMC
 from esm2lite.weights.peft import PEFT_CLASSES, same_layout, save_peft_adapter
 
 # The output a class adds to the encoder's hidden states, which is not esm2lite's.
@@ -33,12 +34,12 @@ THEIR_HEAD = {
 }
 
 
-def merged_encoder(encoder: ESM2) -> ESM2:
-    """A plain ESM2 whose weights include the merged adapters (if any)."""
+def merged_encoder(encoder: ESM2 | ESMC) -> ESM2 | ESMC:
+    """A plain encoder of the same family (ESM2 or ESMC) whose weights include the merged adapters (if any)."""
     merge_lora(encoder)
     state = {k: v for k, v in encoder.state_dict().items() if "lora_" not in k}
     with torch.device("meta"):
-        plain = ESM2(encoder.config)
+        plain = type(encoder)(encoder.config)
     plain.load_state_dict(state, strict=True, assign=True)
     return plain.eval()
 

@@ -252,21 +252,24 @@ def load_pretrained(path: str, dtype=None, device=None) -> ESM2:
 # ---------------------------------------------------------------- writing HF directories
 
 
-def hf_state_dict(model: ESM2) -> dict:
-    """Our state dict under HF names (per-layer inv_freq, as the hub files): EsmForMaskedLM's,
-    or EsmModel's (no "esm." prefix) for a model without an LM head, as transformers saves them."""
+def hf_state_dict(model: ESM2 | ESMC) -> dict:
+    """Our state dict under HF names, as transformers saves them: EsmForMaskedLM's (per-layer
+    inv_freq, as the hub files), or EsmModel's (no "esm." prefix) for a model without an LM head;
+    ESM C: EsmcForMaskedLM's, or EsmcModel's (no "esmc.")."""
+    table, prefix = (esmc.NAMES, "esmc.") if isinstance(model, ESMC) else (HF_NAMES, "esm.")
     out = {}
     for k, v in model.state_dict().items():
-        name = rename(k, HF_NAMES, reverse=True)
+        name = rename(k, table, reverse=True)
         if name is None:
             raise ValueError(f"no HF name for {k}")
-        out[name if model.config.lm_head else name.removeprefix("esm.")] = v.detach().to("cpu").contiguous()
+        out[name if model.config.lm_head else name.removeprefix(prefix)] = v.detach().to("cpu").contiguous()
     return out
 
 
-def save_hf_dir(model: ESM2, out_dir: str, overwrite: bool = False) -> None:
+def save_hf_dir(model: ESM2 | ESMC, out_dir: str, overwrite: bool = False) -> None:
     """Write an HF-layout directory (config, safetensors, tokenizer files) atomically: an
-    EsmForMaskedLM directory, or an EsmModel one for a model without an LM head."""
+    EsmForMaskedLM directory, or an EsmModel one for a model without an LM head (ESM C: EsmcForMaskedLM
+    / EsmcModel, with ESM-2's vocabulary files: the same 33 tokens at the same ids)."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         config = model.config.to_hf_config()
         config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -335,8 +338,10 @@ def load_base(path: str, dtype=None, device=None, hash_weights: bool = True) -> 
     return model, sha
 
 
-def random_base(name: str, seed: int, dtype=None, device=None) -> tuple[ESM2, WeightsHash]:
-    """A randomly initialised architecture (training from scratch), reproducible from (name, seed)."""
-    model = ESM2(ESM2Config.from_name(name)).init_weights(seed)
+def random_base(name: str, seed: int, dtype=None, device=None) -> tuple[ESM2 | ESMC, WeightsHash]:
+    """A randomly initialised architecture (training from scratch), reproducible from (name, seed):
+    an ESM-2 size (esm2_t6_8M_UR50D, ...) or an ESM C one (esmc_300m, esmc_600m, esmc_6b)."""
+    config = ESMCConfig.from_name(name) if name.split("/")[-1].lower().startswith("esmc") else ESM2Config.from_name(name)
+    model = architecture(config)(config).init_weights(seed)
     sha = weights_hash(model.state_dict())
     return model.to(device=device or "cpu", dtype=resolve_dtype(dtype)), sha

@@ -169,3 +169,26 @@ def test_infer_embeds_and_scores_esm_c(saved, tmp_path, forkrun):
             logp64 = oracles.float64_copy(hf)(input_ids=masked).logits.log_softmax(-1)[positions, positions + 1,
                                                                                         tokens[0, 1:-1]]
         oracles.assert_fp32_agrees([scores[sid]], [logp.sum().item()], [logp64.sum().item()], what=f"pll {sid}")
+
+
+def test_convert_writes_what_transformers_loads(saved, tmp_path):
+    """esm2lite-convert on an EsmcModel directory: an EsmcModel directory with the same tensors."""
+    from esm2lite.commands import convert
+    from safetensors.torch import load_file
+
+    _, dirs = saved
+    convert.main([dirs["EsmcModel"], str(tmp_path / "out")])
+    got, want = load_file(tmp_path / "out" / "model.safetensors"), load_file(f"{dirs['EsmcModel']}/model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert type(transformers.AutoModel.from_pretrained(tmp_path / "out")).__name__ == "EsmcModel"
+
+
+@pytest.mark.slow
+def test_model_name_builds_random_esm_c():
+    """--model esmc_300m (weights.pretrained.random_base): an ESMC of the released 300M shape, seeded."""
+    from esm2lite.weights.pretrained import random_base
+
+    model, sha = random_base("esmc_300m", seed=0)
+    assert isinstance(model, ESMC) and model.config == ESMCConfig.from_name("esmc_300m")
+    assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()
+    assert random_base("esmc_300m", seed=0)[1] == sha != random_base("esmc_300m", seed=1)[1]
