@@ -9,7 +9,6 @@ import os
 
 from esm2lite.checkpoints.checkpoint_dir import read_spec
 from esm2lite.checkpoints.loading import load_model
-from esm2lite.model.esmc import ESMCConfig
 from esm2lite.checkpoints.loading import reader_inputs
 from esm2lite.cli import OneLineParser, exit_process, run_main
 from esm2lite.errors import Esm2liteError
@@ -31,7 +30,8 @@ def main(argv, prog: str = PROG) -> None:
     p.add_argument("--peft", help="write the LoRA adapters in peft format here")
     p.add_argument("--peft-for", choices=list(PEFT_CLASSES),
                    help="the transformers class the peft adapter is loaded onto (default: EsmForMaskedLM when "
-                        "the base model has an LM head, else EsmModel; the EsmFor* classes share one layout)")
+                        "the base model has an LM head, else EsmModel; the EsmFor* classes share one layout; "
+                        "ESM C: the Esmc* classes alike)")
     p.add_argument("--base-path", help="where the checkpoint's base model is now, if it moved")
     p.add_argument("--overwrite", action="store_true", help="replace existing output directories")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -52,9 +52,6 @@ def main(argv, prog: str = PROG) -> None:
     spec = read_spec(ckpt)
     if args.peft and spec.lora is None:
         raise Esm2liteError(f"{ckpt}: --peft needs a LoRA checkpoint (this one is mode {spec.mode!r})")
-    if args.peft and isinstance(spec.model_config, ESMCConfig):
-        raise Esm2liteError(f"{ckpt}: --peft does not write ESM C adapters yet; --merged writes the tuned ESM C as "
-                            "an EsmcForMaskedLM directory transformers loads")
     model = load_model(ckpt, base_path=args.base_path)
     if args.peft:
         export_peft(model, spec, args)

@@ -22,7 +22,7 @@ from esm2lite.errors import CheckpointError, Esm2liteError
 from esm2lite.model.lora import merge_lora
 from esm2lite.model.esm2 import ESM2
 from esm2lite.model.esmc import ESMC
-from esm2lite.weights.peft import PEFT_CLASSES, same_layout, save_peft_adapter
+from esm2lite.weights.peft import PEFT_CLASSES, is_esmc_class, same_layout, save_peft_adapter
 
 # The output a class adds to the encoder's hidden states, which is not esm2lite's.
 THEIR_HEAD = {
@@ -44,13 +44,18 @@ def merged_encoder(encoder: ESM2 | ESMC) -> ESM2 | ESMC:
     return plain.eval()
 
 
-def peft_class(chosen: str | None, encoder: ESM2, base: str | None) -> str:
-    """--peft-for, or its default; EsmForMaskedLM needs a base model with an LM head."""
+def peft_class(chosen: str | None, encoder: ESM2 | ESMC, base: str | None) -> str:
+    """--peft-for, or its default; EsmForMaskedLM needs a base model with an LM head (ESM C: the Esmc
+    classes, EsmcForMaskedLM likewise)."""
+    family = "Esmc" if isinstance(encoder, ESMC) else "Esm"
     if chosen is None:
-        return "EsmForMaskedLM" if encoder.config.lm_head else "EsmModel"
-    if chosen == "EsmForMaskedLM" and not encoder.config.lm_head:
+        return f"{family}ForMaskedLM" if encoder.config.lm_head else f"{family}Model"
+    if is_esmc_class(chosen) != isinstance(encoder, ESMC):
+        raise Esm2liteError(f"--peft-for {chosen}: the model is {'ESM C' if isinstance(encoder, ESMC) else 'ESM-2'}; "
+                            f"choose one of {', '.join(c for c in PEFT_CLASSES if is_esmc_class(c) == (family == 'Esmc'))}")
+    if chosen.endswith("ForMaskedLM") and not encoder.config.lm_head:
         raise Esm2liteError(
-            f"--peft-for EsmForMaskedLM: the base model {base} has no LM head, so EsmForMaskedLM.from_pretrained "
+            f"--peft-for {chosen}: the base model {base} has no LM head, so {chosen}.from_pretrained "
             "would add a random one (choose EsmModel, EsmForSequenceClassification or EsmForTokenClassification)")
     return chosen
 
@@ -63,7 +68,7 @@ def transformers_reads(base: str | None) -> bool:
     if not os.path.isdir(base):
         return True  # a hub id (load_model found it)
     try:
-        return read_json_object(os.path.join(base, "config.json")).get("model_type") == "esm"
+        return read_json_object(os.path.join(base, "config.json")).get("model_type") in ("esm", "esmc")
     except CheckpointError:  # no config.json, not JSON, not an object
         return False
 
@@ -76,8 +81,8 @@ def peft_notes(for_class: str, base: str | None, head_kind: str) -> list[str]:
     notes[0] += (f"peft refuses it on {', '.join(refused)} (\"Target modules ... not found\"): "
                  "export again with --peft-for the class it is loaded onto")
     notes.append("reproduces: the fine-tuned encoder's hidden states (last_hidden_state"
-                 + ("" if for_class == "EsmModel" else " of model.esm(...)")
-                 + (") and masked-LM logits" if for_class == "EsmForMaskedLM" else ")"))
+                 + ("" if for_class.endswith("Model") else f" of model.{'esmc' if is_esmc_class(for_class) else 'esm'}(...)")
+                 + (") and masked-LM logits" if for_class.endswith("ForMaskedLM") else ")"))
     notes.append(f"does not reproduce: esm2lite's {head_kind} head, which stays in the esm2lite checkpoint "
                  "(predictions: infer.py)" + (f"; {THEIR_HEAD[for_class]}, not from esm2lite"
                                               if for_class in THEIR_HEAD else ""))

@@ -32,13 +32,18 @@ from safetensors.torch import save_file
 from esm2lite.files.atomic import atomic_dir
 from esm2lite.weights.pretrained import HF_NAMES, read_safetensors, rename
 from esm2lite.errors import CheckpointError
-from esm2lite.model.lora import (TARGETS, LoRAConfig, apply_lora, check_adapter_keys, expected_shapes, load_lora_state_dict,
+from esm2lite.model.esmc import ESMC
+from esm2lite.weights import esmc
+from esm2lite.model.lora import (ESMC_TARGETS, TARGETS, LoRAConfig, apply_lora, check_adapter_keys, expected_shapes, load_lora_state_dict,
                    lora_modules, module_name)
 
 CONFIG_FILE, WEIGHTS_FILE, README_FILE = "adapter_config.json", "adapter_model.safetensors", "README.md"
 # transformers class -> the path of its EsmModel (the prefix of every adapted module)
 PEFT_CLASSES = {"EsmModel": "", "EsmForMaskedLM": "esm.", "EsmForSequenceClassification": "esm.",
-                "EsmForTokenClassification": "esm."}
+                "EsmForTokenClassification": "esm.",
+                # ESM C (adapters written, not read: load_peft_adapter reads ESM-2's layouts)
+                "EsmcModel": "", "EsmcForMaskedLM": "esmc.", "EsmcForSequenceClassification": "esmc.",
+                "EsmcForTokenClassification": "esmc."}
 
 
 def _hf_template(target: str) -> str:
@@ -66,9 +71,14 @@ IGNORED_FIELDS = {
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # these rewrite the base weights
 
 
+def is_esmc_class(name: str) -> bool:
+    return name.startswith("Esmc")
+
+
 def same_layout(for_class: str) -> list[str]:
-    """The classes an adapter written for `for_class` loads onto (the same module paths)."""
-    return [c for c, prefix in PEFT_CLASSES.items() if prefix == PEFT_CLASSES[for_class]]
+    """The classes an adapter written for `for_class` loads onto (the same family and module paths)."""
+    return [c for c, prefix in PEFT_CLASSES.items()
+            if prefix == PEFT_CLASSES[for_class] and is_esmc_class(c) == is_esmc_class(for_class)]
 
 
 def save_peft_adapter(model, path: str, base_model_name_or_path: str | None = None, overwrite: bool = False,
@@ -89,6 +99,9 @@ def save_peft_adapter(model, path: str, base_model_name_or_path: str | None = No
         # copies: safetensors refuses tensors that share memory (tied adapters)
         tensors[f"base_model.model.{hf}.lora_A.weight"] = m.lora_a.detach().to("cpu", copy=True)  # [r, K]
         tensors[f"base_model.model.{hf}.lora_B.weight"] = m.lora_b.detach().to("cpu", copy=True)  # [N, r]
+    if is_esmc_class(for_class) != isinstance(model, ESMC):
+        raise ValueError(f"save_peft_adapter: {for_class} is not a class of this model's family "
+                         f"({'ESM C' if isinstance(model, ESMC) else 'ESM-2'})")
     adapter_config = _adapter_config(model.lora_config, for_class, target_regex(paths), base_model_name_or_path)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -104,7 +117,8 @@ def _adapter_config(config: LoRAConfig, for_class: str, target_modules: str, bas
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base,
         # AutoPeftModel.from_pretrained(path) builds this class from base_model_name_or_path
-        "auto_mapping": {"base_model_class": for_class, "parent_library": "transformers.models.esm.modeling_esm"},
+        "auto_mapping": {"base_model_class": for_class, "parent_library": "transformers.models."
+                         + ("esmc.modeling_esmc" if is_esmc_class(for_class) else "esm.modeling_esm")},
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "target_modules": target_modules, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
@@ -115,7 +129,7 @@ def _adapter_config(config: LoRAConfig, for_class: str, target_modules: str, bas
 def target_regex(paths: list[str]) -> str:
     """peft's target_modules as a regular expression (peft re.fullmatch-es it against module
     paths) that matches exactly `paths`: "esm\\.encoder\\.layer\\.(?:0|1)\\.(?:attention\\.self\\.query|...)"."""
-    parts = [re.fullmatch(r"(.*?encoder\.layer\.)(\d+)\.(.+)", p).groups() for p in paths]
+    parts = [re.fullmatch(r"(.*?(?:encoder\.layer|layers)\.)(\d+)\.(.+)", p).groups() for p in paths]
     prefixes = sorted({p for p, _, _ in parts})
     layers = sorted({int(i) for _, i, _ in parts})
     names = sorted({m for _, _, m in parts})
@@ -137,8 +151,10 @@ def check_in_peft(adapter_dir: str, hf_config: dict, for_class: str, n_tensors: 
     with warnings.catch_warnings(), _transformers_quiet(transformers):
         warnings.simplefilter("ignore")
         try:
+            family = transformers.EsmcConfig if is_esmc_class(for_class) else transformers.EsmConfig
+            fields = {k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")}
             with torch.device("meta"):
-                base = getattr(transformers, for_class)(transformers.EsmConfig(**hf_config))
+                base = getattr(transformers, for_class)(family(**fields))
             model = peft.PeftModel(base, peft.PeftConfig.from_pretrained(adapter_dir), low_cpu_mem_usage=True)
             result = model.load_adapter(adapter_dir, "default", low_cpu_mem_usage=True, torch_device="cpu")
         except Exception as e:  # peft's own errors, e.g. target modules not found in the model
@@ -169,8 +185,11 @@ def _transformers_quiet(transformers):
 
 
 def hf_module_path(name: str) -> str:
-    """"layers.3.attn.query" -> "encoder.layer.3.attention.self.query"."""
+    """"layers.3.attn.query" -> "encoder.layer.3.attention.self.query"; ESM C: "layers.3.attn.q" ->
+    "layers.3.self_attn.q_proj", "layers.3.gate" -> "layers.3.mlp.gate_proj"."""
     parts = name.split(".")
+    if parts[-1] in ESMC_TARGETS:
+        return rename(f"{name}.weight", esmc.NAMES, reverse=True).removeprefix("esmc.").removesuffix(".weight")
     return HF_MODULES[parts[-1]].format(i=int(parts[1]))
 
 

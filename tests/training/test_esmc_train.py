@@ -92,10 +92,11 @@ def test_full_and_head_modes_train_and_predict(setup, tmp_path, mode, forkrun):
     assert metrics["loss"] == pytest.approx(summary["loss"], rel=1e-5)
 
 
-def test_merged_export_loads_in_transformers(setup, tmp_path, forkrun):
+def test_merged_and_peft_exports_load_in_transformers(setup, tmp_path, forkrun):
     """esm2lite-export --merged of the LoRA run: an EsmcForMaskedLM directory whose hidden states and
     logits, in transformers, are the fine-tuned encoder's (esm2lite's, adapters unmerged), to fp32
-    rounding against transformers' float64 run; --peft is refused in one line for ESM C (not written yet)."""
+    rounding against transformers' float64 run; the --peft export, loaded by peft onto EsmcForMaskedLM
+    of the base, gives the merged export's hidden states."""
     import oracles
     from esm2lite import Tokenizer
     from esm2lite.checkpoints.loading import load_model
@@ -112,7 +113,18 @@ def test_merged_export_loads_in_transformers(setup, tmp_path, forkrun):
         want, want64 = (m(input_ids=tokens, attention_mask=mask) for m in (hf, oracles.float64_copy(hf)))
         got = ours(tokens)
     oracles.assert_fp32_agrees(got["logits"], want.logits, want64.logits, tokens != 1, what="merged logits")
-    r = forkrun.run([str(ROOT / "esm2lite" / "commands" / "export.py"), "--run", str(ref), "--peft",
-                     str(tmp_path / "peft")])
-    assert r.returncode != 0 and "--peft does not write ESM C adapters yet" in r.stderr
-    assert not (tmp_path / "peft").exists()
+    peft_dir = tmp_path / "peft"
+    r = forkrun.run([str(ROOT / "esm2lite" / "commands" / "export.py"), "--run", str(ref), "--peft", str(peft_dir)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checked with peft" in r.stdout and "for transformers' EsmcForMaskedLM" in r.stdout
+    import peft
+
+    base_dir = json.loads((ref / "best" / "config.json").read_text())["base"]["path"]  # the ESM C it was tuned from
+    base = transformers.EsmcForMaskedLM.from_pretrained(base_dir).eval()
+    adapted = peft.PeftModel.from_pretrained(base, str(peft_dir)).eval()
+    with torch.no_grad():
+        hidden = adapted.base_model.model.esmc(input_ids=tokens, attention_mask=mask).last_hidden_state
+        merged = hf.esmc(input_ids=tokens, attention_mask=mask).last_hidden_state
+        merged64 = oracles.float64_copy(hf).esmc(input_ids=tokens, attention_mask=mask).last_hidden_state
+    # peft adds x A^T B^T beside the frozen W; the merged export holds W + s B A: rounding apart
+    oracles.assert_fp32_agrees(hidden, merged, merged64, tokens != 1, what="peft vs merged hidden states")
