@@ -27,6 +27,7 @@ The CPU default (16 sequences, 1 thread) takes about 1-2 minutes; transformers-e
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -54,7 +55,8 @@ def parse_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=["esm2_t33_650M_UR50D" if cuda else "esm2_t6_8M_UR50D"],
-                   help="ESM-2 architecture names (random weights), measured in turn; default 650M on GPU, 8M on CPU")
+                   help="ESM-2 (or ESM C: esmc_300m ...) architecture names (random weights), measured in turn; "
+                        "default 650M on GPU, 8M on CPU")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS if not cuda else IMPLS[::2]),
                    help="implementations (transformers-sdpa, the reference, is always included; "
                         "default on a GPU: esm2lite and transformers-sdpa)")
@@ -88,9 +90,13 @@ def load_model(impl: str, model_dir: str, dtype, device):
     if impl == "esm2lite":
 
         return load_pretrained(model_dir, dtype=dtype, device=device).eval()
-    from transformers import EsmModel
+    from transformers import EsmcModel, EsmModel
 
     attn = impl.split("-", 1)[1]
+    with open(os.path.join(model_dir, "config.json")) as f:
+        esmc = json.load(f)["model_type"] == "esmc"  # an esmc_* architecture
+    if esmc:
+        return EsmcModel.from_pretrained(model_dir, attn_implementation=attn, dtype=dtype).to(device).eval()
     model = EsmModel.from_pretrained(model_dir, attn_implementation=attn, add_pooling_layer=False, dtype=dtype)
     return model.to(device).eval()
 
@@ -232,7 +238,7 @@ def run_arch(arch, impls, args, device, dtype, batches, residues) -> dict:
 def headline(all_results) -> str:
     parts = []
     for arch, results in all_results.items():
-        size = arch.split("_")[2]
+        size = arch.split("_")[2] if arch.startswith("esm2_") else arch  # esm2_t33_650M_UR50D -> 650M; esmc_300m
         r = results.get("esm2lite", {})
         if "speedup_vs_sdpa" in r:
             mem = f", {r['peak_memory_ratio_vs_sdpa']:.2f}x peak memory" if "peak_memory_ratio_vs_sdpa" in r else ""

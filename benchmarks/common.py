@@ -8,6 +8,7 @@ from queue import Empty
 import torch
 
 from esm2lite.model.config import ESM2Config
+from esm2lite.model.esmc import ESMCConfig
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -18,16 +19,20 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def make_checkpoint(arch: str, out_dir: str, seed: int, device="cpu", dtype=None) -> None:
-    """A random-weight transformers EsmForMaskedLM of the named architecture, save_pretrained:
-    both implementations then load the same files. Built on `device` (a GPU initialises 3B
-    parameters in a second, a CPU in minutes) and saved in `dtype` (None: fp32)."""
-    from transformers import EsmConfig, EsmForMaskedLM
+    """A random-weight transformers EsmForMaskedLM of the named architecture (ESM C's, esmc_*:
+    EsmcForMaskedLM), save_pretrained: both implementations then load the same files. Built on
+    `device` (a GPU initialises 3B parameters in a second, a CPU in minutes) and saved in `dtype`
+    (None: fp32)."""
+    import transformers
 
-    config = ESM2Config.from_name(arch).to_hf_config()
-    config.pop("torch_dtype", None)
+    esmc = arch.lower().startswith("esmc")
+    config = (ESMCConfig if esmc else ESM2Config).from_name(arch).to_hf_config()
+    for key in ("torch_dtype", "architectures", "model_type"):
+        config.pop(key, None)
+    family, cls = ("EsmcConfig", "EsmcForMaskedLM") if esmc else ("EsmConfig", "EsmForMaskedLM")
     torch.manual_seed(seed)
     with torch.device(device):
-        model = EsmForMaskedLM(EsmConfig(**config))
+        model = getattr(transformers, cls)(getattr(transformers, family)(**config))
     if dtype is not None:
         model.to(dtype)
     model.save_pretrained(out_dir)

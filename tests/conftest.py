@@ -24,6 +24,12 @@ def hf_tiny(tmp_path_factory, tiny_inv_freq):
 
 
 @pytest.fixture(scope="session")
+def esmc_tiny(tmp_path_factory):
+    """A tiny random ESM C directory saved by transformers' EsmcForMaskedLM (every weight far from its default)."""
+    return oracles.make_esmc_checkpoint(tmp_path_factory.mktemp("esmc_tiny"), layers=2, d=64, heads=4, ffn=176, seed=3)
+
+
+@pytest.fixture(scope="session")
 def fair_tiny(tmp_path_factory, tiny_inv_freq):
     """A tiny random fair-esm .pt with a perturbed inv_freq."""
     return oracles.make_fair_esm_checkpoint(tmp_path_factory.mktemp("fair_tiny") / "tiny.pt", **oracles.TINY,

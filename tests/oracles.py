@@ -121,6 +121,18 @@ def make_hf_checkpoint(out_dir, layers, d, heads, seed=0, inv_freq=None):
     return str(out_dir)
 
 
+def make_esmc_checkpoint(out_dir, layers, d, heads, ffn, seed=0):
+    """transformers' EsmcForMaskedLM with random weights (oracles.randomize_), saved as an HF directory."""
+    from transformers import EsmcConfig, EsmcForMaskedLM
+
+    torch.manual_seed(seed)
+    model = EsmcForMaskedLM(EsmcConfig(
+        vocab_size=64, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads))
+    randomize_(model, seed)
+    model.save_pretrained(out_dir)
+    return str(out_dir)
+
+
 def hf_class(name):
     import transformers
 

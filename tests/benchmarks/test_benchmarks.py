@@ -60,3 +60,13 @@ def test_kernel_warm_up_runs_one_launch_per_compile_class(monkeypatch):
     layers = model_launches(1280, 5120, 16, "bf16")
     assert {(x.N, x.K) for x in layers} == {(1280, 1280), (5120, 1280), (1280, 5120)}
     assert [x.grads for x in layers].count(("A", "B")) == 1  # the first block's q, k, v: frozen input
+
+
+def test_inference_headline_names_both_families(monkeypatch):
+    """bench_infer's one-line summary reads the size out of ESM-2 names and keeps ESM C names whole."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench_infer
+
+    r = {"esm2lite": {"speedup_vs_sdpa": 1.5}}
+    assert bench_infer.headline({"esm2_t6_8M_UR50D": r, "esmc_300m": r}) == \
+        "8M: 1.50x residues/s of transformers sdpa; esmc_300m: 1.50x residues/s of transformers sdpa"

@@ -79,6 +79,17 @@ def test_two_ranks_follow_the_single_process_trajectory(hf_tiny, data, tmp_path,
         assert abs(s2["valid"][k] - v) <= 1e-5 * max(1.0, abs(v)), k
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_esm_c_two_ranks_follow_the_single_process_trajectory(esmc_tiny, data, tmp_path, mode):
+    """ESM C under FSDP2 (one unit per block, as ESM-2): 2 ranks equal 1 process with --grad-accum 2."""
+    r = torchrun(common(esmc_tiny, data, mode, tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = single(common(esmc_tiny, data, mode, tmp_path / "one") + ["--grad-accum", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_trajectory(log(tmp_path / "two"), log(tmp_path / "one"))
+    assert json.load(open(tmp_path / "two" / "best" / "config.json"))["model_config"]["family"] == "esmc"
+
+
 def test_bf16_mixed_precision_keeps_fp32_weights_and_the_trajectory(hf_tiny, data, tmp_path):
     """FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 reduction) as on GPUs, here under gloo."""
     from esm2lite.checkpoints.sharded import stored_tensors
