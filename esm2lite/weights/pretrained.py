@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from esm2lite.files.atomic import atomic_dir
 from esm2lite.model.config import ESM2Config, read_json_object
-from esm2lite.errors import CheckpointError, key_mismatch
+from esm2lite.errors import CheckpointError, Esm2liteError, key_mismatch
 from esm2lite.weights.layouts import (FAIR_IGNORED, FAIR_NAMES, FAIR_PREFIX, FAIR_TASK_HEADS, FAIR_TIED, HF_IGNORED, HF_NAMES,
                       EXPECTED_HEADS, HF_TASK_HEADS, HF_TIED, has_lm_head, normalize_hf, split_task_heads, to_esm2lite_keys)
 from esm2lite.model.esm2 import ESM2
@@ -115,8 +115,9 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def read_fair_esm(path: str) -> tuple[ESM2Config, dict]:
-    """fair-esm .pt -> (config, {fair-esm key without prefix: tensor}). Never runs pickled code."""
+def torch_file(path: str):
+    """A PyTorch file's contents, read with weights_only=True (tensors, containers and argparse.Namespace
+    only): never runs pickled code."""
     _regular_file(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -134,9 +135,15 @@ def read_fair_esm(path: str) -> tuple[ESM2Config, dict]:
         raise  # cli.run_main: one line saying so, not "unreadable"
     except Exception as e:  # truncated zip, not a pickle at all, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(e)})") from None
+    return data
+
+
+def read_fair_esm(path: str, data) -> tuple[ESM2Config, dict]:
+    """fair-esm .pt contents (torch_file) -> (config, {fair-esm key without prefix: tensor})."""
     if not (isinstance(data, dict) and isinstance(data.get("model"), dict)
             and isinstance(data.get("cfg"), dict) and "model" in data["cfg"]):
-        raise CheckpointError(f"{path}: not a fair-esm ESM-2 checkpoint (expected keys 'model' and 'cfg.model')")
+        raise CheckpointError(f"{path}: not a fair-esm ESM-2 checkpoint (expected keys 'model' and 'cfg.model') "
+                              "nor an EvolutionaryScale ESM C state dict")
     cfg = data["cfg"]["model"]
     cfg = vars(cfg) if isinstance(cfg, argparse.Namespace) else cfg
     fields = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads")
@@ -207,6 +214,19 @@ class Loaded(NamedTuple):
     ignored: list  # the file's task-head keys (reported, not loaded)
 
 
+def read_esmc_pth(path: str, data: dict) -> Loaded:
+    """EvolutionaryScale's ESMC .pth state dict -> Loaded (sizes from the tensors: the file has no config)."""
+    for k, v in data.items():  # a crafted file may hold anything the unpickler allows
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor under a name")
+    state, unexpected, sizes = esmc.from_evolutionaryscale(data)
+    try:
+        config = ESMCConfig(**sizes, lm_head=has_lm_head(state))
+    except Esm2liteError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return Loaded(config, state, unexpected, [])
+
+
 def read_checkpoint(path: str) -> Loaded:
     """Any supported path -> its tensors under our names."""
     path = str(path)
@@ -222,7 +242,10 @@ def read_checkpoint(path: str) -> Loaded:
     elif os.path.isfile(path):
         if path.endswith(".safetensors"):
             raise CheckpointError(f"{path}: give the directory that holds config.json, not the safetensors file")
-        config, tensors = read_fair_esm(path)
+        data = torch_file(path)
+        if esmc.is_evolutionaryscale(data):
+            return read_esmc_pth(path, data)
+        config, tensors = read_fair_esm(path, data)
         tensors, ignored = split_task_heads(tensors, FAIR_TASK_HEADS)
         state, unexpected = to_esm2lite_keys(tensors, FAIR_NAMES, FAIR_IGNORED, FAIR_TIED, config.num_layers, path)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
