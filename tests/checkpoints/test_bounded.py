@@ -189,13 +189,13 @@ def test_layer_budget_before_anything_is_built(tmp_path, hf_tiny):
 
 
 def test_fair_esm_args_are_checked_against_the_budget(tmp_path):
-    from esm2lite.weights.pretrained import read_fair_esm
+    from esm2lite.weights.pretrained import read_checkpoint
 
     path = tmp_path / "deep.pt"
     cfg = argparse.Namespace(encoder_layers=10**6, encoder_embed_dim=64, encoder_attention_heads=4)
     torch.save({"model": {}, "cfg": {"model": cfg}}, path)
     with pytest.raises(CheckpointError, match=r"deep\.pt: cfg\.model: .*num_layers is 1000000, more than the 512"):
-        read_fair_esm(str(path))
+        read_checkpoint(str(path))
 
 
 # ---------------------------------------------------------------- BioNeMo's qkv_weight_interleaved
