@@ -44,8 +44,9 @@ class InferConfig:
                                     "residue, prediction, prob_CLASS columns", IO, metavar="CSV")
     mask_column: str | None = opt(None, "per-residue tasks with labels in the input: the 1/0 column marking "
                                   "labelled residues, as in training", IO, metavar="COLUMN")
-    max_residues: int = opt(1022, "longest sequence a fine-tuned head reads (ESM-2 saw at most 1022); embeddings "
-                            "and --score split longer proteins into overlapping windows instead (docs/scoring.md)", IO)
+    max_residues: int | None = opt(None, "longest sequence read in one piece (default: the model's context, 1022 "
+                                   "residues for ESM-2, 2046 for ESM C); a fine-tuned head refuses longer ones, "
+                                   "embeddings and --score split them into overlapping windows (docs/scoring.md)", IO)
     truncate: bool = opt(False, "cut longer sequences to --max-residues instead (predictions and embeddings)", IO)
     score: str | None = opt(None, "masked-marginal / wt-marginal: score the mutants of a DMS CSV against the wild "
                             "type; pll: pseudo-log-likelihood of each sequence (docs/scoring.md)", SCORE,
@@ -80,7 +81,7 @@ class InferConfig:
             raise UsageError(mixup)
         if not self.input:
             raise UsageError("--input is required")
-        if self.batch_tokens < 1 or self.max_residues < 1:
+        if self.batch_tokens < 1 or (self.max_residues is not None and self.max_residues < 1):
             raise UsageError("--batch-tokens and --max-residues must be positive")
         if self.score:
             self._check_score()

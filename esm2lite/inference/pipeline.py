@@ -12,6 +12,7 @@ label columns: then training's evaluation scores them too, from the same forward
 """
 
 import os
+from dataclasses import replace
 
 from esm2lite.checkpoints.loading import load_model
 from esm2lite.errors import CheckpointError, DataError, Esm2liteError, plural
@@ -125,6 +126,7 @@ def predict_and_write(cfg: InferConfig, d: Dist, device, demo: bool) -> None:
     with distributed.same_error(d):  # every rank reads and checks every row; errors agree
         table = tables.read_table(cfg.input, cfg.sequence_column, cfg.id_column)
     model, encoder = load(cfg, device)
+    cfg = replace(cfg, max_residues=cfg.max_residues or encoder.config.max_residues)  # the model's context
     too_deep = [i for i in cfg.layers or () if i > encoder.config.num_layers]
     if cfg.embeddings and too_deep:
         raise Esm2liteError(f"--layers {' '.join(map(str, too_deep))}: this model's layers are 0 (input embeddings) "
@@ -149,6 +151,7 @@ def predict_and_write(cfg: InferConfig, d: Dist, device, demo: bool) -> None:
 def score_and_write(cfg: InferConfig, device) -> None:
     wildtype = read_wildtype(cfg.wildtype) if cfg.wildtype else None
     model = load_pretrained(cfg.base, device=device)
+    cfg = replace(cfg, max_residues=cfg.max_residues or model.config.max_residues)  # the model's context
     if not model.config.lm_head:
         raise CheckpointError(f"{cfg.base}: has no masked-LM head (saved as EsmModel or a task model), and --score "
                               "needs one: give an EsmForMaskedLM directory, a fair-esm .pt file or a hub id")

@@ -64,6 +64,11 @@ class ESM2Config:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    @property
+    def max_residues(self) -> int:
+        """The longest protein read in one piece: 1026 positions (ESM-2's training crops), <cls> and <eos> included."""
+        return 1022
+
     def num_parameters(self) -> int:
         d, f = self.d_model, self.ffn_dim
         per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d  # q,k,v,out; fc1, fc2; two LNs

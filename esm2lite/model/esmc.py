@@ -71,6 +71,11 @@ class ESMCConfig:
         return self.d_model // self.num_heads
 
     @property
+    def max_residues(self) -> int:
+        """The longest protein read in one piece: ESM C's 2048 positions, <cls> and <eos> included."""
+        return 2046
+
+    @property
     def residual_scale(self) -> float:
         return math.sqrt(self.num_layers / 36)
 

@@ -2,6 +2,7 @@
 every hidden state on random weights, padded and unpadded, loaded from a directory saved by each of the
 four classes. fp32 comparisons: oracles.assert_fp32_agrees, against a float64 run of the reference."""
 
+import json
 import math
 
 import pytest
@@ -192,3 +193,33 @@ def test_model_name_builds_random_esm_c():
     assert isinstance(model, ESMC) and model.config == ESMCConfig.from_name("esmc_300m")
     assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()
     assert random_base("esmc_300m", seed=0)[1] == sha != random_base("esmc_300m", seed=1)[1]
+
+
+@pytest.mark.slow
+def test_infer_reads_esm_c_in_its_own_context(saved, tmp_path, forkrun):
+    """ESM C's context is 2048 positions: infer.py embeds a 1,500-residue protein in one piece (as
+    transformers does: ESM-2's 1,022-residue windows would change it) and windows only past 2,046."""
+    import random
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    _, dirs = saved
+    rng = random.Random(5)
+    seqs = {"mid": "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(1500)),
+            "long": "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(2100))}
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{k}\n{s}\n" for k, s in seqs.items()))
+    infer = str(Path(__file__).resolve().parents[2] / "infer.py")
+    r = forkrun.run([infer, "--base", dirs["EsmcModel"], "--input", str(fasta), "--embeddings",
+                     str(tmp_path / "emb.safetensors"), "--batch-tokens", "4096"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 sequence over 2046 residues embedded in overlapping windows of 2048 tokens" in r.stdout
+    emb = load_file(tmp_path / "emb.safetensors")
+    hf = oracles.load_hf(dirs["EsmcModel"], "EsmcModel")
+    tokens = Tokenizer().batch_encode([seqs["mid"]])
+    with torch.no_grad():
+        want = hf(input_ids=tokens).last_hidden_state[0, 1:-1].mean(0)
+        want64 = oracles.float64_copy(hf)(input_ids=tokens).last_hidden_state[0, 1:-1].mean(0)
+    layer = ESMCConfig.from_hf_config(json.loads(Path(dirs["EsmcModel"], "config.json").read_text())).num_layers
+    oracles.assert_fp32_agrees(emb[f"mean/{layer}/mid"], want, want64, what="1,500 residues in one piece")
