@@ -223,3 +223,42 @@ def test_infer_reads_esm_c_in_its_own_context(saved, tmp_path, forkrun):
         want64 = oracles.float64_copy(hf)(input_ids=tokens).last_hidden_state[0, 1:-1].mean(0)
     layer = ESMCConfig.from_hf_config(json.loads(Path(dirs["EsmcModel"], "config.json").read_text())).num_layers
     oracles.assert_fp32_agrees(emb[f"mean/{layer}/mid"], want, want64, what="1,500 residues in one piece")
+
+
+@pytest.mark.slow
+def test_infer_scores_esm_c_mutants_by_masked_marginals(saved, tmp_path, forkrun):
+    """infer.py --score masked-marginal with an ESM C: each mutant's score is the sum over its
+    substitutions of log p(mutant) - log p(wild type) at that position masked (ProteinGym's recipe,
+    written out here with transformers' EsmcForMaskedLM)."""
+    import csv
+    from pathlib import Path
+
+    _, dirs = saved
+    wt = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIE"
+    mutants = ["K2A", "A4G:Q9W", "E25D", "M1L:I30V"]
+    (tmp_path / "dms.csv").write_text("mutant\n" + "\n".join(mutants) + "\n")
+    infer = str(Path(__file__).resolve().parents[2] / "infer.py")
+    r = forkrun.run([infer, "--base", dirs["EsmcForMaskedLM"], "--input", str(tmp_path / "dms.csv"), "--wildtype",
+                     wt, "--score", "masked-marginal", "--output", str(tmp_path / "scores.csv")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [float(row["masked-marginal"]) for row in csv.DictReader(open(tmp_path / "scores.csv"))]
+    hf = oracles.load_hf(dirs["EsmcForMaskedLM"], "EsmcForMaskedLM")
+    tok = Tokenizer()
+    ids = {a: tok.batch_encode([a])[0, 1].item() for a in "ACDEFGHIKLMNPQRSTVWY"}
+    tokens = tok.batch_encode([wt])
+
+    def scores(model):
+        out = []
+        with torch.no_grad():
+            for m in mutants:
+                total = 0.0
+                for sub in m.split(":"):
+                    pos = int(sub[1:-1])  # 1-based; <cls> is token 0
+                    masked = tokens.clone()
+                    masked[0, pos] = 32
+                    logp = model(input_ids=masked).logits[0, pos].log_softmax(-1)
+                    total += (logp[ids[sub[-1]]] - logp[ids[sub[0]]]).item()
+                out.append(total)
+        return out
+
+    oracles.assert_fp32_agrees(got, scores(hf), scores(oracles.float64_copy(hf)), what="masked marginals")

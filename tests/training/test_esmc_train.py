@@ -128,3 +128,29 @@ def test_merged_and_peft_exports_load_in_transformers(setup, tmp_path, forkrun):
         merged64 = oracles.float64_copy(hf).esmc(input_ids=tokens, attention_mask=mask).last_hidden_state
     # peft adds x A^T B^T beside the frozen W; the merged export holds W + s B A: rounding apart
     oracles.assert_fp32_agrees(hidden, merged, merged64, tokens != 1, what="peft vs merged hidden states")
+
+
+@pytest.mark.parametrize("task", ["classification", "token-classification"])
+def test_every_task_trains_on_esm_c_and_predicts(setup, tmp_path, task, forkrun):
+    """The other two tasks on ESM C: train.py runs, and infer.py on the same rows reproduces the
+    validation loss training reported (per class and confusion matrix included)."""
+    rng = random.Random(4)
+    rows = []
+    for i in range(40):
+        s = make_data.sequence(rng, rng.random(), rng.randint(12, 30))
+        ss = "".join("H" if c in "AELMQKR" else "E" if c in "VIYFWT" else "C" for c in s)
+        rows.append(f"{s},{'oily' if gravy(s) > 0 else 'polar'},{ss},{'train' if i < 30 else 'valid'}\n")
+    data = tmp_path / "d.csv"
+    data.write_text("sequence,kind,ss,split\n" + "".join(rows))
+    esmc = json.loads((setup[1] / "best" / "config.json").read_text())["base"]["path"]
+    out = tmp_path / "run"
+    r = forkrun.run([TRAIN, "--csv", str(data), "--checkpoint", esmc, "--task", task, "--target-column",
+                     "kind" if task == "classification" else "ss", "--steps", "4", "--eval-every", "4",
+                     "--batch-tokens", "400", "--lr", "5e-3", "--device", "cpu", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = forkrun.run([INFER, "--run", str(out), "--input", str(data), "--output", str(tmp_path / "p.csv")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((tmp_path / "p.metrics.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert metrics["splits"]["valid"]["loss"] == pytest.approx(summary["valid"]["loss"], rel=1e-5)  # rounding only
+    assert metrics["confusion_matrix"]["valid"] == summary["confusion_matrix"]["valid"]
