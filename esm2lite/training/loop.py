@@ -166,9 +166,12 @@ def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> tuple[TaskModel
     lora = cfg.lora if cfg.lora.targets != TARGETS else replace(cfg.lora, targets=default_targets(encoder))  # ESM C: its own
     try:
         mode.prepare(encoder, lora)
-    except ValueError as e:  # --lora-layers beyond the model's depth
-        raise Esm2liteError(f"{str(e).replace('LoRAConfig.layers', '--lora-layers')} (layers count from 0 here; "
-                            "BioNeMo's layer_selection counts from 1)") from None
+    except ValueError as e:  # --lora-layers beyond the model's depth, --lora-targets of the other family
+        layers = "LoRAConfig.layers" in str(e)
+        raise Esm2liteError(str(e).replace("LoRAConfig.layers", "--lora-layers").replace("LoRAConfig.targets",
+                                                                                         "--lora-targets")
+                            + (" (layers count from 0 here; BioNeMo's layer_selection counts from 1)" if layers
+                               else "")) from None
     encoder.activation_checkpointing = cfg.activation_checkpointing
     head = labels.task.head(encoder.config.d_model, labels.num_outputs, cfg.head_hidden, cfg.head_dropout)
     if begun:

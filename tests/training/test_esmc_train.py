@@ -154,3 +154,21 @@ def test_every_task_trains_on_esm_c_and_predicts(setup, tmp_path, task, forkrun)
     summary = json.loads((out / "summary.json").read_text())
     assert metrics["splits"]["valid"]["loss"] == pytest.approx(summary["valid"]["loss"], rel=1e-5)  # rounding only
     assert metrics["confusion_matrix"]["valid"] == summary["confusion_matrix"]["valid"]
+
+
+def test_bionemo_lora_options_on_esm_c(setup, tmp_path, forkrun):
+    """--lora-layers, --lora-init-a/-b and --lora-tie-weights on ESM C, as on ESM-2: one adapter pair
+    per target, shared by the selected blocks, stored once under the first; B starts at zero."""
+    args, _, _ = setup
+    out = tmp_path / "tied"
+    r = forkrun.run([TRAIN, *args(out)[:-2], "--steps", "2", "--lora-layers", "0", "1", "--lora-init-a", "xavier",
+                     "--lora-tie-weights", "--lora-targets", "q", "down", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    stored = load_file(out / "best" / "model.safetensors")
+    assert sorted(k for k in stored if k.startswith("encoder.")) == [
+        "encoder.layers.0.attn.q.lora_a", "encoder.layers.0.attn.q.lora_b",
+        "encoder.layers.0.down.lora_a", "encoder.layers.0.down.lora_b"]
+    r = forkrun.run([TRAIN, *args(tmp_path / "bad")[:-2], "--steps", "1", "--lora-targets", "query",
+                     "--out", str(tmp_path / "bad")])
+    assert r.returncode != 0 and r.stderr.strip() == \
+        "error: --lora-targets: query not linears of this model (its targets: q k v o gate up down)"
