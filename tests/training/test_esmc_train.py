@@ -70,7 +70,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(setup, tmp_path, fo
     time.sleep(random.Random(3).uniform(0.4, 0.9) * duration)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    r = forkrun.run([TRAIN, "--out", str(out), "--resume"])
+    r = forkrun.run([TRAIN, *args(out), "--resume"])  # the whole command: a kill may come before config.json
     assert r.returncode == 0, r.stderr[-2000:]
     a = load_file(ref / "checkpoints" / f"step_{STEPS}" / "model.safetensors")
     b = load_file(out / "checkpoints" / f"step_{STEPS}" / "model.safetensors")
