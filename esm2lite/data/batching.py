@@ -6,6 +6,7 @@
 """
 
 import numpy as np
+import torch
 
 from esm2lite.tasks.labels import LabelSpace
 from esm2lite.data.records import Record
@@ -59,10 +60,13 @@ def make_batches(lengths: list[int], batch_tokens: int, shuffle: bool, seed: int
     return [batches[k] for k in rng.permutation(len(batches))]
 
 
-def collate(records: list[Record], label_space: LabelSpace | None) -> Batch:
-    """A Batch: tokens [B, T] right-padded with <pad>, and the encoded targets (LabelSpace.encode)
-    when a label space is given."""
+def collate(records: list[Record], label_space: LabelSpace | None, packed: bool = False) -> Batch:
+    """A Batch: tokens [B, T] right-padded with <pad> (packed: [1, N], end to end), and the encoded
+    targets (LabelSpace.encode, the same in both layouts) when a label space is given."""
     target = label_space.encode(records) if label_space is not None else None
+    if packed:
+        tokens = torch.tensor([t for r in records for t in r.tokens], dtype=torch.long)[None]
+        return Batch(tokens, target, torch.tensor([len(r.tokens) for r in records]))
     return Batch(pad_tokens([r.tokens for r in records]), target)
 
 

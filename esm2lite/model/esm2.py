@@ -134,14 +134,15 @@ class ESM2(nn.Module):
         self.activation_checkpointing = False
 
     def embed(self, batch: Batch):
-        """batch.tokens: [B, T] -> x: [B, T, d] with token dropout (per sequence) and zeroed padding rows."""
+        """batch.tokens: [B, T] (packed: [1, N]) -> x: [B, T, d] with token dropout (per sequence) and
+        zeroed padding rows."""
         tokens = batch.tokens
         x = self.embed_tokens(tokens)
         if self.config.token_dropout:  # applied at inference too
             is_mask = tokens.eq(MASK)
             x = x.masked_fill(is_mask[..., None], 0.0)
-            observed = is_mask.sum(-1).to(x.dtype) / batch.lengths  # [B]: the share of <mask> in each sequence
-            x = x * (1 - MASK_RATIO_TRAIN) / (1 - observed)[:, None, None]
+            observed = batch.per_sequence_sum(is_mask.to(x.dtype)) / batch.lengths  # [B]: each sequence's <mask> share
+            x = x * (1 - MASK_RATIO_TRAIN) / (1 - batch.per_token(observed))[..., None]  # as ESM-2: this order
         return x * (~batch.padding)[..., None].to(x.dtype)
 
     def forward(self, batch, repr_layers=(), logits: bool = True) -> dict:
@@ -158,8 +159,8 @@ class ESM2(nn.Module):
         if logits and isinstance(self.lm_head, NoLMHead):
             raise self.lm_head.error()  # before any work
         batch = Batch.of(batch)
-        positions = batch.positions  # [B, T], <cls> at 0
-        attn_mask = (~batch.padding)[:, None, None, :] if batch.padding.any() else None  # [B, 1, 1, T]
+        positions = batch.positions  # [B, T], <cls> at 0 (packed: [1, N], restarting at each sequence)
+        attn_mask = batch.attention_mask  # [B, 1, 1, T] or None; packed: [1, 1, N, N], block-diagonal
 
         x = self.embed(batch)
         hidden = {0: x} if 0 in repr_layers else {}

@@ -26,10 +26,11 @@ def mean_pool(hidden: torch.Tensor, batch) -> torch.Tensor:
     """hidden [B, T, d], a Batch (or its tokens [B, T]) -> [B, d]: mean over residue positions only
     (cls, eos and padding excluded; padding rows may hold anything, even NaN). Computed and
     returned in fp32 (fp64 input stays fp64)."""
-    mask = Batch.of(batch).residues[..., None]  # [B, T, 1]
+    batch = Batch.of(batch)
+    mask = batch.residues[..., None]  # [B, T, 1] (packed: [1, N, 1])
     h = torch.where(mask, _at_least_fp32(hidden), 0.0)
-    count = mask.sum(1).clamp(min=1).to(h.dtype)  # [B, 1]
-    return h.sum(1) / count
+    count = batch.per_sequence_sum(mask.to(h.dtype)).clamp(min=1)  # [B, 1]
+    return batch.per_sequence_sum(h) / count
 
 
 class Head(nn.Module):
@@ -81,6 +82,7 @@ class ConvHead(Head):
         the input are zeroed, and the first conv's output at padding too (conv2 sees zeros past
         the end, as for the sequence alone): a sequence's predictions do not depend on its batch."""
         batch = Batch.of(batch)
+        hidden, batch = batch.unpack(hidden), batch.padded()  # convolutions must not reach the next sequence
         with self._no_autocast(hidden):
             x = torch.where(batch.residues[..., None], hidden.to(self.conv1.weight.dtype), 0.0)
             x = F.relu(self.conv1(x.transpose(1, 2)))  # [B, hidden, T]
