@@ -41,10 +41,11 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # 
 from benchmarks.common import OneLineParser, in_child, make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
 from esm2lite.files.atomic import write_json  # noqa: E402
 from esm2lite.data.batching import make_batches  # noqa: E402
+from esm2lite.model.batch import Batch  # noqa: E402
 from esm2lite.model.tokenizer import PAD, Tokenizer  # noqa: E402
 from esm2lite import load_pretrained
 
-IMPLS = ("esm2lite", "transformers-eager", "transformers-sdpa")
+IMPLS = ("esm2lite", "esm2lite-packed", "transformers-eager", "transformers-sdpa")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports in the output
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", nargs="+", default=["esm2_t33_650M_UR50D" if cuda else "esm2_t6_8M_UR50D"],
                    help="ESM-2 (or ESM C: esmc_300m ...) architecture names (random weights), measured in turn; "
                         "default 650M on GPU, 8M on CPU")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS if not cuda else IMPLS[::2]),
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS) if not cuda else ["esm2lite", "transformers-sdpa"],
                    help="implementations (transformers-sdpa, the reference, is always included; "
                         "default on a GPU: esm2lite and transformers-sdpa)")
     p.add_argument("--num-seqs", type=int, default=64 if cuda else 16, help="sequences in the set")
@@ -87,7 +88,7 @@ def parse_args(argv=None):
 
 
 def load_model(impl: str, model_dir: str, dtype, device):
-    if impl == "esm2lite":
+    if impl.startswith("esm2lite"):
 
         return load_pretrained(model_dir, dtype=dtype, device=device).eval()
     from transformers import EsmcModel, EsmModel
@@ -103,9 +104,14 @@ def load_model(impl: str, model_dir: str, dtype, device):
 
 @torch.inference_mode()
 def forward(impl: str, model, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [B, T] -> final hidden states [B, T, d]."""
+    """tokens [B, T] -> final hidden states [B, T, d]. esm2lite-packed: the same sequences end to end
+    ([1, N], no padding; each attends to itself), its output unpacked."""
     if impl == "esm2lite":
         return model(tokens, logits=False)["last_hidden_state"]
+    if impl == "esm2lite-packed":
+        keep = tokens.ne(PAD)
+        batch = Batch(tokens[keep][None], None, keep.sum(1))
+        return batch.unpack(model(batch, logits=False)["last_hidden_state"])
     return model(input_ids=tokens, attention_mask=tokens.ne(PAD)).last_hidden_state
 
 

@@ -76,11 +76,12 @@ class Batch:
         return index if not self.packed else index - self.offsets[:-1][self.segment]  # restart per sequence
 
     @cached_property
-    def attention_mask(self) -> torch.Tensor | None:
-        """bool, True where query i may attend key j: padded [B, 1, 1, T] (not <pad>; None without
-        padding), packed [1, 1, N, N] (the same sequence: block-diagonal)."""
+    def attention_mask(self) -> torch.Tensor | tuple | None:
+        """Who attends to whom: padded, bool [B, 1, 1, T], True at the keys a query may attend (not
+        <pad>; None without padding); packed, the sequences' lengths (a tuple of ints): each attends to
+        itself alone (model.esm2.attend)."""
         if self.packed:
-            return (self.segment[0, :, None] == self.segment[0, None, :])[None, None]
+            return tuple(self.lengths.tolist())
         return (~self.padding)[:, None, None, :] if self.padding.any() else None
 
     def per_sequence_sum(self, x: torch.Tensor) -> torch.Tensor:

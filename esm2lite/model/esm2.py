@@ -50,9 +50,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attend(q, k, v, attn_mask, scale: float = 1.0):
-    """Softmax attention. q, k, v: [B, H, T, hd]; attn_mask: [B, 1, 1, T] bool (True = key
-    may be attended) or None; scale multiplies q·k (ESM-2 scales q before rotary: 1.0). The one
-    place a packed varlen kernel (cu_seqlens) would plug in."""
+    """Softmax attention. q, k, v: [B, H, T, hd]; attn_mask: [B, 1, 1, T] bool (True = key may be
+    attended) or None; packed ([1, H, N, hd]): the sequences' lengths, each attending to itself alone
+    (the exact reference; a varlen kernel with cu_seqlens plugs in here). scale multiplies q·k (ESM-2
+    scales q before rotary: 1.0)."""
+    if isinstance(attn_mask, tuple):  # packed: one block per sequence, no N x N scores
+        parts = zip(q.split(attn_mask, 2), k.split(attn_mask, 2), v.split(attn_mask, 2))
+        return torch.cat([F.scaled_dot_product_attention(a, b, c, scale=scale) for a, b, c in parts], dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
@@ -160,7 +164,7 @@ class ESM2(nn.Module):
             raise self.lm_head.error()  # before any work
         batch = Batch.of(batch)
         positions = batch.positions  # [B, T], <cls> at 0 (packed: [1, N], restarting at each sequence)
-        attn_mask = batch.attention_mask  # [B, 1, 1, T] or None; packed: [1, 1, N, N], block-diagonal
+        attn_mask = batch.attention_mask  # [B, 1, 1, T] or None; packed: the lengths (attend)
 
         x = self.embed(batch)
         hidden = {0: x} if 0 in repr_layers else {}

@@ -198,7 +198,7 @@ class ESMC(nn.Module):
         if logits and isinstance(self.lm_head, NoLMHead):
             raise self.lm_head.error()
         batch = Batch.of(batch)
-        attn_mask = batch.attention_mask  # [B, 1, 1, T] or None; packed: [1, 1, N, N], block-diagonal
+        attn_mask = batch.attention_mask  # [B, 1, 1, T] or None; packed: the lengths (attend)
         x = self.embed_tokens(batch.tokens)  # [B, T, d]
         rotary = rotary_cos_sin(batch.positions, inv_freq(self.config.head_dim, x.device))  # once, for every block
         hidden = {0: x} if 0 in repr_layers else {}
