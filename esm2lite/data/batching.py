@@ -76,8 +76,8 @@ class Batches:
     all ranks every row is used once per epoch. The position (epoch, index) is global: it is
     the resumable state, valid for any number of ranks. `cfg` gives batch_tokens and seed."""
 
-    def __init__(self, records, cfg, labels: LabelSpace, rank: int = 0, world: int = 1):
-        self.records, self.labels = records, labels
+    def __init__(self, records, cfg, labels: LabelSpace, rank: int = 0, world: int = 1, packed: bool = False):
+        self.records, self.labels, self.packed = records, labels, packed
         self.batch_tokens, self.seed = cfg.batch_tokens, cfg.seed
         self.rank, self.world = rank, world
         self.lengths = [len(r.tokens) for r in records]
@@ -104,4 +104,4 @@ class Batches:
         return [self._take() for _ in range(self.world)][self.rank]
 
     def next(self) -> Batch:
-        return collate([self.records[i] for i in self.next_indices()], self.labels)
+        return collate([self.records[i] for i in self.next_indices()], self.labels, self.packed)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from esm2lite.cli import UsageError, opt
 from esm2lite.inference.scoring import METHODS
-from esm2lite.runtime.device import PRECISIONS
+from esm2lite.runtime.device import LAYOUTS, PRECISIONS
 
 MODEL, IO, SCORE, RUNNING = "model (give one)", "input and output", "zero-shot variant scores (--score, with --base)", \
     "running"
@@ -59,6 +59,8 @@ class InferConfig:
     offset: int | None = opt(None, "number of the wild type's first residue in the mutant codes (default: 1)", SCORE)
     batch_tokens: int = opt(8192, "tokens per batch, padding included", RUNNING)
     precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU", RUNNING, choices=PRECISIONS)
+    batches: str = opt("auto", "batch layout of predictions: padded, packed (end to end, no padding: the same "
+                       "numbers), auto: packed on CPU, padded on GPU", RUNNING, choices=LAYOUTS)
     device: str | None = opt(None, "cpu, cuda, ... (default: cuda if available)", RUNNING)
     no_merge: bool = opt(False, "keep LoRA adapters separate (slower; same numbers)", RUNNING)
 

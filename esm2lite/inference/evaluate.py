@@ -9,16 +9,18 @@ import torch
 from tqdm import tqdm
 
 from esm2lite.data.batching import collate, make_batches
-from esm2lite.runtime.device import amp_dtype_for
+from esm2lite.runtime.device import amp_dtype_for, packs
 from esm2lite.runtime.distributed import Dist, gather
 from esm2lite.errors import Esm2liteError
 from esm2lite.tasks.labels import LabelSpace
 from esm2lite.model.task_model import TaskModel
 
 
-def _forward_mine(model: TaskModel, records, batches, d: Dist, precision: str, with_loss: bool, desc):
+def _forward_mine(model: TaskModel, records, batches, d: Dist, precision: str, with_loss: bool, desc,
+                  layout: str = "auto"):
     """This rank's share of `batches`: [(record indices, per-record outputs, (loss sum, units))]."""
     device = next(model.parameters()).device
+    packed = packs(layout, device)
     amp = amp_dtype_for(precision, device)
     mine = batches[d.rank::d.world]
     rounds = -(-len(batches) // d.world)  # every rank runs as many forwards: FSDP gathers are collective
@@ -26,7 +28,7 @@ def _forward_mine(model: TaskModel, records, batches, d: Dist, precision: str, w
     quiet = True if desc is None or not d.main else None  # None: shown on a terminal only
     for j in tqdm(range(rounds), desc=desc, disable=quiet, leave=False):
         idx = mine[j] if j < len(mine) else batches[0]  # a spare rank repeats a batch and drops it
-        batch = collate([records[i] for i in idx], model.labels if with_loss else None)
+        batch = collate([records[i] for i in idx], model.labels if with_loss else None, packed)
         batch = batch.to(device)  # tokens [B, T], targets
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(batch).float()  # [B, n] or [B, T, C]
@@ -44,25 +46,25 @@ def _forward_mine(model: TaskModel, records, batches, d: Dist, precision: str, w
 
 @torch.no_grad()
 def run_batches(model: TaskModel, records, batch_tokens: int, precision: str = "auto", desc: str | None = None,
-                with_loss: bool = False, d: Dist | None = None):
+                with_loss: bool = False, d: Dist | None = None, layout: str = "auto"):
     """Forward every record once. Returns (outputs, loss): outputs is a list of per-record fp32 CPU
     tensors in INPUT ORDER ([n_outputs], or [T_i, n_classes] for per-residue tasks, T_i = that
     record's tokens); loss, when with_loss (records need targets), is the task's loss summed over
-    every unit of the split divided by their number."""
-    outputs, loss_sum, units = forward_all(model, records, batch_tokens, precision, desc, with_loss, d)
+    every unit of the split divided by their number. layout: padded, packed or auto (device.packs)."""
+    outputs, loss_sum, units = forward_all(model, records, batch_tokens, precision, desc, with_loss, d, layout)
     return outputs, (loss_sum / max(units, 1) if with_loss else None)
 
 
 @torch.no_grad()
 def forward_all(model: TaskModel, records, batch_tokens: int, precision: str, desc: str | None, with_loss: bool,
-                d: Dist | None = None) -> tuple[list, float, int]:
+                d: Dist | None = None, layout: str = "auto") -> tuple[list, float, int]:
     """run_batches, with the loss as (sum over the units, number of units)."""
     d = d or Dist()
     was_training = model.training
     model.eval()
     batches = make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False)
     outputs, loss_sum, units = [None] * len(records), 0.0, 0
-    for part in gather(d, _forward_mine(model, records, batches, d, precision, with_loss, desc)):
+    for part in gather(d, _forward_mine(model, records, batches, d, precision, with_loss, desc, layout)):
         for idx, rows, (total, n) in part:
             loss_sum, units = loss_sum + total, units + n
             for i, row in zip(idx, rows):
@@ -71,21 +73,24 @@ def forward_all(model: TaskModel, records, batch_tokens: int, precision: str, de
     return outputs, loss_sum, units
 
 
-def evaluate(model: TaskModel, records, batch_tokens: int, precision: str, split: str, d: Dist | None = None) -> dict:
+def evaluate(model: TaskModel, records, batch_tokens: int, precision: str, split: str, d: Dist | None = None,
+             layout: str = "auto") -> dict:
     """{"loss", metric: value} of one split, on the original target scale."""
-    return score(model, records, batch_tokens, precision, split, d)[0]
+    return score(model, records, batch_tokens, precision, split, d, layout)[0]
 
 
-def score(model: TaskModel, records, batch_tokens: int, precision: str, split: str, d: Dist | None = None):
+def score(model: TaskModel, records, batch_tokens: int, precision: str, split: str, d: Dist | None = None,
+          layout: str = "auto"):
     """(evaluate's metrics, the per-record outputs in input order) of one split."""
-    outputs, loss = run_batches(model, records, batch_tokens, precision, desc=f"eval {split}", with_loss=True, d=d)
+    outputs, loss = run_batches(model, records, batch_tokens, precision, desc=f"eval {split}", with_loss=True, d=d,
+                                layout=layout)
     labels = model.labels
     labels.check(records)
     return finite(split, {"loss": loss, **labels.task.split_metrics(labels, records, outputs)}, outputs), outputs
 
 
 def score_groups(model: TaskModel, records, groups: dict[str, list[int]], batch_tokens: int, precision: str,
-                 d: Dist | None = None) -> tuple[dict, dict, list]:
+                 d: Dist | None = None, layout: str = "auto") -> tuple[dict, dict, list]:
     """An input whose rows fall in groups (infer.py's split column): each group forwarded and scored
     as a split of its own, so its numbers are those of its rows scored alone; and every row ("all":
     the loss summed over every group's units and divided once, the metrics on every output).
@@ -95,7 +100,7 @@ def score_groups(model: TaskModel, records, groups: dict[str, list[int]], batch_
     outputs, metrics, parts, total, units = [None] * len(records), {}, {"all": records}, 0.0, 0
     for name, idx in groups.items():
         part = [records[i] for i in idx]
-        outs, loss_sum, n = forward_all(model, part, batch_tokens, precision, f"eval {name}", True, d)
+        outs, loss_sum, n = forward_all(model, part, batch_tokens, precision, f"eval {name}", True, d, layout)
         for i, out in zip(idx, outs):
             outputs[i] = out
         metrics[name] = finite(name, {"loss": loss_sum / max(n, 1), **labels.task.split_metrics(labels, part, outs)},

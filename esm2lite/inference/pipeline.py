@@ -106,14 +106,15 @@ def predictions(cfg: InferConfig, d: Dist, table, model: TaskModel) -> dict:
     if labelled:  # training's evaluation of these rows (each split of them, and all): loss, metrics, outputs
         groups = tables.split_groups(table, cfg.split_column)
         if groups:
-            metrics, parts, outputs = score_groups(model, records, groups, cfg.batch_tokens, cfg.precision, d)
+            metrics, parts, outputs = score_groups(model, records, groups, cfg.batch_tokens, cfg.precision, d,
+                                                   cfg.batches)
             outputs_by = {"all": outputs, **{name: [outputs[i] for i in idx] for name, idx in groups.items()}}
         else:
-            every, outputs = score(model, records, cfg.batch_tokens, cfg.precision, "input", d)
+            every, outputs = score(model, records, cfg.batch_tokens, cfg.precision, "input", d, cfg.batches)
             metrics, parts, outputs_by = {"all": every}, {"all": records}, {"all": outputs}
         report = labels.task.report(labels, parts, outputs_by)  # per class and confusion matrix, as summary.json
     else:
-        outputs, _ = run_batches(model, records, cfg.batch_tokens, cfg.precision, "predict", d=d)
+        outputs, _ = run_batches(model, records, cfg.batch_tokens, cfg.precision, "predict", d=d, layout=cfg.batches)
     predicted = [labels.task.prediction(labels, out) for out in outputs]
     rows = tables.output_rows(table, records, predicted, cfg.truncate)
     residues = tables.residue_rows(table, records, outputs, labels) if cfg.residue_probs else None

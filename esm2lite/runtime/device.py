@@ -29,6 +29,17 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+LAYOUTS = ("auto", "padded", "packed")
+
+
+def packs(layout: str, device: torch.device) -> bool:
+    """Whether batches are packed (sequences end to end, no padding) rather than padded: the one rule.
+    "auto": packed on a CPU, where it measured 1.49x padded (benchmarks/results/infer_cpu_packed.json);
+    padded on a GPU until a varlen attention kernel runs there (the packed reference attends one
+    sequence at a time)."""
+    return layout == "packed" or (layout == "auto" and device.type == "cpu")
+
+
 def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32. "auto": bf16 on GPU, fp32 on CPU."""
     if precision == "auto":

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from esm2lite.checkpoints.modes import MODE
 from esm2lite.cli import opt
 from esm2lite.tasks import DEFAULT_TASK, TASKS
-from esm2lite.runtime.device import PRECISIONS as INFERENCE_PRECISIONS
+from esm2lite.runtime.device import LAYOUTS, PRECISIONS as INFERENCE_PRECISIONS
 from esm2lite.runtime.device import check_device
 from esm2lite.runtime.distributed import DIST_TIMEOUT
 from esm2lite.errors import Esm2liteError
@@ -64,6 +64,8 @@ class TrainConfig:
     grad_accum: int = opt(1, "batches per optimizer step", OPTIM)
     clip: float = opt(1.0, "gradient-norm clipping", OPTIM)
     precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", OPTIM, choices=PRECISIONS)
+    batches: str = opt("auto", "batch layout: padded (each sequence in its own row), packed (end to end, no "
+                       "padding: the same numbers), auto: packed on CPU, padded on GPU", OPTIM, choices=LAYOUTS)
     seed: int = opt(0, "random seed (0 .. 2^32 - 1)", OPTIM)
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory "
                                          "for long sequences / big models", OPTIM)
@@ -106,6 +108,7 @@ class TrainConfig:
             (self.schedule in SCHEDULES, "--schedule must be cosine or constant"),
             (self.precision != "fp16", "--precision fp16 training is not supported (use bf16 or fp32)"),
             (self.precision in PRECISIONS, "--precision must be auto, fp32 or bf16"),
+            (self.batches in LAYOUTS, "--batches must be auto, padded or packed"),
             ((self.checkpoint is None) != (self.model is None), "give exactly one of --checkpoint and --model"),
             ((self.steps is None) != (self.epochs is None), "give exactly one of --steps and --epochs"),
             (self.split_column is None or self.csv is not None,

@@ -25,7 +25,7 @@ from esm2lite.runtime import distributed
 from esm2lite.training import plot
 from esm2lite.data.batching import Batches
 from esm2lite.checkpoints.run_dir import Checkpointer
-from esm2lite.runtime.device import amp_dtype_for
+from esm2lite.runtime.device import amp_dtype_for, packs
 from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import Esm2liteError, TrainingInterrupted
 from esm2lite.inference.evaluate import evaluate, prediction_rows, score
@@ -199,7 +199,7 @@ def setup(cfg, records, resume: bool, d: Dist, device, checkpointer: Checkpointe
     if d.enabled:
         distributed.shard(model, d, amp_dtype_for(cfg.precision, device))
     optimizer = make_optimizer(model, cfg)
-    batches = Batches(records["train"], cfg, labels, d.rank, d.world)
+    batches = Batches(records["train"], cfg, labels, d.rank, d.world, packed=packs(cfg.batches, device))
     per_epoch = -(-len(batches) // d.world)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     with distributed.same_error(d):
@@ -302,7 +302,7 @@ def validate(run: Run, state: TrainState, bar) -> bool:
     if not (state.step % run.eval_every == 0 or state.step == run.total):
         return False
     cfg = run.cfg
-    result = evaluate(run.model, run.records["valid"], cfg.batch_tokens, cfg.precision, "valid", run.d)
+    result = evaluate(run.model, run.records["valid"], cfg.batch_tokens, cfg.precision, "valid", run.d, cfg.batches)
     run.checkpointer.log({"step": state.step, "split": "valid", **result})
     if run.d.main:
         bar.write(f"step {state.step}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -347,7 +347,7 @@ def finish(run: Run, state: TrainState, start_time: float) -> dict:
     for split in ("valid", "test"):
         if split in run.records:
             summary[split], outputs[split] = score(run.model, run.records[split], cfg.batch_tokens, cfg.precision,
-                                                   split, d)
+                                                   split, d, cfg.batches)
     if summary["test"] is not None:
         run.checkpointer.log({"step": state.best_step, "split": "test", **summary["test"]})
     summary.update(labels.task.report(labels, run.records, outputs))  # per class, confusion matrix

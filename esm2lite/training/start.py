@@ -46,7 +46,8 @@ def validate(run, bar) -> None:
     """Step 0 of a run (loop.Run) started from a fine-tuned model: that model's valid metrics, logged
     as where training starts (not a candidate for best/: it is --checkpoint itself)."""
     if "valid" in run.records:
-        result = evaluate(run.model, run.records["valid"], run.cfg.batch_tokens, run.cfg.precision, "valid", run.d)
+        cfg = run.cfg
+        result = evaluate(run.model, run.records["valid"], cfg.batch_tokens, cfg.precision, "valid", run.d, cfg.batches)
         run.checkpointer.log({"step": 0, "split": "valid", **result})
         if run.d.main:
             bar.write("step 0 (--checkpoint): valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
