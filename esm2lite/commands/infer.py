@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from esm2lite.runtime.device import layout_line
 from esm2lite.cli import OneLineParser, exit_process, UsageError, add_options, options_to_config, run_main
 from esm2lite.errors import Esm2liteError
 from esm2lite.inference.config import InferConfig
@@ -47,6 +48,8 @@ def main(argv, prog: str = PROG) -> None:
         p.error(str(e))
     from esm2lite.inference.pipeline import run  # after the options: --help and usage errors stay fast
 
+    if args.debug and os.environ.get("RANK", "0") == "0" and not cfg.score:
+        print(layout_line(cfg.batches, cfg.device), flush=True)
     run(cfg, demo)
 
 

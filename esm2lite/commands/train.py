@@ -5,6 +5,7 @@ import os
 import shlex
 
 from esm2lite.checkpoints.run_dir import holds_a_run
+from esm2lite.runtime.device import layout_line
 from esm2lite.cli import (OneLineParser, UsageError, add_options, exit_process, options_to_config, run_main,
                           saved_options)
 from esm2lite.errors import TrainingInterrupted
@@ -60,6 +61,9 @@ def main(argv, prog: str = PROG) -> None:
     except UsageError as e:
         p.error(str(e))
     from esm2lite.training.loop import train_model  # after the options: --help and usage errors stay fast
+
+    if args.debug and os.environ.get("RANK", "0") == "0":
+        print(layout_line(cfg.batches, cfg.device), flush=True)
 
     try:
         result = train_model(cfg, resume=args.resume)

@@ -40,6 +40,13 @@ def packs(layout: str, device: torch.device) -> bool:
     return layout == "packed" or (layout == "auto" and device.type == "cpu")
 
 
+def layout_line(layout: str, device_name: str | None) -> str:
+    """What --debug prints: the batch layout the rule chose, and why."""
+    device = pick_device(device_name)
+    chosen = "packed" if packs(layout, device) else "padded"
+    return f"batches: {chosen} (--batches {layout}" + (f" on {device.type})" if layout == "auto" else ")")
+
+
 def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32. "auto": bf16 on GPU, fp32 on CPU."""
     if precision == "auto":

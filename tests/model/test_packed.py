@@ -125,3 +125,21 @@ def test_head_outputs_losses_and_gradients_equal_the_padded_layout(family, mode,
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         oracles.assert_fp32_close(grads_b[name], grads_a[name], 4 * ULPS, what=f"grad {name}")  # backward: 2 more GEMMs
+
+
+def test_the_layout_rule_and_what_debug_prints(hf_tiny, tmp_path, forkrun):
+    """runtime/device.packs: auto packs on a CPU (measured faster there), pads on a GPU (no varlen kernel
+    yet); an explicit --batches wins; --debug prints the choice."""
+    from pathlib import Path
+
+    from esm2lite.runtime.device import packs
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert packs("auto", cpu) and not packs("auto", gpu) and packs("packed", gpu) and not packs("padded", cpu)
+    (tmp_path / "in.fasta").write_text(">a\nMKTAYIAK\n")
+    infer = str(Path(__file__).resolve().parents[2] / "infer.py")
+    for flag, line in (([], "batches: packed (--batches auto on cpu)"), (["--batches", "padded"],
+                                                                         "batches: padded (--batches padded)")):
+        r = forkrun.run([infer, "--base", hf_tiny, "--input", str(tmp_path / "in.fasta"), "--embeddings",
+                         str(tmp_path / "e.safetensors"), "--device", "cpu", "--debug", *flag])
+        assert r.returncode == 0 and line in r.stdout.splitlines(), r.stdout + r.stderr[-2000:]
