@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on CPU (default 1: stable timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--order", choices=("sorted", "random"), default="sorted",
+                   help="batches of length-sorted sequences (esm2lite's), or of the sequences in random order "
+                        "(a loader that does not sort: more padding)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/infer_<device>.json)")
     args = p.parse_args(argv)
     for name in ("num_seqs", "min_len", "max_len", "batch_tokens", "repeats"):
@@ -115,16 +118,24 @@ def forward(impl: str, model, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens, attention_mask=tokens.ne(PAD)).last_hidden_state
 
 
-def make_batches_for(num_seqs, min_len, max_len, batch_tokens, seed) -> tuple[list[torch.Tensor], list[int]]:
-    """Random sequences -> (padded token batches, longest first; residues per sequence)."""
+def make_batches_for(num_seqs, min_len, max_len, batch_tokens, seed, order="sorted"):
+    """Random sequences -> (padded token batches; residues per sequence). sorted: esm2lite's length-sorted
+    batches, longest first; random: the sequences in their random order, each batch filled while
+    longest x count stays within batch_tokens (a loader that does not sort: more padding)."""
     g = torch.Generator().manual_seed(seed)
     letters = "LAGVSERTIDPKQNFYMHWC"
     lengths = torch.randint(min_len, max_len + 1, (num_seqs,), generator=g).tolist()
     seqs = ["".join(letters[i] for i in torch.randint(0, 20, (n,), generator=g).tolist()) for n in lengths]
     tok = Tokenizer()
-    batches = [tok.batch_encode([seqs[i] for i in idx]) for idx in make_batches([n + 2 for n in lengths],
-                                                                                  batch_tokens, shuffle=False)]
-    return batches, lengths
+    if order == "sorted":
+        groups = make_batches([n + 2 for n in lengths], batch_tokens, shuffle=False)
+    else:
+        groups = [[]]
+        for i in range(num_seqs):
+            if groups[-1] and max(lengths[j] + 2 for j in groups[-1] + [i]) * (len(groups[-1]) + 1) > batch_tokens:
+                groups.append([])
+            groups[-1].append(i)
+    return [tok.batch_encode([seqs[i] for i in idx]) for idx in groups], lengths
 
 
 def run_pass(impl, model, batches, device) -> float:
@@ -182,7 +193,8 @@ def main(argv=None):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    batches, lengths = make_batches_for(args.num_seqs, args.min_len, args.max_len, args.batch_tokens, args.seed)
+    batches, lengths = make_batches_for(args.num_seqs, args.min_len, args.max_len, args.batch_tokens, args.seed,
+                                        args.order)
     residues, padded = sum(lengths), sum(b.numel() for b in batches)
     print(f"{args.num_seqs} sequences, {residues} residues, {len(batches)} batches ({padded} tokens with "
           f"padding), {args.dtype} on {device}" + (f", {args.threads} thread(s)" if device.type == "cpu" else ""))

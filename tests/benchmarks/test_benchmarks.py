@@ -70,3 +70,19 @@ def test_inference_headline_names_both_families(monkeypatch):
     r = {"esm2lite": {"speedup_vs_sdpa": 1.5}}
     assert bench_infer.headline({"esm2_t6_8M_UR50D": r, "esmc_300m": r}) == \
         "8M: 1.50x residues/s of transformers sdpa; esmc_300m: 1.50x residues/s of transformers sdpa"
+
+
+def test_inference_benchmark_batches_in_both_orders(monkeypatch):
+    """--order sorted (esm2lite's batches) and random (a loader that does not sort): every sequence once,
+    every batch within the token budget (padding included), random more padded than sorted."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench_infer
+
+    padded = {}
+    for order in ("sorted", "random"):
+        batches, lengths = bench_infer.make_batches_for(40, 20, 300, 1200, seed=0, order=order)
+        assert sum(b.shape[0] for b in batches) == 40
+        assert sorted(int(n) for b in batches for n in (b != 1).sum(1) - 2) == sorted(lengths)
+        assert all(b.numel() <= 1200 or b.shape[0] == 1 for b in batches)
+        padded[order] = sum(b.numel() for b in batches)
+    assert padded["random"] > padded["sorted"]
