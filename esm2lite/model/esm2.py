@@ -123,6 +123,34 @@ class NoLMHead(nn.Module):
         raise self.error()
 
 
+def checked_request(model, repr_layers, logits: bool) -> set:
+    """repr_layers as a set, checked against the depth, and logits refused without an LM head: before any work."""
+    repr_layers = set(repr_layers)
+    bad = [i for i in repr_layers if not 0 <= i <= model.config.num_layers]
+    if bad:
+        raise ValueError(f"repr_layers {bad} out of range 0..{model.config.num_layers}")
+    if logits and isinstance(model.lm_head, NoLMHead):
+        raise model.lm_head.error()
+    return repr_layers
+
+
+def run_blocks(model, x, block_args: tuple, repr_layers: set) -> dict:
+    """The blocks and the final LayerNorm over x [B, T, d] (ESM-2's and ESM C's alike): block(x, *block_args),
+    recomputed in backward with activation checkpointing. -> {"last_hidden_state"[, "hidden_states"]}."""
+    hidden = {0: x} if 0 in repr_layers else {}
+    for i, block in enumerate(model.layers):
+        if model.activation_checkpointing and model.training and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *block_args, use_reentrant=False)
+        else:
+            x = block(x, *block_args)
+        if i + 1 in repr_layers:
+            hidden[i + 1] = x
+    h = model.final_norm(x)
+    if model.config.num_layers in repr_layers:
+        hidden[model.config.num_layers] = h
+    return {"last_hidden_state": h, **({"hidden_states": hidden} if repr_layers else {})}
+
+
 class ESM2(nn.Module):
     def __init__(self, config: ESM2Config, source: str | None = None):
         """source: where the weights come from, named by errors (the model does not load it)."""
@@ -156,33 +184,12 @@ class ESM2(nn.Module):
         [B, T, 33] unless logits=False (an error when config.lm_head is False), and with repr_layers (fair-esm's convention:
         0 = embeddings, i = output of block i, L = after the final LayerNorm)
         "hidden_states" {layer: [B, T, d]}. Rows at padding positions are garbage."""
-        repr_layers = set(repr_layers)
-        bad = [i for i in repr_layers if not 0 <= i <= self.config.num_layers]
-        if bad:
-            raise ValueError(f"repr_layers {bad} out of range 0..{self.config.num_layers}")
-        if logits and isinstance(self.lm_head, NoLMHead):
-            raise self.lm_head.error()  # before any work
+        repr_layers = checked_request(self, repr_layers, logits)
         batch = Batch.of(batch)
         positions = batch.positions  # [B, T], <cls> at 0 (packed: [1, N], restarting at each sequence)
-        attn_mask = batch.attention_mask  # [B, 1, 1, T] or None; packed: the lengths (attend)
-
-        x = self.embed(batch)
-        hidden = {0: x} if 0 in repr_layers else {}
-        for i, block in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, positions, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, positions, attn_mask)
-            if i + 1 in repr_layers:
-                hidden[i + 1] = x
-        h = self.final_norm(x)
-        if self.config.num_layers in repr_layers:
-            hidden[self.config.num_layers] = h
-        out = {"last_hidden_state": h}
+        out = run_blocks(self, self.embed(batch), (positions, batch.attention_mask), repr_layers)
         if logits:
-            out["logits"] = self.lm_head(h, self.embed_tokens.weight)
-        if repr_layers:
-            out["hidden_states"] = hidden
+            out["logits"] = self.lm_head(out["last_hidden_state"], self.embed_tokens.weight)
         return out
 
     def init_weights(self, seed: int = 0) -> "ESM2":

@@ -23,7 +23,7 @@ from torch import nn
 
 from esm2lite.errors import CheckpointError, Esm2liteError
 from esm2lite.model.batch import Batch
-from esm2lite.model.esm2 import NoLMHead, apply_rotary, attend, rotary_cos_sin
+from esm2lite.model.esm2 import NoLMHead, apply_rotary, attend, checked_request, rotary_cos_sin, run_blocks
 
 # name -> (layers, d_model, heads): the open-weights sizes EvolutionaryScale released.
 RELEASED = {"esmc_300m": (30, 960, 15), "esmc_600m": (36, 1152, 18), "esmc_6b": (80, 2560, 40)}
@@ -191,32 +191,13 @@ class ESMC(nn.Module):
         """As ESM2.forward: a Batch (or tokens [B, T] right-padded with <pad>) -> "last_hidden_state"
         [B, T, d], "logits" [B, T, vocab] unless logits=False, "hidden_states" {layer: [B, T, d]} for
         repr_layers (0 = embeddings, i = output of block i, L = after the final LayerNorm)."""
-        repr_layers = set(repr_layers)
-        bad = [i for i in repr_layers if not 0 <= i <= self.config.num_layers]
-        if bad:
-            raise ValueError(f"repr_layers {bad} out of range 0..{self.config.num_layers}")
-        if logits and isinstance(self.lm_head, NoLMHead):
-            raise self.lm_head.error()
+        repr_layers = checked_request(self, repr_layers, logits)
         batch = Batch.of(batch)
-        attn_mask = batch.attention_mask  # [B, 1, 1, T] or None; packed: the lengths (attend)
         x = self.embed_tokens(batch.tokens)  # [B, T, d]
         rotary = rotary_cos_sin(batch.positions, inv_freq(self.config.head_dim, x.device))  # once, for every block
-        hidden = {0: x} if 0 in repr_layers else {}
-        for i, block in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, rotary, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, rotary, attn_mask)
-            if i + 1 in repr_layers:
-                hidden[i + 1] = x
-        h = self.final_norm(x)
-        if self.config.num_layers in repr_layers:
-            hidden[self.config.num_layers] = h
-        out = {"last_hidden_state": h}
+        out = run_blocks(self, x, (rotary, batch.attention_mask), repr_layers)
         if logits:
-            out["logits"] = self.lm_head(h)
-        if repr_layers:
-            out["hidden_states"] = hidden
+            out["logits"] = self.lm_head(out["last_hidden_state"])
         return out
 
     def init_weights(self, seed: int = 0) -> "ESMC":

@@ -88,11 +88,6 @@ class Run:
         return amp_dtype_for(self.cfg.precision, self.device)
 
     @property
-    def started_from(self) -> bool:
-        """Begun from a fine-tuned model (--checkpoint RUN/best): its step 0 is logged (start.validate)."""
-        return finetuned_dir(self.spec.base.path) is not None
-
-    @property
     def eval_every(self) -> int:
         return self.cfg.eval_every or max(1, self.total // 5)
 
@@ -224,8 +219,8 @@ def fit(run: Run, state: TrainState, start_time: float) -> dict:
     bar = tqdm(total=run.total, initial=state.step, desc="train", dynamic_ncols=True,
                disable=None if d.main else True)  # None: shown on a terminal only (stderr is for errors)
     try:
-        if state.step == 0 and run.started_from:
-            start.validate(run, bar)
+        if state.step == 0 and "valid" in run.records and finetuned_dir(run.spec.base.path):  # a fine-tuned start
+            score_valid(run, 0, bar, "step 0 (--checkpoint)")
         with stop_on_signals() as stop:
             while state.step < run.total:
                 train_step(run, state)
@@ -302,14 +297,21 @@ def validate(run: Run, state: TrainState, bar) -> bool:
     if not (state.step % run.eval_every == 0 or state.step == run.total):
         return False
     cfg = run.cfg
-    result = evaluate(run.model, run.records["valid"], cfg.batch_tokens, cfg.precision, "valid", run.d, cfg.batches)
-    run.checkpointer.log({"step": state.step, "split": "valid", **result})
-    if run.d.main:
-        bar.write(f"step {state.step}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    result = score_valid(run, state.step, bar, f"step {state.step}")
     if not is_better(result[cfg.metric], state.best_value, cfg.metric):
         return False
     state.best_value, state.best_step = result[cfg.metric], state.step
     return True
+
+
+def score_valid(run: Run, step: int, bar, label: str) -> dict:
+    """The valid split's metrics, logged at `step` and shown under the progress bar."""
+    cfg = run.cfg
+    result = evaluate(run.model, run.records["valid"], cfg.batch_tokens, cfg.precision, "valid", run.d, cfg.batches)
+    run.checkpointer.log({"step": step, "split": "valid", **result})
+    if run.d.main:
+        bar.write(f"{label}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
 
 
 def is_better(value: float, best: float | None, metric: str) -> bool:

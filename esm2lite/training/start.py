@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 from esm2lite.checkpoints.checkpoint_dir import read_spec, saved_step
-from esm2lite.inference.evaluate import evaluate
 from esm2lite.model.task_model import TaskModel
 
 
@@ -41,13 +40,3 @@ def announce(given: str, path: str, new_head: str | None) -> None:
               + (f" of step {step}" if step is not None else "") + ", with a fresh optimizer; "
               + ("its head is kept" if new_head is None else f"a new head, as {new_head}"), flush=True)
 
-
-def validate(run, bar) -> None:
-    """Step 0 of a run (loop.Run) started from a fine-tuned model: that model's valid metrics, logged
-    as where training starts (not a candidate for best/: it is --checkpoint itself)."""
-    if "valid" in run.records:
-        cfg = run.cfg
-        result = evaluate(run.model, run.records["valid"], cfg.batch_tokens, cfg.precision, "valid", run.d, cfg.batches)
-        run.checkpointer.log({"step": 0, "split": "valid", **result})
-        if run.d.main:
-            bar.write("step 0 (--checkpoint): valid " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
