@@ -58,9 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--arch", nargs="+", default=["esm2_t33_650M_UR50D" if cuda else "esm2_t6_8M_UR50D"],
                    help="ESM-2 (or ESM C: esmc_300m ...) architecture names (random weights), measured in turn; "
                         "default 650M on GPU, 8M on CPU")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS) if not cuda else ["esm2lite", "transformers-sdpa"],
+    gpu_impls = ["esm2lite", "esm2lite-packed", "transformers-sdpa"]
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS) if not cuda else gpu_impls,
                    help="implementations (transformers-sdpa, the reference, is always included; "
-                        "default on a GPU: esm2lite and transformers-sdpa)")
+                        "default on a GPU: esm2lite, esm2lite-packed (varlen_attn) and transformers-sdpa)")
     p.add_argument("--num-seqs", type=int, default=64 if cuda else 16, help="sequences in the set")
     p.add_argument("--min-len", type=int, default=50, help="shortest sequence (residues)")
     p.add_argument("--max-len", type=int, default=1000, help="longest sequence (residues)")

@@ -9,12 +9,13 @@ Made for a machine with a CUDA device, no network (pip is run with --no-index, t
 and its own torch, triton, transformers and peft (fair-esm may be missing). The steps, in order:
   install      pip install --no-deps --no-build-isolation -e . ; if that fails or the package
                does not import, a folder of links to the checkout on PYTHONPATH instead
-  gpu_tests    the `gpu` tests (the kernels against float64 at real sizes in bf16, fp16 and fp32)
+  gpu_tests    the `gpu` tests (the kernels against float64 at real sizes in bf16, fp16 and fp32;
+               packed batches through varlen_attn against padded SDPA)
                in parallel shards sharing one Triton cache       -> gpu_tests.jsonl (a line per test)
   lora_linear  the fused LoRA linear at d = 1280/2560/5120, r = 16/8/64, 16384 tokens, against the
                base linear and the unfused path (d = 320: a launch-overhead row) -> lora_linear.json
   train        a LoRA fine-tuning step at 650M and 3B against transformers + peft -> train.json
-  infer        inference at 650M and 3B against transformers sdpa               -> infer.json
+  infer        inference at 650M and 3B, padded and packed, against transformers sdpa -> infer.json
 Each step runs in its own process group under a hard limit (its share of the budget plus what
 earlier steps left unused); at the limit the whole group is killed, spawned workers included, and
 the next step starts. Benchmarks compile their kernels in parallel worker processes first and
@@ -253,7 +254,8 @@ def gpu_plan(out: str, smoke: bool) -> list[Step]:
     bench = lambda name, *args: ([py, os.path.join(ROOT, "benchmarks", name), *map(str, args)], {})
     shards = 2 if smoke else max(1, min(12, (os.cpu_count() or 2) - 2))
     report = os.path.join(out, "gpu_tests.jsonl")
-    tests = [([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/kernels/test_kernels.py"],
+    tests = [([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/kernels/test_kernels.py",
+               "tests/model/test_attention.py"],
               {"ESM2LITE_TEST_SHARD": f"{k}/{shards}", "ESM2LITE_TEST_REPORT": report}) for k in range(shards)]
     if smoke:  # toy sizes: every step's plumbing, on any machine
         lora = bench("bench_lora_linear.py", "--dims", 64, "--ranks", 4, "--tokens", 64, "--out",

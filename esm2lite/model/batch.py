@@ -27,6 +27,7 @@ from functools import cached_property
 
 import torch
 
+from esm2lite.model.attention import Spans
 from esm2lite.model.tokenizer import PAD, residue_mask
 
 
@@ -76,12 +77,12 @@ class Batch:
         return index if not self.packed else index - self.offsets[:-1][self.segment]  # restart per sequence
 
     @cached_property
-    def attention_mask(self) -> torch.Tensor | tuple | None:
+    def attention_mask(self) -> torch.Tensor | Spans | None:
         """Who attends to whom: padded, bool [B, 1, 1, T], True at the keys a query may attend (not
-        <pad>; None without padding); packed, the sequences' lengths (a tuple of ints): each attends to
-        itself alone (model.esm2.attend)."""
+        <pad>; None without padding); packed, Spans (lengths, cu_seqlens): each sequence attends to
+        itself alone (model/attention.py)."""
         if self.packed:
-            return tuple(self.lengths.tolist())
+            return Spans.of(self.lengths)
         return (~self.padding)[:, None, None, :] if self.padding.any() else None
 
     def per_sequence_sum(self, x: torch.Tensor) -> torch.Tensor:

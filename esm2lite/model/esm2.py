@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esm2lite.errors import Esm2liteError
+from esm2lite.model.attention import attend
 from esm2lite.model.batch import Batch
 from esm2lite.model.config import ESM2Config
 from esm2lite.model.tokenizer import MASK, PAD
@@ -47,17 +48,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
-
-
-def attend(q, k, v, attn_mask, scale: float = 1.0):
-    """Softmax attention. q, k, v: [B, H, T, hd]; attn_mask: [B, 1, 1, T] bool (True = key may be
-    attended) or None; packed ([1, H, N, hd]): the sequences' lengths, each attending to itself alone
-    (the exact reference; a varlen kernel with cu_seqlens plugs in here). scale multiplies q·k (ESM-2
-    scales q before rotary: 1.0)."""
-    if isinstance(attn_mask, tuple):  # packed: one block per sequence, no N x N scores
-        parts = zip(q.split(attn_mask, 2), k.split(attn_mask, 2), v.split(attn_mask, 2))
-        return torch.cat([F.scaled_dot_product_attention(a, b, c, scale=scale) for a, b, c in parts], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 class Attention(nn.Module):

@@ -23,7 +23,8 @@ from torch import nn
 
 from esm2lite.errors import CheckpointError, Esm2liteError
 from esm2lite.model.batch import Batch
-from esm2lite.model.esm2 import NoLMHead, apply_rotary, attend, checked_request, rotary_cos_sin, run_blocks
+from esm2lite.model.attention import attend
+from esm2lite.model.esm2 import NoLMHead, apply_rotary, checked_request, rotary_cos_sin, run_blocks
 
 # name -> (layers, d_model, heads): the open-weights sizes EvolutionaryScale released.
 RELEASED = {"esmc_300m": (30, 960, 15), "esmc_600m": (36, 1152, 18), "esmc_6b": (80, 2560, 40)}

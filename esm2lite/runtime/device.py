@@ -35,8 +35,8 @@ LAYOUTS = ("auto", "padded", "packed")
 def packs(layout: str, device: torch.device) -> bool:
     """Whether batches are packed (sequences end to end, no padding) rather than padded: the one rule.
     "auto": packed on a CPU, where it measured 1.49x padded (benchmarks/results/infer_cpu_packed.json);
-    padded on a GPU until a varlen attention kernel runs there (the packed reference attends one
-    sequence at a time)."""
+    padded on a GPU until packed batches (varlen_attn, model/attention.py) are measured faster there:
+    they have not run on a GPU yet (benchmarks/gpu_check.py measures both)."""
     return layout == "packed" or (layout == "auto" and device.type == "cpu")
 
 

@@ -59,7 +59,7 @@ def test_batch_properties_of_the_packed_layout():
     assert packed.positions[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 5]
     assert packed.segment[0].tolist() == [0] * 4 + [1] * 3 + [2] * 6
     assert torch.equal(packed.padded().tokens, padded.tokens)
-    assert packed.attention_mask == (4, 3, 6)  # each sequence attends to itself (model.esm2.attend)
+    assert packed.attention_mask.lengths == (4, 3, 6)  # each sequence attends to itself (model/attention.py)
 
 
 def test_encoder_outputs_equal_the_padded_layout(encoder):
