@@ -315,6 +315,8 @@ def _checked_state(state, source: str) -> dict:
             raise CheckpointError(f"{source}: field {key} must be a non-negative integer")
     if state.get("best_step") is not None and not isinstance(state["best_step"], int):
         raise CheckpointError(f"{source}: field best_step must be an integer or null")
+    if not isinstance(state.get("packed", False), bool):
+        raise CheckpointError(f"{source}: field packed must be true or false")
     if state.get("best_value") is not None and not isinstance(state["best_value"], (int, float)):
         raise CheckpointError(f"{source}: field best_value must be a number or null")
     return state

@@ -1,7 +1,8 @@
-"""Batches: records grouped by length under a token budget, padded into tensors.
+"""Batches: records grouped by length under a token budget, padded or packed into tensors.
 
     make_batches   indices -> length-bucketed batches, max(len) * len(batch) <= batch_tokens
-    collate        records -> a Batch (model/batch.py): padded tokens [B, T], encoded targets
+                   (packed: sum(len) <= batch_tokens)
+    collate        records -> a Batch (model/batch.py): padded [B, T] or packed [1, N] tokens, encoded targets
     Batches        the training stream: every rank's next batch, epoch after epoch, resumable
 """
 
@@ -14,25 +15,28 @@ from esm2lite.model.batch import Batch
 from esm2lite.model.tokenizer import pad_tokens
 
 
-def _greedy(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> list[list[int]]:
-    """Indices sorted by decreasing length -> batches that fill the budget in that order."""
-    batches, cur, cur_max = [], [], 0
+def _greedy(order: np.ndarray, lengths: np.ndarray, batch_tokens: int, packed: bool) -> list[list[int]]:
+    """Indices sorted by decreasing length -> batches that fill the budget in that order. A batch's
+    cost: its tokens with padding, max(len) * len(batch); packed, its real tokens, sum(len)."""
+    batches, cur, cur_max, cur_sum = [], [], 0, 0
     for i in order.tolist():
-        m = max(cur_max, int(lengths[i]))
-        if cur and m * (len(cur) + 1) > batch_tokens:
+        n = int(lengths[i])
+        cost = cur_sum + n if packed else max(cur_max, n) * (len(cur) + 1)
+        if cur and cost > batch_tokens:
             batches.append(cur)
-            cur, m = [], int(lengths[i])
+            cur, cur_max, cur_sum = [], 0, 0
         cur.append(i)
-        cur_max = m
+        cur_max, cur_sum = max(cur_max, n), cur_sum + n
     if cur:
         batches.append(cur)
     return batches
 
 
 def make_batches(lengths: list[int], batch_tokens: int, shuffle: bool, seed: int = 0,
-                 epoch: int = 0) -> list[list[int]]:
-    """Indices grouped into length-bucketed batches with max(len) * len(batch) <= batch_tokens
-    (a sequence longer than the budget goes alone). `lengths` are token counts.
+                 epoch: int = 0, packed: bool = False) -> list[list[int]]:
+    """Indices grouped into length-bucketed batches with max(len) * len(batch) <= batch_tokens, or
+    for packed batches sum(len) <= batch_tokens: the real tokens, no padding (a sequence longer than
+    the budget goes alone). `lengths` are token counts.
 
     shuffle=False: longest first, ties by index (so an out-of-memory shows at once).
     shuffle=True: the indices are permuted with a generator seeded by (seed, epoch), cut
@@ -47,7 +51,7 @@ def make_batches(lengths: list[int], batch_tokens: int, shuffle: bool, seed: int
     if n == 0:
         return []
     if not shuffle:
-        return _greedy(np.lexsort((np.arange(n), -lengths)), lengths, batch_tokens)
+        return _greedy(np.lexsort((np.arange(n), -lengths)), lengths, batch_tokens, packed)
     rng = np.random.default_rng([int(seed), int(epoch)])
     perm = rng.permutation(n)
     per_batch = max(1, int(batch_tokens) // max(1, int(np.mean(lengths))))
@@ -56,7 +60,7 @@ def make_batches(lengths: list[int], batch_tokens: int, shuffle: bool, seed: int
     for start in range(0, n, chunk):
         part = perm[start: start + chunk]
         # stable sort by decreasing length keeps the random order among equal lengths
-        batches += _greedy(part[np.argsort(-lengths[part], kind="stable")], lengths, batch_tokens)
+        batches += _greedy(part[np.argsort(-lengths[part], kind="stable")], lengths, batch_tokens, packed)
     return [batches[k] for k in rng.permutation(len(batches))]
 
 
@@ -85,7 +89,8 @@ class Batches:
         self._order, self._order_epoch = None, None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        return make_batches(self.lengths, self.batch_tokens, shuffle=True, seed=self.seed, epoch=epoch)
+        return make_batches(self.lengths, self.batch_tokens, shuffle=True, seed=self.seed, epoch=epoch,
+                            packed=self.packed)
 
     def __len__(self) -> int:
         return len(self.epoch_batches(0))

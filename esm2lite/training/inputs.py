@@ -8,7 +8,7 @@ Every step checkpoint records the data in its trainer_state.json ("data") and th
 config.json (spec: base.sha256, model_config). Three checks use them, each one line naming what
 changed (train.py calls them):
 - --resume compares the data files and the base with those of the checkpoint it continues from,
-  before any step or any change to the run directory.
+  before any step or any change to the run directory, and continues in the batch layout it used.
 - Under torchrun the ranks compare all three before step 1 (one all_gather): node-local copies
   that differ stop every rank, naming the rank.
 - While the run trains, the data files are checked again at every checkpoint and at the end (a
@@ -26,6 +26,7 @@ import stat
 from esm2lite.checkpoints import checkpoint_dir as ckpt_dir
 from esm2lite.runtime import distributed
 from esm2lite.constants import SPLITS
+from esm2lite.runtime.device import packs
 from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import CheckpointError, DataError, Esm2liteError
 from esm2lite.checkpoints.spec import CheckpointSpec, config_changes
@@ -178,6 +179,22 @@ def check_resume(d: Dist, ckpt: str, data: dict, spec: CheckpointSpec) -> None:
     if was is None and d.main:
         print(f"note: {ckpt} was written before esm2lite recorded the data files a run reads; they are not "
               "compared with the ones given now", flush=True)
+
+
+def stream_layout(layout: str, device, ckpt: str | None) -> bool:
+    """Whether the training batches are packed: the rule (runtime/device.packs), or on --resume from
+    the step checkpoint `ckpt` the layout its trainer_state.json records, since a packed stream's
+    batches (cut by real tokens) are not a padded stream's. An explicit --batches that differs from
+    the recorded one is an Esm2liteError (older checkpoints record none: the rule)."""
+    packed = packs(layout, device)
+    was = ckpt_dir.read_trainer_state(ckpt).get("packed") if ckpt else None
+    if was is None or was == packed:
+        return packed
+    if layout == "auto":
+        return was
+    name = lambda p: "packed" if p else "padded"  # noqa: E731
+    raise Esm2liteError(f"--batches {layout}: this run was trained on {name(was)} batches and its data stream "
+                        f"continues only so; leave --batches out or give --batches {name(was)}")
 
 
 # ---------------------------------------------------------------- ranks

@@ -12,11 +12,10 @@ of an uninterrupted run (optimizer, LR schedule, RNG and data position are saved
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -25,24 +24,21 @@ from esm2lite.runtime import distributed
 from esm2lite.training import plot
 from esm2lite.data.batching import Batches
 from esm2lite.checkpoints.run_dir import Checkpointer
-from esm2lite.runtime.device import amp_dtype_for, packs
+from esm2lite.runtime.device import amp_dtype_for
 from esm2lite.runtime.distributed import Dist
 from esm2lite.errors import Esm2liteError, TrainingInterrupted
 from esm2lite.inference.evaluate import evaluate, prediction_rows, score
-from esm2lite.training.inputs import DataFiles, check_ranks_agree, check_resume, data_paths
+from esm2lite.training.inputs import DataFiles, check_ranks_agree, check_resume, data_paths, stream_layout
 from esm2lite.tasks.labels import LabelSpace
 from esm2lite.tasks.metrics import metric_direction
-from esm2lite.checkpoints.modes import MODE
 from esm2lite.training.optim import lr_at, make_optimizer, set_lr
 from esm2lite.data.reading import load_splits
 from esm2lite.data.records import DataSpec
-from esm2lite.checkpoints.loading import finetuned_dir, load_start
-from esm2lite.training import start
-from esm2lite.checkpoints.spec import BaseRef, CheckpointSpec
+from esm2lite.checkpoints.loading import finetuned_dir
+from esm2lite.training.build import build_model
+from esm2lite.checkpoints.spec import CheckpointSpec
 from esm2lite.model.task_model import TaskModel
 from esm2lite.training.config import TrainConfig
-from esm2lite.model.lora import TARGETS, default_targets
-from esm2lite.weights.pretrained import load_base
 
 @dataclass
 class TrainState:
@@ -59,7 +55,7 @@ class TrainState:
 
     def to_dict(self, batches: Batches, world: int) -> dict:
         saved = {k: v for k, v in asdict(self).items() if self.__dataclass_fields__[k].metadata.get("saved", True)}
-        return {**saved, "epoch": batches.epoch, "index": batches.index, "world_size": world}
+        return {**saved, "epoch": batches.epoch, "index": batches.index, "world_size": world, "packed": batches.packed}
 
     @classmethod
     def from_dict(cls, state: dict) -> "TrainState":
@@ -144,37 +140,6 @@ def load_data(cfg: TrainConfig, records=None, main: bool = True) -> tuple[dict, 
     return records, labels, files
 
 
-def build_model(cfg: TrainConfig, labels: LabelSpace, device) -> tuple[TaskModel, CheckpointSpec]:
-    """The base encoder with the mode's trainable parameters and a fresh head, seeded by cfg.seed;
-    and the spec its checkpoints will carry."""
-    torch.manual_seed(cfg.seed)
-    path = finetuned_dir(cfg.checkpoint)  # a fine-tuned model (a run directory: its best/), or None
-    base = BaseRef(path=path or cfg.checkpoint) if cfg.checkpoint else BaseRef(name=cfg.model, seed=cfg.seed)
-    if cfg.model:
-        print(f"WARNING: --model {cfg.model}: the encoder is RANDOMLY INITIALISED, not pretrained. "
-              "Pass --checkpoint for pretrained ESM-2 weights.", flush=True)
-    begun = load_start(path, device=device) if path else None  # (that TaskModel, its identity)
-    encoder = base.load(device=device, read=(lambda *_: (begun[0].encoder, begun[1])) if begun else load_base)
-    if cfg.checkpoint and os.path.exists(base.path):  # loaded as typed: messages name the path the user gave
-        base.path = os.path.abspath(base.path)  # recorded absolute: found again from any directory
-    mode = MODE[cfg.mode]
-    lora = cfg.lora if cfg.lora.targets != TARGETS else replace(cfg.lora, targets=default_targets(encoder))  # ESM C: its own
-    try:
-        mode.prepare(encoder, lora)
-    except ValueError as e:  # --lora-layers beyond the model's depth, --lora-targets of the other family
-        layers = "LoRAConfig.layers" in str(e)
-        raise Esm2liteError(str(e).replace("LoRAConfig.layers", "--lora-layers").replace("LoRAConfig.targets",
-                                                                                         "--lora-targets")
-                            + (" (layers count from 0 here; BioNeMo's layer_selection counts from 1)" if layers
-                               else "")) from None
-    encoder.activation_checkpointing = cfg.activation_checkpointing
-    head = labels.task.head(encoder.config.d_model, labels.num_outputs, cfg.head_hidden, cfg.head_dropout)
-    if begun:
-        start.announce(cfg.checkpoint, path, start.take_head(begun[0], head, labels))
-    spec = CheckpointSpec(cfg.mode, labels, head.config, lora if mode.uses_lora else None, encoder.config, base)
-    return TaskModel(encoder, head.to(device), labels, frozen_encoder=mode.frozen_encoder), spec
-
-
 def setup(cfg, records, resume: bool, d: Dist, device, checkpointer: Checkpointer) -> tuple[Run, TrainState]:
     """Data, model, optimizer and batch stream; the run directory claimed, and on --resume the last
     checkpoint loaded. Every check that can fail runs on every rank, and every rank fails alike."""
@@ -194,7 +159,9 @@ def setup(cfg, records, resume: bool, d: Dist, device, checkpointer: Checkpointe
     if d.enabled:
         distributed.shard(model, d, amp_dtype_for(cfg.precision, device))
     optimizer = make_optimizer(model, cfg)
-    batches = Batches(records["train"], cfg, labels, d.rank, d.world, packed=packs(cfg.batches, device))
+    with distributed.same_error(d):
+        packed = stream_layout(cfg.batches, device, checkpointer.step_dirs()[-1][1] if resume else None)
+    batches = Batches(records["train"], cfg, labels, d.rank, d.world, packed=packed)
     per_epoch = -(-len(batches) // d.world)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     with distributed.same_error(d):

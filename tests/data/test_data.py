@@ -399,6 +399,27 @@ def test_batches_cover_every_index_once_within_budget(shuffle, budget):
         assert padded <= budget or len(b) == 1  # an over-long sequence goes alone
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("budget", [1, 64, 100, 512])
+def test_packed_batches_are_cut_by_real_tokens(shuffle, budget):
+    """Packed: sum(len) <= budget (no padding to pay for); every index once, the same seed rule."""
+    batches = make_batches(LENGTHS, budget, shuffle=shuffle, seed=3, epoch=1, packed=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))
+    for b in batches:
+        assert sum(LENGTHS[i] for i in b) <= budget or len(b) == 1
+    if budget == 512:  # a budget of real tokens holds more sequences than one that counts padding
+        assert len(batches) < len(make_batches(LENGTHS, budget, shuffle=shuffle, seed=3, epoch=1))
+
+
+def test_sorted_packed_batches_fill_the_budget():
+    """Longest first, each batch full before the next starts: all but the last hold more than
+    budget - the longest sequence left (a greedy cut by sum)."""
+    lengths = [10 + (i * 37) % 200 for i in range(300)]
+    batches = make_batches(lengths, 1000, shuffle=False, packed=True)
+    for b, nxt in zip(batches, batches[1:]):
+        assert sum(lengths[i] for i in b) + lengths[nxt[0]] > 1000
+
+
 def test_batches_are_length_bucketed():
     batches = make_batches(LENGTHS, 100, shuffle=False)
     padded = sum(max(LENGTHS[i] for i in b) * len(b) for b in batches)

@@ -95,10 +95,26 @@ def test_resume_needs_only_out_and_refuses_a_changed_option(hf_tiny, data, tmp_p
         shutil.rmtree(out / "checkpoints" / name, ignore_errors=True)
     r = forkrun.run([TRAIN, "--out", out, "--resume", "--lr", "0.5"])
     assert r.returncode == 2 and r.stderr.strip().endswith("--resume needs the same settings; changed: lr"), r.stderr
+    assert_continues_in_its_layout(out / "checkpoints" / "step_3")
     r = train(forkrun, ["--out", out, "--resume"])
     assert f"resumed from {out / 'checkpoints' / 'step_3'} at step 3" in r.stdout
     a, b = weights(ref, 6), weights(out, 6)
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def assert_continues_in_its_layout(step_dir):
+    """A run trained on packed batches (the rule on a CPU) continues packed wherever it resumes (on a
+    GPU the rule would pad: another stream), and refuses an explicit --batches padded in one line."""
+    import torch
+
+    from esm2lite.errors import Esm2liteError
+    from esm2lite.training.inputs import stream_layout
+
+    assert json.loads((step_dir / "trainer_state.json").read_text())["packed"] is True
+    assert stream_layout("auto", torch.device("cuda"), str(step_dir)) is True
+    assert stream_layout("auto", torch.device("cuda"), None) is False  # a new run: the rule
+    with pytest.raises(Esm2liteError, match="^--batches padded: this run was trained on packed batches"):
+        stream_layout("padded", torch.device("cpu"), str(step_dir))
 
 
 def test_the_continue_command_names_the_launcher(monkeypatch):
