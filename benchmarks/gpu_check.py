@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_TESTS = ("tests/kernels/test_kernels.py", "tests/model/test_attention.py")  # the files holding `gpu` tests
 GRACE_S = 3.0      # between SIGTERM and SIGKILL of a step's process group
 FINAL_S = 5.0      # kept back from the budget for the summary
 
@@ -254,8 +255,7 @@ def gpu_plan(out: str, smoke: bool) -> list[Step]:
     bench = lambda name, *args: ([py, os.path.join(ROOT, "benchmarks", name), *map(str, args)], {})
     shards = 2 if smoke else max(1, min(12, (os.cpu_count() or 2) - 2))
     report = os.path.join(out, "gpu_tests.jsonl")
-    tests = [([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/kernels/test_kernels.py",
-               "tests/model/test_attention.py"],
+    tests = [([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS],
               {"ESM2LITE_TEST_SHARD": f"{k}/{shards}", "ESM2LITE_TEST_REPORT": report}) for k in range(shards)]
     if smoke:  # toy sizes: every step's plumbing, on any machine
         lora = bench("bench_lora_linear.py", "--dims", 64, "--ranks", 4, "--tokens", 64, "--out",

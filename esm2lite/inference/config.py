@@ -57,10 +57,11 @@ class InferConfig:
     dms_score_column: str = opt("DMS_score", "measured scores; when present, the Spearman correlation is reported",
                                 SCORE, metavar="COLUMN")
     offset: int | None = opt(None, "number of the wild type's first residue in the mutant codes (default: 1)", SCORE)
-    batch_tokens: int = opt(8192, "tokens per batch, padding included", RUNNING)
+    batch_tokens: int = opt(8192, "tokens per batch (padded batches: padding included; packed: real tokens)",
+                            RUNNING)
     precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU", RUNNING, choices=PRECISIONS)
-    batches: str = opt("auto", "batch layout of predictions: padded, packed (end to end, no padding: the same "
-                       "numbers), auto: packed on CPU, padded on GPU", RUNNING, choices=LAYOUTS)
+    batches: str = opt("auto", "batch layout of predictions, embeddings and scores: padded, packed (end to end, no "
+                       "padding: the same numbers), auto: packed on CPU, padded on GPU", RUNNING, choices=LAYOUTS)
     device: str | None = opt(None, "cpu, cuda, ... (default: cuda if available)", RUNNING)
     no_merge: bool = opt(False, "keep LoRA adapters separate (slower; same numbers)", RUNNING)
 

@@ -95,11 +95,11 @@ def read_dms(path, wildtype: str | None = None, mutant_column: str = "mutant", s
 def score_dms(model, path, method: str = "masked-marginal", wildtype: str | None = None, batch_tokens: int = 8192,
               max_residues: int | None = 1022, precision: str = "auto", mutant_column: str = "mutant",
               score_column: str = "DMS_score", sequence_column: str = "mutated_sequence",
-              offset: int = 1) -> tuple[DMS, ScoreResult]:
+              offset: int = 1, layout: str = "auto") -> tuple[DMS, ScoreResult]:
     """One call: read a DMS CSV (see read_dms) and score every row; the result carries the
     Spearman correlation with the DMS score when the file has one."""
     check_options(method, batch_tokens)
     dms = read_dms(path, wildtype, mutant_column, score_column, sequence_column, offset)
     result = score_mutants(model, dms.wildtype, dms.mutants, method, batch_tokens, max_residues, precision,
-                           dms.offset, dms.dms_scores, dms.source)
+                           dms.offset, dms.dms_scores, dms.source, layout)
     return dms, result

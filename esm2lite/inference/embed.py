@@ -9,35 +9,39 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from esm2lite.files.atomic import atomic_path
-from esm2lite.data.batching import make_batches
-from esm2lite.runtime.device import amp_dtype_for
+from esm2lite.data.batching import collate, make_batches
+from esm2lite.runtime.device import amp_dtype_for, packs
 from esm2lite.runtime.distributed import Dist, gather
 from esm2lite.model.heads import mean_pool
 from esm2lite.model.esm2 import ESM2
 from esm2lite.data.records import Record, encode_sequence
-from esm2lite.model.tokenizer import EOS, TOKENS, pad_tokens
+from esm2lite.model.tokenizer import EOS, TOKENS
 from esm2lite.inference.windows import embed_windowed
 
 
 @torch.no_grad()
 def embed(encoder: ESM2, records, ids, batch_tokens: int = 8192, precision: str = "auto", layers=None,
-          per_residue: bool = False, d: Dist | None = None) -> dict[str, torch.Tensor]:
+          per_residue: bool = False, d: Dist | None = None, layout: str = "auto") -> dict[str, torch.Tensor]:
     """Embeddings keyed "mean/{layer}/{id}" ([d], mean over residues) and, with per_residue,
     "per_residue/{layer}/{id}" ([n_residues, d]). Layers follow fair-esm: 0 = embeddings,
     L = final LayerNorm output (the default). Under torchrun each rank embeds its share of
-    the batches and every rank gets the whole result."""
+    the batches and every rank gets the whole result. layout: padded, packed or auto
+    (runtime/device.packs): the same embeddings."""
     d = d or Dist()
     device = next(encoder.parameters()).device
     amp = amp_dtype_for(precision, device)
+    packed = packs(layout, device)
     layers = list(layers) if layers else [encoder.config.num_layers]
     out = {}
-    batches = make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False)[d.rank::d.world]
+    lengths = [len(r.tokens) for r in records]
+    batches = make_batches(lengths, batch_tokens, shuffle=False, packed=packed)[d.rank::d.world]
     for idx in tqdm(batches, desc="embed", disable=None if d.main else True):  # None: on a terminal only
-        tokens = pad_tokens([records[i].tokens for i in idx]).to(device)  # [B, T]
+        batch = collate([records[i] for i in idx], None, packed).to(device)  # [B, T] or packed [1, N]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            hidden = encoder(tokens, repr_layers=layers, logits=False)["hidden_states"]
+            hidden = encoder(batch, repr_layers=layers, logits=False)["hidden_states"]
+        tokens = batch.padded().tokens  # [B, T]
         for layer in layers:
-            h = hidden[layer].float()  # [B, T, d]
+            h = batch.unpack(hidden[layer]).float()  # [B, T, d]
             pooled = mean_pool(h, tokens)  # [B, d]
             for row, i in enumerate(idx):
                 out[f"mean/{layer}/{ids[i]}"] = pooled[row].cpu().contiguous()
@@ -49,7 +53,7 @@ def embed(encoder: ESM2, records, ids, batch_tokens: int = 8192, precision: str 
 
 def embed_any(encoder: ESM2, ids, sequences, max_residues: int = 1022, truncate: bool = False,
               batch_tokens: int = 8192, precision: str = "auto", layers=None, per_residue: bool = False,
-              d: Dist | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+              d: Dist | None = None, layout: str = "auto") -> tuple[dict[str, torch.Tensor], dict]:
     """Embeddings (keys as `embed`) of sequences of any length. Those over max_residues are cut to it
     (truncate) or embedded in overlapping windows (windows.embed_windowed: each residue the mean over
     the windows holding it, <cls>/<eos> only at the real ends); the others get `embed`'s plain forward.
@@ -65,13 +69,13 @@ def embed_any(encoder: ESM2, ids, sequences, max_residues: int = 1022, truncate:
         long = []
     short = [i for i in range(len(tokens)) if i not in set(long)]
     records = [Record(sequences[i], tokens[i], None, None, "<memory>", i) for i in short]
-    tensors = embed(encoder, records, [ids[i] for i in short], batch_tokens, precision, layers, per_residue, d) \
-        if short else {}
+    tensors = embed(encoder, records, [ids[i] for i in short], batch_tokens, precision, layers, per_residue, d,
+                    layout) if short else {}
     mine = long[d.rank::d.world]  # under torchrun each rank windows its share of the long proteins
     out, windows = {}, {}
     if mine:
         residues = ["".join(TOKENS[t] for t in tokens[i][1:-1]) for i in mine]  # as the tokenizer read them
-        emb = embed_windowed(encoder, residues, layers, max_residues, None, batch_tokens, precision)
+        emb = embed_windowed(encoder, residues, layers, max_residues, None, batch_tokens, precision, layout)
         for k, i in enumerate(mine):
             windows[ids[i]] = [list(w) for w in emb.windows[k]]
             for layer in emb.hidden[k]:

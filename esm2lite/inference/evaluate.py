@@ -17,10 +17,9 @@ from esm2lite.model.task_model import TaskModel
 
 
 def _forward_mine(model: TaskModel, records, batches, d: Dist, precision: str, with_loss: bool, desc,
-                  layout: str = "auto"):
+                  packed: bool):
     """This rank's share of `batches`: [(record indices, per-record outputs, (loss sum, units))]."""
     device = next(model.parameters()).device
-    packed = packs(layout, device)
     amp = amp_dtype_for(precision, device)
     mine = batches[d.rank::d.world]
     rounds = -(-len(batches) // d.world)  # every rank runs as many forwards: FSDP gathers are collective
@@ -62,9 +61,10 @@ def forward_all(model: TaskModel, records, batch_tokens: int, precision: str, de
     d = d or Dist()
     was_training = model.training
     model.eval()
-    batches = make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False)
+    packed = packs(layout, next(model.parameters()).device)
+    batches = make_batches([len(r.tokens) for r in records], batch_tokens, shuffle=False, packed=packed)
     outputs, loss_sum, units = [None] * len(records), 0.0, 0
-    for part in gather(d, _forward_mine(model, records, batches, d, precision, with_loss, desc, layout)):
+    for part in gather(d, _forward_mine(model, records, batches, d, precision, with_loss, desc, packed)):
         for idx, rows, (total, n) in part:
             loss_sum, units = loss_sum + total, units + n
             for i, row in zip(idx, rows):

@@ -135,7 +135,7 @@ def predict_and_write(cfg: InferConfig, d: Dist, device, demo: bool) -> None:
     out = predictions(cfg, d, table, model) if (cfg.output or cfg.residue_probs) else {}
     if cfg.embeddings:
         tensors, info = embed.embed_any(encoder, table.ids, table.sequences, cfg.max_residues, cfg.truncate,
-                                        cfg.batch_tokens, cfg.precision, cfg.layers, cfg.per_residue, d)
+                                        cfg.batch_tokens, cfg.precision, cfg.layers, cfg.per_residue, d, cfg.batches)
     if d.main:  # written only after all work succeeded: no partial outputs
         write_predictions(cfg, out, table)
         if cfg.embeddings:
@@ -158,7 +158,8 @@ def score_and_write(cfg: InferConfig, device) -> None:
                               "needs one: give an EsmForMaskedLM directory, a fair-esm .pt file or a hub id")
     scored = score_file(model, cfg.input, cfg.score, wildtype, mutant_column=cfg.mutant_column,
                         score_column=cfg.dms_score_column, sequence_column=cfg.sequence_column, offset=cfg.offset,
-                        max_residues=cfg.max_residues, batch_tokens=cfg.batch_tokens, precision=cfg.precision)
+                        max_residues=cfg.max_residues, batch_tokens=cfg.batch_tokens, precision=cfg.precision,
+                        layout=cfg.batches)
     s = scored.summary
     write_together([(cfg.output, csv_text(scored.rows)), (cfg.metrics, json_text(s))])
     window = ("none: every protein fit in --max-residues" if s["window"] == "none" else

@@ -119,15 +119,16 @@ def _score_sequences(model, path, method, mutant_column, score_column, sequence_
 def score_file(model, path, method: str = "masked-marginal", wildtype: str | None = None, *,
                mutant_column: str = "mutant", score_column: str = "DMS_score", sequence_column: str | None = None,
                offset: int | None = None, max_residues: int = 1022, batch_tokens: int = 8192,
-               precision: str = "auto") -> Scored:
+               precision: str = "auto", layout: str = "auto") -> Scored:
     """Score every row of `path` (see the module docstring). `model`: an ESM2 with its masked-LM head,
     or a path / hub id. `wildtype`: the sequence; without it, derived from the first row's
     `mutated_sequence`. `sequence_column`: plain sequences' column (default "sequence") or the DMS
     file's mutated sequences (default "mutated_sequence"). `offset`: the number of the wild type's
-    first residue in the mutant codes (default 1)."""
+    first residue in the mutant codes (default 1). `layout`: batches padded, packed or auto
+    (runtime/device.packs): the same scores."""
     if method not in METHODS:
         raise DataError(f"unknown scoring method {quoted(method)}; choose one of {', '.join(METHODS)}")
-    kw = dict(batch_tokens=batch_tokens, precision=precision)
+    kw = dict(batch_tokens=batch_tokens, precision=precision, layout=layout)
     fasta, text = data_format(path)
     header = [] if fasta else read_csv(path, text)[0]
     if mutant_column in header:

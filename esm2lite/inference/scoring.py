@@ -204,7 +204,7 @@ def _pll_plan(bases: list[torch.Tensor], W):
 
 # ----------------------------------------------------------------------------- running
 
-def _execute(model, rows: Rows, reads: _Reads, n_slots: int, batch_tokens: int, precision: str):
+def _execute(model, rows: Rows, reads: _Reads, n_slots: int, batch_tokens: int, precision: str, layout: str):
     """Run the rows; -> (score per slot [n_slots] float64, batches)."""
     row, pos, target, slot, weight = reads.arrays()
     row = row.astype(np.int64)
@@ -215,7 +215,7 @@ def _execute(model, rows: Rows, reads: _Reads, n_slots: int, batch_tokens: int, 
     in_batch = np.zeros(len(rows), dtype=np.int64)  # row -> its index in the running batch
     scores = torch.zeros(n_slots, dtype=torch.float64)
     n_batches = 0
-    for idx, _tokens, out in run_rows(model, rows, batch_tokens, precision, desc="score"):
+    for idx, out in run_rows(model, rows, batch_tokens, precision, desc="score", layout=layout):
         n_batches += 1
         sel = np.concatenate([order[lo[r]:hi[r]] for r in idx])
         in_batch[idx] = np.arange(len(idx))
@@ -311,11 +311,13 @@ def plan_mutants(wildtype: str, mutants, method: str = "masked-marginal", max_re
     return Plan(method, rows, reads, len(mutants), list(range(len(mutants))), [len(wt_tokens)] * len(mutants), W)
 
 
-def run_plan(model, plan: Plan, batch_tokens: int = 8192, precision: str = "auto", dms_scores=None) -> ScoreResult:
-    """Run a plan: scores in input order, with the forwards, batches and tokens it took."""
+def run_plan(model, plan: Plan, batch_tokens: int = 8192, precision: str = "auto", dms_scores=None,
+             layout: str = "auto") -> ScoreResult:
+    """Run a plan: scores in input order, with the forwards, batches and tokens it took. layout: padded,
+    packed or auto (runtime/device.packs): the same scores."""
     check_options(plan.method, batch_tokens)
     model = _as_model(model)
-    per_slot, n_batches = (_execute(model, plan.rows, plan.reads, plan.n_slots, batch_tokens, precision)
+    per_slot, n_batches = (_execute(model, plan.rows, plan.reads, plan.n_slots, batch_tokens, precision, layout)
                            if len(plan.rows) else (torch.zeros(plan.n_slots, dtype=torch.float64), 0))
     scores = per_slot[torch.as_tensor(plan.slot_of)]
     if dms_scores is not None and len(dms_scores) != len(scores):
@@ -332,16 +334,18 @@ def run_plan(model, plan: Plan, batch_tokens: int = 8192, precision: str = "auto
 
 
 def score_sequences(model, sequences, batch_tokens: int = 8192, max_residues: int | None = 1022,
-                    precision: str = "auto", dms_scores=None, source: str = "<memory>") -> ScoreResult:
+                    precision: str = "auto", dms_scores=None, source: str = "<memory>",
+                    layout: str = "auto") -> ScoreResult:
     """pll and pseudo-perplexity of whole sequences (any lengths), in input order."""
     check_options("pll", batch_tokens)
-    return run_plan(model, plan_sequences(sequences, max_residues, source), batch_tokens, precision, dms_scores)
+    return run_plan(model, plan_sequences(sequences, max_residues, source), batch_tokens, precision, dms_scores,
+                    layout)
 
 
 def score_mutants(model, wildtype: str, mutants, method: str = "masked-marginal", batch_tokens: int = 8192,
                   max_residues: int | None = 1022, precision: str = "auto", offset: int = 1, dms_scores=None,
-                  source: str = "<memory>") -> ScoreResult:
+                  source: str = "<memory>", layout: str = "auto") -> ScoreResult:
     """Scores of mutants of one wild type, in input order (see plan_mutants for `mutants`)."""
     check_options(method, batch_tokens)
     plan = plan_mutants(wildtype, mutants, method, max_residues, offset, source)
-    return run_plan(model, plan, batch_tokens, precision, dms_scores)
+    return run_plan(model, plan, batch_tokens, precision, dms_scores, layout)

@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from esm2lite.data.batching import make_batches
-from esm2lite.runtime.device import PRECISIONS, amp_dtype_for
+from esm2lite.runtime.device import PRECISIONS, amp_dtype_for, packs
+from esm2lite.model.batch import Batch
 from esm2lite.errors import DataError, TokenizerError
 from esm2lite.model.tokenizer import MASK, PAD, Tokenizer
 
@@ -88,33 +89,48 @@ class Rows:
     def __len__(self):
         return len(self.base)
 
-    def tokens(self, idx: list[int]) -> torch.Tensor:
-        """The rows idx as one right-padded batch: [B, T_max]."""
-        out = torch.full((len(idx), max(self.end[r] - self.start[r] for r in idx)), PAD, dtype=torch.long)
-        for b, r in enumerate(idx):
-            s, e = self.start[r], self.end[r]
-            out[b, : e - s] = self.bases[self.base[r]][s:e]
-            if self.mask[r] >= 0:
-                out[b, self.mask[r] - s] = MASK
+    def row(self, r: int) -> torch.Tensor:
+        """Row r's tokens [end - start]: its slice of the protein, <mask> put in."""
+        s, e = self.start[r], self.end[r]
+        out = self.bases[self.base[r]][s:e].clone()
+        if self.mask[r] >= 0:
+            out[self.mask[r] - s] = MASK
         return out
+
+    def batch(self, idx: list[int], packed: bool) -> Batch:
+        """The rows idx as one Batch: right-padded [B, T_max], or packed end to end [1, N]."""
+        rows = [self.row(r) for r in idx]
+        if packed:
+            return Batch(torch.cat(rows)[None], None, torch.tensor([len(t) for t in rows]))
+        return Batch(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD))
+
+
+def padded_outputs(batch: Batch, out: dict) -> dict:
+    """The model's outputs in the padded layout ([B, T, ...], a row per sequence) whichever layout ran."""
+    if not batch.packed:
+        return out
+    hidden = {layer: batch.unpack(h) for layer, h in out.get("hidden_states", {}).items()}
+    return {k: batch.unpack(v) if k != "hidden_states" else hidden for k, v in out.items()}
 
 
 @torch.inference_mode()
 def run_rows(model, rows: Rows, batch_tokens: int, precision: str = "auto", repr_layers=(), logits=True,
-             desc: str | None = None):
-    """Forward every row once in length-bucketed batches of at most batch_tokens tokens
-    (padding included). Yields (idx: row indices, tokens [B, T] on the model's device, out:
-    the model's output dict for those rows). With `desc`, a progress bar on a terminal."""
+             desc: str | None = None, layout: str = "auto"):
+    """Forward every row once in length-bucketed batches of at most batch_tokens tokens (padding
+    included; packed batches, the layout runtime/device.packs picks from `layout`, count real tokens).
+    Yields (idx: row indices, out: the model's output dict for those rows, padded layout [B, T, ...],
+    on the model's device). With `desc`, a progress bar on a terminal."""
     model.eval()
     device = next(model.parameters()).device
     amp = autocast_dtype(precision, device)
+    packed = packs(layout, device)
     lengths = [e - s for s, e in zip(rows.start, rows.end)]
-    batches = make_batches(lengths, batch_tokens, shuffle=False)
+    batches = make_batches(lengths, batch_tokens, shuffle=False, packed=packed)
     for idx in tqdm(batches, desc=desc, disable=None if desc else True, leave=False):  # None: on a terminal only
-        tokens = rows.tokens(idx).to(device)
+        batch = rows.batch(idx, packed).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(tokens, repr_layers=repr_layers, logits=logits)
-        yield idx, tokens, out
+            out = model(batch, repr_layers=repr_layers, logits=logits)
+        yield idx, padded_outputs(batch, out)
 
 
 def encode_protein(seq: str, where: str) -> torch.Tensor:
@@ -150,7 +166,7 @@ class Embeddings:
 
 
 def embed_windowed(model, sequences, layers=None, max_residues: int | None = 1022, min_overlap: int | None = None,
-                   batch_tokens: int = 8192, precision: str = "auto") -> Embeddings:
+                   batch_tokens: int = 8192, precision: str = "auto", layout: str = "auto") -> Embeddings:
     """Hidden states of whole proteins of any length. A protein over max_residues is cut into
     tile_windows(T, max_residues + 2, min_overlap); every token's representation is the mean
     over the windows holding it. Shorter proteins get their plain forward."""
@@ -167,8 +183,8 @@ def embed_windowed(model, sequences, layers=None, max_residues: int | None = 102
     sums = [{layer: torch.zeros(len(t), d, dtype=torch.float64) for layer in layers} for t in bases]
     counts = [torch.zeros(len(t), 1, dtype=torch.float64) for t in bases]
     n_batches = 0
-    for idx, _, out in run_rows(model, rows, batch_tokens, precision, repr_layers=layers, logits=False,
-                                desc="embed (windows)"):
+    for idx, out in run_rows(model, rows, batch_tokens, precision, repr_layers=layers, logits=False,
+                             desc="embed (windows)", layout=layout):
         n_batches += 1
         for b, r in enumerate(idx):  # hidden_states[layer]: [B, T_max, d]
             k, s, e = owner[r], rows.start[r], rows.end[r]

@@ -55,7 +55,7 @@ class TrainConfig:
     head_dropout: float = opt(0.25, "dropout in the head", MODEL)
     steps: int | None = opt(None, "optimizer steps (or give --epochs)", OPTIM)
     epochs: float | None = opt(None, "passes over the training data (or give --steps)", OPTIM)
-    batch_tokens: int = opt(8192, "tokens per batch, padding included", OPTIM)
+    batch_tokens: int = opt(8192, "tokens per batch (padded batches: padding included; packed: real tokens)", OPTIM)
     lr: float = opt(4e-4, "peak learning rate", OPTIM)
     head_lr_mult: float = opt(1.0, "head LR = lr * this", OPTIM)
     weight_decay: float = opt(0.01, "AdamW weight decay (matrices only)", OPTIM)

@@ -19,6 +19,7 @@ import oracles
 from esm2lite import ESM2
 from esm2lite.errors import CheckpointError, DataError
 from esm2lite.inference.dms import read_dms, score_dms
+from esm2lite.model.batch import Batch
 from esm2lite.inference.scoring import Substitution, mutate, parse_mutant, plan_mutants, score_mutants, score_sequences
 from test_windows import proteingym_optimal_window, protein
 from esm2lite import load_pretrained
@@ -63,12 +64,14 @@ def hf(hf_tiny):
 
 
 def counting(model, monkeypatch):
-    """Wraps the model's forward (for one test) to record the shape of every batch it runs."""
+    """Wraps the model's forward (for one test) to record every batch it runs as (sequences, the
+    longest's tokens): a padded batch's shape, whichever layout ran."""
     shapes, forward = [], model.forward
 
-    def wrapped(tokens, *args, **kwargs):
-        shapes.append(tuple(tokens.shape))
-        return forward(tokens, *args, **kwargs)
+    def wrapped(batch, *args, **kwargs):
+        lengths = Batch.of(batch).lengths
+        shapes.append((len(lengths), int(lengths.max())))
+        return forward(batch, *args, **kwargs)
 
     monkeypatch.setattr(model, "forward", wrapped)
     return shapes
