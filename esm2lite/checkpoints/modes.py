@@ -7,14 +7,31 @@ inference rebuilds and runs the encoder. One object per mode; nothing else branc
     head    the head                   the head                      model.safetensors, gathered on rank 0
 
 The masked-LM head is not on a task's path: in full mode it keeps its pretrained weights.
+In lora and head modes under bf16 autocast (one process), the frozen linears are stored in bf16
+(store_frozen): 2 bytes per frozen parameter, no per-step cast; checkpoints hold only what trains.
 """
 
 import torch
+from torch import nn
 
 from esm2lite.weights.pretrained import architecture, build_model, resolve_dtype
 from esm2lite.tasks import head_from_config
-from esm2lite.model.lora import apply_lora, lora_state_dict, merge_lora
+from esm2lite.model.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
 from esm2lite.model.esm2 import ESM2
+
+
+def frozen_linears_to(encoder: ESM2, dtype: torch.dtype) -> None:
+    """The frozen weights and biases of the blocks' linears (frozen base of LoRALinears included) stored
+    in `dtype`, the same Parameter objects (a LoRALinear shares its base's). What stays fp32: adapters
+    and head (they train), embeddings (the residual stream starts there), LayerNorms and the LM head
+    (small; autocast runs LayerNorm in fp32). Under autocast to `dtype` every result is unchanged: the
+    linears saw these weights cast to `dtype` at every step before."""
+    for block in encoder.layers:
+        for module in block.modules():
+            if isinstance(module, (nn.Linear, LoRALinear)):
+                for p in (module.weight, module.bias):
+                    if p is not None and not p.requires_grad:
+                        p.data = p.data.to(dtype)
 
 
 class Mode:
@@ -49,6 +66,10 @@ class Mode:
     def for_inference(self, encoder: ESM2, merge: bool) -> None:
         """Make the loaded encoder ready to predict (LoRA: merge the adapters unless told not to)."""
 
+    def store_frozen(self, encoder: ESM2, dtype: torch.dtype) -> None:
+        """Store the frozen weights in the compute dtype (lora, head), so that no step casts them again;
+        full mode trains them all, in fp32."""
+
 
 class LoRA(Mode):
     name, uses_lora = "lora", True
@@ -65,6 +86,9 @@ class LoRA(Mode):
     def for_inference(self, encoder, merge):
         if merge:
             merge_lora(encoder)  # one GEMM per linear instead of three
+
+    def store_frozen(self, encoder, dtype):
+        frozen_linears_to(encoder, dtype)
 
 
 class Full(Mode):
@@ -91,6 +115,9 @@ class Head(Mode):
 
     def prepare(self, encoder, lora):
         encoder.requires_grad_(False)
+
+    def store_frozen(self, encoder, dtype):
+        frozen_linears_to(encoder, dtype)
 
 
 MODE = {m.name: m for m in (LoRA(), Full(), Head())}

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from esm2lite.runtime import distributed
 from esm2lite.training import plot
 from esm2lite.data.batching import Batches
+from esm2lite.checkpoints.modes import MODE
 from esm2lite.checkpoints.run_dir import Checkpointer
 from esm2lite.runtime.device import amp_dtype_for
 from esm2lite.runtime.distributed import Dist
@@ -156,8 +157,10 @@ def setup(cfg, records, resume: bool, d: Dist, device, checkpointer: Checkpointe
     check_ranks_agree(d, settings, files.identity, spec)  # one all_gather: the same data, base and options
     if resume:  # the data files and base the run started with (before the directory is touched)
         check_resume(d, checkpointer.step_dirs()[-1][1], files.identity, spec)
-    if d.enabled:
+    if d.enabled:  # FSDP2 casts each rank's fp32 shard to the autocast dtype, then gathers it (param_dtype)
         distributed.shard(model, d, amp_dtype_for(cfg.precision, device))
+    elif amp_dtype_for(cfg.precision, device) is not None:  # one process: frozen weights stored in bf16
+        MODE[cfg.mode].store_frozen(model.encoder, amp_dtype_for(cfg.precision, device))
     optimizer = make_optimizer(model, cfg)
     with distributed.same_error(d):
         packed = stream_layout(cfg.batches, device, checkpointer.step_dirs()[-1][1] if resume else None)
