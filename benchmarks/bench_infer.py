@@ -5,9 +5,10 @@ The same random-weight ESM-2 architecture (8M on the CPU, 650M on a GPU by defau
 run one after the other, the JSON rewritten after each) is built with transformers, saved with
 save_pretrained and loaded by both libraries: transformers.EsmModel (no pooler, no LM head) and
 esm2lite.ESM2 (logits=False), so both compute the final hidden states and nothing else. The
-sequences (random residues, lengths uniform in [min-len, max-len]) are cut into the same
-length-sorted token-budget batches (esm2lite.data.batching.make_batches), right-padded; transformers gets
-attention_mask = tokens != <pad>. Every repeat times one pass over all batches per
+sequences (random residues, lengths uniform in [min-len, max-len], or real ones: --sequences) are cut
+into length-sorted token-budget batches (esm2lite.data.batching.make_batches), right-padded; transformers
+gets attention_mask = tokens != <pad>. esm2lite-packed gets its own batches, cut by real tokens and
+packed end to end (no padding), as esm2lite's inference runs them on a CPU. Every repeat times one pass over all batches per
 implementation (implementations interleaved, so load drift hits all alike); medians are reported,
 with ratios against transformers-sdpa from the same run.
 
@@ -65,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--num-seqs", type=int, default=64 if cuda else 16, help="sequences in the set")
     p.add_argument("--min-len", type=int, default=50, help="shortest sequence (residues)")
     p.add_argument("--max-len", type=int, default=1000, help="longest sequence (residues)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch, padding included")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="tokens per batch: padding included; esm2lite-packed: real tokens (no padding)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per implementation (median reported)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if cuda else "fp32",
                    help="weights and compute dtype (default bf16 on GPU, fp32 on CPU)")
@@ -76,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--order", choices=("sorted", "random"), default="sorted",
                    help="batches of length-sorted sequences (esm2lite's), or of the sequences in random order "
                         "(a loader that does not sort: more padding)")
+    p.add_argument("--sequences", help="a CSV with a `sequence` column: its first --num-seqs sequences of "
+                                        "--min-len..--max-len residues instead of random ones (a real length "
+                                        "distribution, e.g. ../shared/data/secondary_structure_flip_sampled.csv)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/infer_<device>.json)")
     args = p.parse_args(argv)
     for name in ("num_seqs", "min_len", "max_len", "batch_tokens", "repeats"):
@@ -107,36 +112,58 @@ def load_model(impl: str, model_dir: str, dtype, device):
 
 
 @torch.inference_mode()
-def forward(impl: str, model, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [B, T] -> final hidden states [B, T, d]. esm2lite-packed: the same sequences end to end
-    ([1, N], no padding; each attends to itself), its output unpacked."""
-    if impl == "esm2lite":
-        return model(tokens, logits=False)["last_hidden_state"]
-    if impl == "esm2lite-packed":
-        keep = tokens.ne(PAD)
-        batch = Batch(tokens[keep][None], None, keep.sum(1))
-        return batch.unpack(model(batch, logits=False)["last_hidden_state"])
-    return model(input_ids=tokens, attention_mask=tokens.ne(PAD)).last_hidden_state
+def forward(impl: str, model, batch):
+    """One batch -> final hidden states: padded tokens [B, T] -> [B, T, d]; esm2lite-packed: a packed
+    Batch ([1, N], the sequences end to end, each attending to itself) -> [1, N, d], left packed."""
+    if impl.startswith("esm2lite"):
+        return model(batch, logits=False)["last_hidden_state"]
+    return model(input_ids=batch, attention_mask=batch.ne(PAD)).last_hidden_state
 
 
-def make_batches_for(num_seqs, min_len, max_len, batch_tokens, seed, order="sorted"):
-    """Random sequences -> (padded token batches; residues per sequence). sorted: esm2lite's length-sorted
-    batches, longest first; random: the sequences in their random order, each batch filled while
-    longest x count stays within batch_tokens (a loader that does not sort: more padding)."""
+def read_sequences(path, num_seqs, min_len, max_len) -> list[str]:
+    """The first num_seqs sequences of a CSV's `sequence` column with min_len..max_len residues."""
+    import csv
+
+    with open(path, newline="") as f:
+        seqs = [row["sequence"] for row in csv.DictReader(f) if min_len <= len(row["sequence"]) <= max_len]
+    if len(seqs) < num_seqs:
+        raise SystemExit(f"{path}: {len(seqs)} sequences of {min_len}-{max_len} residues, fewer than --num-seqs")
+    return seqs[:num_seqs]
+
+
+def random_sequences(num_seqs, min_len, max_len, seed) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     letters = "LAGVSERTIDPKQNFYMHWC"
     lengths = torch.randint(min_len, max_len + 1, (num_seqs,), generator=g).tolist()
-    seqs = ["".join(letters[i] for i in torch.randint(0, 20, (n,), generator=g).tolist()) for n in lengths]
-    tok = Tokenizer()
+    return ["".join(letters[i] for i in torch.randint(0, 20, (n,), generator=g).tolist()) for n in lengths]
+
+
+def cut(seqs, batch_tokens, order="sorted", packed=False) -> list:
+    """The sequences in batches. sorted: esm2lite's length-sorted token-budget batches (make_batches),
+    longest first; random: in their order, each batch filled while its cost stays within batch_tokens
+    (a loader that does not sort). Cost: longest x count (padded), or the tokens themselves (packed).
+    -> padded token tensors [B, T], or packed Batches [1, N]."""
+    tokens = [len(s) + 2 for s in seqs]
+    cost = lambda g: sum(tokens[j] for j in g) if packed else max(tokens[j] for j in g) * len(g)  # noqa: E731
     if order == "sorted":
-        groups = make_batches([n + 2 for n in lengths], batch_tokens, shuffle=False)
+        groups = make_batches(tokens, batch_tokens, shuffle=False, packed=packed)
     else:
         groups = [[]]
-        for i in range(num_seqs):
-            if groups[-1] and max(lengths[j] + 2 for j in groups[-1] + [i]) * (len(groups[-1]) + 1) > batch_tokens:
+        for i in range(len(seqs)):
+            if groups[-1] and cost(groups[-1] + [i]) > batch_tokens:
                 groups.append([])
             groups[-1].append(i)
-    return [tok.batch_encode([seqs[i] for i in idx]) for idx in groups], lengths
+    tok = Tokenizer()
+    if not packed:
+        return [tok.batch_encode([seqs[i] for i in idx]) for idx in groups]
+    return [Batch(torch.tensor([t for i in idx for t in tok.encode(seqs[i])])[None], None,
+                  torch.tensor([tokens[i] for i in idx])) for idx in groups]
+
+
+def make_batches_for(num_seqs, min_len, max_len, batch_tokens, seed, order="sorted"):
+    """Random sequences -> (padded token batches; residues per sequence)."""
+    seqs = random_sequences(num_seqs, min_len, max_len, seed)
+    return cut(seqs, batch_tokens, order), [len(s) for s in seqs]
 
 
 def run_pass(impl, model, batches, device) -> float:
@@ -155,7 +182,7 @@ def cpu_peak_child(impl, model_dir, dtype, batches, threads, queue) -> None:
     """In a fresh process: peak RSS of the first (longest) batch above the RSS after loading the model."""
     torch.set_num_threads(threads)
     model = load_model(impl, model_dir, dtype, "cpu")
-    forward(impl, model, batches[-1][:1])  # lazy initialisation (kernels, dispatch) outside the pass
+    forward(impl, model, batches[-1])  # lazy initialisation (kernels, dispatch) outside the pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = rss_bytes("VmRSS")
@@ -180,12 +207,16 @@ def gpu_peak_memory(impl, model, batches, device) -> int:
 # ---------------------------------------------------------------- the run
 
 
-def max_abs_diff(impl, model, ref, batches) -> float:
-    """|this implementation - transformers-sdpa| on the non-pad positions of the first batch."""
-    tokens = batches[0]
+def max_abs_diff(impl, model, ref, tokens) -> float:
+    """|this implementation - transformers-sdpa| on the non-pad positions of one padded batch (packed:
+    the same sequences packed, then unpacked)."""
     keep = tokens.ne(PAD)
-    a, b = forward(impl, model, tokens).float(), ref[keep].float()
-    return float((a[keep] - b).abs().max())
+    if impl == "esm2lite-packed":
+        batch = Batch(tokens[keep][None], None, keep.sum(1))
+        out = batch.unpack(forward(impl, model, batch))
+    else:
+        out = forward(impl, model, tokens)
+    return float((out.float()[keep] - ref[keep].float()).abs().max())
 
 
 def main(argv=None):
@@ -194,11 +225,14 @@ def main(argv=None):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    batches, lengths = make_batches_for(args.num_seqs, args.min_len, args.max_len, args.batch_tokens, args.seed,
-                                        args.order)
-    residues, padded = sum(lengths), sum(b.numel() for b in batches)
-    print(f"{args.num_seqs} sequences, {residues} residues, {len(batches)} batches ({padded} tokens with "
-          f"padding), {args.dtype} on {device}" + (f", {args.threads} thread(s)" if device.type == "cpu" else ""))
+    seqs = (read_sequences(args.sequences, args.num_seqs, args.min_len, args.max_len) if args.sequences
+            else random_sequences(args.num_seqs, args.min_len, args.max_len, args.seed))
+    lengths = [len(s) for s in seqs]
+    batches = {impl: cut(seqs, args.batch_tokens, args.order, packed=impl == "esm2lite-packed") for impl in impls}
+    residues, padded = sum(lengths), sum(b.numel() for b in batches["transformers-sdpa"])
+    print(f"{args.num_seqs} sequences, {residues} residues, {len(batches['transformers-sdpa'])} padded batches "
+          f"({padded} tokens with padding), {args.dtype} on {device}"
+          + (f", {args.threads} thread(s)" if device.type == "cpu" else ""))
     doc = start_doc(args, device, lengths, batches, residues, padded)
     for arch in args.arch:
         try:
@@ -213,26 +247,28 @@ def main(argv=None):
 
 
 def run_arch(arch, impls, args, device, dtype, batches, residues) -> dict:
-    """Every implementation on one architecture: medians, peak memory, differences, ratios."""
+    """Every implementation on one architecture (batches: each implementation's own): medians, peak
+    memory, differences, ratios."""
     with tempfile.TemporaryDirectory() as model_dir:
         make_checkpoint(arch, model_dir, args.seed, device=device, dtype=dtype if device.type == "cuda" else None)
         peak = {}
         if device.type == "cpu":
             for impl in impls:
-                peak[impl] = cpu_peak_memory(impl, model_dir, dtype, batches, args.threads)
+                peak[impl] = cpu_peak_memory(impl, model_dir, dtype, batches[impl], args.threads)
         models = {impl: load_model(impl, model_dir, dtype, device) for impl in impls}
-    batches = [b.to(device) for b in batches]
+    batches = {impl: [b.to(device) for b in batches[impl]] for impl in impls}
     for impl, model in models.items():  # warm-up, and the GPU peak memory
-        forward(impl, model, batches[-1])
+        forward(impl, model, batches[impl][-1])
         if device.type == "cuda":
-            peak[impl] = gpu_peak_memory(impl, model, batches, device)
-    ref = forward("transformers-sdpa", models["transformers-sdpa"], batches[0])
-    diffs = {impl: max_abs_diff(impl, m, ref, batches) for impl, m in models.items()}
+            peak[impl] = gpu_peak_memory(impl, model, batches[impl], device)
+    first = batches["transformers-sdpa"][0]  # [B, T] padded
+    ref = forward("transformers-sdpa", models["transformers-sdpa"], first)
+    diffs = {impl: max_abs_diff(impl, m, ref, first) for impl, m in models.items()}
 
     times = {impl: [] for impl in impls}
     for r in range(args.repeats):
         for impl, model in models.items():
-            times[impl].append(run_pass(impl, model, batches, device))
+            times[impl].append(run_pass(impl, model, batches[impl], device))
         print(f"{arch} repeat {r + 1}/{args.repeats}: " + ", ".join(f"{i} {t[-1]:.2f}s" for i, t in times.items()),
               flush=True)
     del models
@@ -286,8 +322,12 @@ def start_doc(args, device, lengths, batches, residues, padded) -> dict:
         "out": args.out or os.path.join(RESULTS, f"infer_{device.type}.json"),
         "settings": {**vars(args), "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
                      "cpu_count": os.cpu_count()},
-        "data": {"num_seqs": len(lengths), "residues": residues, "tokens_with_padding": padded,
-                 "num_batches": len(batches), "batch_shapes": [list(b.shape) for b in batches]},
+        "data": {"num_seqs": len(lengths), "residues": residues, "source": args.sequences or "random residues",
+                 "lengths": lengths, "tokens_with_padding": padded,
+                 "num_batches": {impl: len(b) for impl, b in batches.items()},
+                 "batch_shapes": {impl: [list(x.shape) if isinstance(x, torch.Tensor) else [len(x.lengths),
+                                                                                          int(x.tokens.shape[1])]
+                                         for x in b] for impl, b in batches.items()}},
         "memory_method": ("torch.cuda.max_memory_allocated minus allocated before the pass" if device.type == "cuda"
                           else "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before the forward of the "
                                "first (longest) batch, one fresh process per implementation"),

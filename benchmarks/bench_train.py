@@ -3,7 +3,8 @@ transformers.EsmForSequenceClassification + peft, in one run.
 
 Same random-weight ESM-2 checkpoint (transformers save_pretrained), same data (random residues,
 lengths uniform in [min-len, max-len], random regression targets), same token-budget batches
-(esm2lite.data.batching.make_batches, padded; transformers gets attention_mask), LoRA r=16, alpha=32,
+(esm2lite.data.batching.make_batches, padded; transformers gets attention_mask; esm2lite-packed gets the
+same sequences packed end to end, no padding), LoRA r=16, alpha=32,
 dropout 0 on query, key, value, attention.output.dense, intermediate.dense, output.dense (esm2lite:
 all six targets), AdamW, same number of steps. Only the step is timed: forward, MSE loss,
 backward, optimizer step (+ zero_grad). After warm-up steps, the median step time is reported.
@@ -48,10 +49,11 @@ from benchmarks.common import OneLineParser, in_child, make_checkpoint, rss_byte
 from esm2lite.files.atomic import write_json  # noqa: E402
 from esm2lite.model.config import ESM2Config  # noqa: E402
 from esm2lite.data.batching import make_batches  # noqa: E402
+from esm2lite.model.batch import Batch  # noqa: E402
 from esm2lite.model.tokenizer import PAD, Tokenizer  # noqa: E402
 from esm2lite import load_pretrained
 
-IMPLS = ("esm2lite", "transformers+peft")
+IMPLS = ("esm2lite", "transformers+peft", "esm2lite-packed")  # the baseline before the extra
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports in the output
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HF_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -74,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16" if cuda else "fp32",
-                   help="bf16: autocast (weights fp32); default bf16 on GPU, fp32 on CPU")
+                   help="bf16: autocast (esm2lite stores the frozen weights in bf16, as train.py does; transformers "
+                        "keeps them fp32); default bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1: stable timings)")
     p.add_argument("--seed", type=int, default=0)
@@ -118,14 +121,27 @@ class DataTooSmall(ValueError):
     pass
 
 
+def packed(tokens: torch.Tensor) -> Batch:
+    """A padded batch [B, T] as the same sequences packed end to end ([1, N], no padding)."""
+    keep = tokens.ne(PAD)
+    return Batch(tokens[keep][None], None, keep.sum(1))
+
+
+def tokens_of(batch) -> torch.Tensor:
+    return batch.tokens if isinstance(batch, Batch) else batch
+
+
 def build_esm2lite(model_dir, args, device):
     """-> (step inputs -> loss function, trainable parameters, all parameters)."""
     from esm2lite.tasks import TASKS
+    from esm2lite.checkpoints.modes import MODE
     from esm2lite.model.lora import LoRAConfig, apply_lora
 
     encoder = load_pretrained(model_dir, device=device)
     apply_lora(encoder, LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=0.0,
                                    targets=("query", "key", "value", "out", "fc1", "fc2")))
+    if args.precision == "bf16":  # as train.py in one process: the frozen linears stored in bf16
+        MODE["lora"].store_frozen(encoder, torch.bfloat16)
     task = TASKS["regression"]
     head = task.head(encoder.config.d_model, 1, 256, 0.0).to(device)
     encoder.train(), head.train()
@@ -165,12 +181,12 @@ def run_impl(impl, model_dir, args, queue) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    build = build_esm2lite if impl == "esm2lite" else build_transformers
+    build = build_esm2lite if impl.startswith("esm2lite") else build_transformers
     loss_fn, params = build(model_dir, args, device)
     trainable = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     amp = torch.bfloat16 if args.precision == "bf16" else None
-    data = [(t.to(device), y.to(device)) for t, y in make_data(args)]
+    data = [((packed(t) if impl == "esm2lite-packed" else t).to(device), y.to(device)) for t, y in make_data(args)]
 
     def step(tokens, target) -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -202,8 +218,8 @@ def run_impl(impl, model_dir, args, queue) -> None:
     timed = data[args.warmup:]
     queue.put({
         "step_s": times, "step_s_median": statistics.median(times),
-        "tokens_per_step": sum(int(t.ne(PAD).sum()) for t, _ in timed) / len(timed),
-        "padded_tokens_per_step": sum(t.numel() for t, _ in timed) / len(timed),
+        "tokens_per_step": sum(int(tokens_of(t).ne(PAD).sum()) for t, _ in timed) / len(timed),
+        "padded_tokens_per_step": sum(tokens_of(t).numel() for t, _ in timed) / len(timed),
         "peak_memory_bytes": peak, "saved_activation_bytes_first_timed_batch": saved, "losses": losses,
         "parameters": sum(p.numel() for p in params), "trainable_parameters": sum(p.numel() for p in trainable),
     })

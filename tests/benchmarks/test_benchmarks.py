@@ -86,3 +86,18 @@ def test_inference_benchmark_batches_in_both_orders(monkeypatch):
         assert all(b.numel() <= 1200 or b.shape[0] == 1 for b in batches)
         padded[order] = sum(b.numel() for b in batches)
     assert padded["random"] > padded["sorted"]
+
+
+def test_inference_benchmark_packed_batches_cut_by_real_tokens(monkeypatch):
+    """esm2lite-packed's own batches: every sequence once, packed end to end, at most --batch-tokens real
+    tokens each (one longer sequence alone), in both orders."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench_infer
+
+    seqs = bench_infer.random_sequences(40, 20, 300, seed=1)
+    for order in ("sorted", "random"):
+        batches = bench_infer.cut(seqs, 1200, order, packed=True)
+        assert all(b.packed and b.tokens.shape[1] <= 1200 or len(b.lengths) == 1 for b in batches)
+        assert sorted(int(n) - 2 for b in batches for n in b.lengths) == sorted(len(s) for s in seqs)
+        assert sorted(b.tokens.ne(1).sum().item() for b in batches) == sorted(b.tokens.shape[1] for b in batches)
+        assert len(batches) <= len(bench_infer.cut(seqs, 1200, order))
