@@ -246,6 +246,25 @@ def main(argv=None):
     print(f"\n{doc['headline']}\nwrote {doc['out']}")
 
 
+def warm_up(models: dict, batches: dict, device, peak: dict) -> dict:
+    """One forward of each implementation (lazy initialisation outside the timed passes) and, on a GPU,
+    its peak memory. An implementation other than the baseline that fails is removed from `models`:
+    -> {impl: its error}, so the others are still measured."""
+    failed = {}
+    for impl, model in list(models.items()):
+        try:
+            forward(impl, model, batches[impl][-1])
+            if device.type == "cuda":
+                peak[impl] = gpu_peak_memory(impl, model, batches[impl], device)
+        except Exception as e:
+            if impl == "transformers-sdpa":
+                raise
+            failed[impl] = f"{type(e).__name__}: {e}"[:500]
+            print(f"{impl}: {failed[impl]}", flush=True)
+            del models[impl]
+    return failed
+
+
 def run_arch(arch, impls, args, device, dtype, batches, residues) -> dict:
     """Every implementation on one architecture (batches: each implementation's own): medians, peak
     memory, differences, ratios."""
@@ -257,10 +276,8 @@ def run_arch(arch, impls, args, device, dtype, batches, residues) -> dict:
                 peak[impl] = cpu_peak_memory(impl, model_dir, dtype, batches[impl], args.threads)
         models = {impl: load_model(impl, model_dir, dtype, device) for impl in impls}
     batches = {impl: [b.to(device) for b in batches[impl]] for impl in impls}
-    for impl, model in models.items():  # warm-up, and the GPU peak memory
-        forward(impl, model, batches[impl][-1])
-        if device.type == "cuda":
-            peak[impl] = gpu_peak_memory(impl, model, batches[impl], device)
+    failed = warm_up(models, batches, device, peak)  # an implementation that fails is dropped, not the run
+    impls = list(models)
     first = batches["transformers-sdpa"][0]  # [B, T] padded
     ref = forward("transformers-sdpa", models["transformers-sdpa"], first)
     diffs = {impl: max_abs_diff(impl, m, ref, first) for impl, m in models.items()}
@@ -275,7 +292,7 @@ def run_arch(arch, impls, args, device, dtype, batches, residues) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    results = {}
+    results = {impl: {"error": error} for impl, error in failed.items()}
     for impl in impls:
         median = statistics.median(times[impl])
         results[impl] = {"pass_s_median": median, "pass_s": times[impl], "seqs_per_s": args.num_seqs / median,
@@ -307,6 +324,9 @@ def print_table(arch, results) -> None:
     print(f"\n{arch}\n{'implementation':<20} {'seq/s':>8} {'residues/s':>11} {'vs sdpa':>8} {'peak MiB':>9} "
           f"{'mem vs sdpa':>11} {'max|Δ|':>9}")
     for impl, r in results.items():
+        if "error" in r:
+            print(f"{impl:<20} {r['error']}")
+            continue
         mib = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] is not None else "n/a"
         mem = f"{r['peak_memory_ratio_vs_sdpa']:.2f}x" if "peak_memory_ratio_vs_sdpa" in r else "n/a"
         print(f"{impl:<20} {r['seqs_per_s']:>8.2f} {r['residues_per_s']:>11.0f} {r['speedup_vs_sdpa']:>7.2f}x "

@@ -1,5 +1,6 @@
 """The benchmarks' own failure modes: nothing hangs, a bad setting is one line in seconds."""
 
+import json
 import subprocess
 import sys
 import time
@@ -101,3 +102,25 @@ def test_inference_benchmark_packed_batches_cut_by_real_tokens(monkeypatch):
         assert sorted(int(n) - 2 for b in batches for n in b.lengths) == sorted(len(s) for s in seqs)
         assert sorted(b.tokens.ne(1).sum().item() for b in batches) == sorted(b.tokens.shape[1] for b in batches)
         assert len(batches) <= len(bench_infer.cut(seqs, 1200, order))
+
+
+def test_inference_benchmark_drops_a_failing_implementation_not_the_run(monkeypatch, tmp_path, capsys):
+    """An implementation that fails (say, a kernel on a new GPU) is recorded with its error; the
+    others, the baseline included, are still measured in the same run."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench_infer
+
+    real = bench_infer.forward
+
+    def failing(impl, model, batch):
+        if impl == "esm2lite-packed":
+            raise RuntimeError("no kernel image is available")
+        return real(impl, model, batch)
+
+    monkeypatch.setattr(bench_infer, "forward", failing)
+    out = tmp_path / "r.json"
+    bench_infer.main(["--num-seqs", "3", "--min-len", "10", "--max-len", "30", "--repeats", "1", "--impls",
+                      "esm2lite", "esm2lite-packed", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]["esm2_t6_8M_UR50D"]
+    assert results["esm2lite-packed"] == {"error": "RuntimeError: no kernel image is available"}
+    assert results["esm2lite"]["speedup_vs_sdpa"] > 0 and results["transformers-sdpa"]["speedup_vs_sdpa"] == 1.0
