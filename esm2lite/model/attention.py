@@ -14,16 +14,12 @@ out_s = softmax(scale * q_s k_s^T) v_s for each sequence s: the same maths on ei
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-try:  # PyTorch >= 2.10 (CUDA kernels only)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older PyTorch: the reference path only
-    varlen_attn = None
 
 VARLEN_DTYPES = (torch.bfloat16, torch.float16)  # what its flash kernels take
 
@@ -44,9 +40,20 @@ class Spans:
         return cls(tuple(lengths.tolist()), F.pad(ends, (1, 0)), int(lengths.max()))
 
 
+@functools.cache
+def varlen_kernel():
+    """torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10), or None. Imported on first use on a GPU:
+    importing it imports torch._dynamo, seconds that a CPU run need not pay."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # older PyTorch: the reference path only
+        return None
+    return varlen_attn
+
+
 def uses_varlen(q: torch.Tensor) -> bool:
     """The kernel where it runs: CUDA tensors in bf16/fp16 and a PyTorch that has it."""
-    return varlen_attn is not None and q.is_cuda and q.dtype in VARLEN_DTYPES
+    return q.is_cuda and q.dtype in VARLEN_DTYPES and varlen_kernel() is not None
 
 
 def varlen_arguments(q, k, v, spans: Spans) -> tuple:
@@ -63,12 +70,12 @@ def scale_keyword(fn) -> bool:
 
 def attend_varlen(q, k, v, spans: Spans, scale: float):
     """varlen_attn over the packed row -> [1, H, N, hd]."""
-    args = varlen_arguments(q, k, v, spans)
-    if scale_keyword(varlen_attn):
-        out = varlen_attn(*args, scale=scale)
+    args, kernel = varlen_arguments(q, k, v, spans), varlen_kernel()
+    if scale_keyword(kernel):
+        out = kernel(*args, scale=scale)
     else:  # its fixed 1/sqrt(hd): fold the rest of `scale` into q
         hd = q.shape[-1]
-        out = varlen_attn(args[0] * (scale * hd**0.5), *args[1:])
+        out = kernel(args[0] * (scale * hd**0.5), *args[1:])
     return out.transpose(0, 1)[None]  # [N, H, hd] -> [1, H, N, hd]
 
 

@@ -63,7 +63,7 @@ def test_the_varlen_path_only_where_its_kernel_runs():
     q = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
     assert not attention.uses_varlen(q)  # a CPU tensor: the reference, whatever the dtype
     if GPU:
-        assert attention.uses_varlen(q.cuda()) == (attention.varlen_attn is not None)
+        assert attention.uses_varlen(q.cuda()) == (attention.varlen_kernel() is not None)
         assert not attention.uses_varlen(q.float().cuda())  # fp32: flash kernels take bf16/fp16 only
 
 
@@ -74,7 +74,7 @@ def test_the_encoder_through_the_varlen_call_equals_the_padded_layout(family, ke
     """Everything our varlen path does around the kernel (the layout, cu_seqlens, ESM-2's scale 1 and ESM C's
     1/sqrt(hd), with and without a scale keyword), with a stand-in for the kernel, against padded SDPA."""
     encoder = load_pretrained(hf_tiny if family == "esm2" else esmc_tiny)
-    monkeypatch.setattr(attention, "varlen_attn", kernel)
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: kernel)
     padded, packed = layouts(sequences())
     with torch.no_grad():
         want = encoder(padded)["logits"]
@@ -92,7 +92,7 @@ def test_gpu_varlen_attn_equals_padded_sdpa(family):
     autocast on the GPU, at real head sizes (ESM-2 8M's 16, ESM C's 64; random weights, no transformers
     needed). Tolerance: bf16 has 8 bits of mantissa; two bf16 paths of a 2-block model differ by a few
     bf16 eps of the magnitude (5e-2 relative, against 4e-3 per rounding)."""
-    if attention.varlen_attn is None:
+    if attention.varlen_kernel() is None:
         pytest.fail("this PyTorch has no torch.nn.attention.varlen (>= 2.10 needed)")
     torch.manual_seed(0)
     encoder = (ESM2(ESM2Config(num_layers=2)) if family == "esm2" else
