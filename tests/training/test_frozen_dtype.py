@@ -17,7 +17,7 @@ from esm2lite.training.loop import train_model
 from test_train import small_config, splits  # noqa: F401  (splits: a fixture)
 
 
-def run(hf_tiny, out, mode, splits, monkeypatch, store: bool, seen: list):
+def run(hf_tiny, out, mode, records, monkeypatch, store: bool, seen: list):
     original = type(modes.MODE[mode]).store_frozen
 
     def recording(self, encoder, dtype):
@@ -26,7 +26,7 @@ def run(hf_tiny, out, mode, splits, monkeypatch, store: bool, seen: list):
         seen.append({n: p.dtype for n, p in encoder.named_parameters()})
 
     monkeypatch.setattr(type(modes.MODE[mode]), "store_frozen", recording)
-    train_model(small_config(hf_tiny, out, mode=mode, precision="bf16", steps=6, eval_every=3), records=splits)
+    train_model(small_config(hf_tiny, out, mode=mode, precision="bf16", steps=6, eval_every=3), records=records)
     losses = [r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
     encoder, head = read_tensors(str(out / "checkpoints" / "step_6"))
     return losses, {**{f"encoder.{k}": v for k, v in encoder.items()}, **{f"head.{k}": v for k, v in head.items()}}
