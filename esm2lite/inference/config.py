@@ -59,7 +59,8 @@ class InferConfig:
     offset: int | None = opt(None, "number of the wild type's first residue in the mutant codes (default: 1)", SCORE)
     batch_tokens: int = opt(8192, "tokens per batch (padded batches: padding included; packed: real tokens)",
                             RUNNING)
-    precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU", RUNNING, choices=PRECISIONS)
+    precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU; int8 (CPU only): the encoder's linears in int8, "
+                         "the rest fp32 (docs/int8.md)", RUNNING, choices=PRECISIONS)
     batches: str = opt("auto", "batch layout of predictions, embeddings and scores: padded, packed (end to end, no "
                        "padding: the same numbers), auto: packed on CPU, padded on GPU", RUNNING, choices=LAYOUTS)
     device: str | None = opt(None, "cpu, cuda, ... (default: cuda if available)", RUNNING)

@@ -23,8 +23,10 @@ from esm2lite.inference.config import InferConfig
 from esm2lite.inference.evaluate import run_batches, score, score_groups
 from esm2lite.inference.outputs import check_outputs, print_demo_table, say_windows, write_predictions
 from esm2lite.inference.score_file import read_wildtype, score_file
+from esm2lite.model.int8 import for_precision, is_int8
 from esm2lite.model.task_model import TaskModel
 from esm2lite.runtime import distributed
+from esm2lite.runtime.device import check_precision
 from esm2lite.runtime.distributed import Dist
 from esm2lite.weights.pretrained import load_pretrained
 
@@ -34,6 +36,7 @@ def run(cfg: InferConfig, demo: bool = False) -> None:
     check_outputs(cfg)
     d, device = distributed.setup(cfg.device)  # under torchrun: data-parallel, rank 0 writes
     try:
+        check_precision(cfg.precision, device)  # int8: CPU only, refused before any loading
         if cfg.score and d.world > 1:
             raise Esm2liteError("--score runs in one process: start it with python, not torchrun")
         with distributed.lost_ranks_reported(distributed.DIST_TIMEOUT):  # a lost rank: one line, not a traceback
@@ -54,6 +57,11 @@ def predict(checkpoint, sequences, ids=None, batch_tokens: int = 8192, precision
     sequences: a list of sequences (ids "1", "2", ... unless given), or the path of a CSV or FASTA
     file, read as infer.py reads --input (its other columns kept; ids by reading.ID_RULE)."""
     model = checkpoint if isinstance(checkpoint, TaskModel) else load_model(checkpoint, device=device, merge=merge)
+    if precision == "int8" and not is_int8(model.encoder):  # a model given loaded is the caller's: not changed
+        if model is checkpoint:
+            raise Esm2liteError("precision='int8' with a loaded TaskModel: quantize it first, "
+                                "esm2lite.model.int8.quantize_int8(model.encoder)")
+        for_precision(model.encoder, precision)
     if isinstance(sequences, (str, os.PathLike)):
         if ids is not None:
             raise DataError(f"{sequences}: a file's ids come from the file (id_column=...), not from ids=")
@@ -73,11 +81,11 @@ def predict(checkpoint, sequences, ids=None, batch_tokens: int = 8192, precision
 def load(cfg: InferConfig, device) -> tuple[TaskModel | None, object]:
     """-> (the fine-tuned task model, or None for --base; the encoder)."""
     if cfg.base:
-        return None, load_pretrained(cfg.base, device=device)
+        return None, for_precision(load_pretrained(cfg.base, device=device), cfg.precision)
     if cfg.run and not os.path.isdir(cfg.checkpoint_dir):
         raise Esm2liteError(f"{cfg.run}: no best/ checkpoint in this run directory")
     model = load_model(cfg.checkpoint_dir, device=device, base_path=cfg.base_path, merge=not cfg.no_merge)
-    return model, model.encoder
+    return model, for_precision(model.encoder, cfg.precision)  # int8: in place, the head stays fp32
 
 
 def prepare(cfg: InferConfig, table, model) -> tuple:
@@ -156,6 +164,7 @@ def score_and_write(cfg: InferConfig, device) -> None:
     if not model.config.lm_head:
         raise CheckpointError(f"{cfg.base}: has no masked-LM head (saved as EsmModel or a task model), and --score "
                               "needs one: give an EsmForMaskedLM directory, a fair-esm .pt file or a hub id")
+    for_precision(model, cfg.precision)  # int8: the encoder's linears, in place; the LM head stays fp32
     scored = score_file(model, cfg.input, cfg.score, wildtype, mutant_column=cfg.mutant_column,
                         score_column=cfg.dms_score_column, sequence_column=cfg.sequence_column, offset=cfg.offset,
                         max_residues=cfg.max_residues, batch_tokens=cfg.batch_tokens, precision=cfg.precision,

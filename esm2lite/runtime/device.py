@@ -6,7 +6,7 @@ import torch
 
 from esm2lite.errors import Esm2liteError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # for inference; training takes all but fp16
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # for inference; training takes all but fp16 and int8
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -48,7 +48,16 @@ def layout_line(layout: str, device_name: str | None) -> str:
 
 
 def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. "auto": bf16 on GPU, fp32 on CPU."""
+    """The autocast dtype, or None for plain fp32. "auto": bf16 on GPU, fp32 on CPU. int8: None (the
+    encoder's linears are int8 themselves: model/int8.py), and a CPU only."""
+    check_precision(precision, device)
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return AMP_DTYPES.get(precision)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Esm2liteError for --precision int8 anywhere but on a CPU (its kernels are oneDNN's x86 int8 GEMMs)."""
+    if precision == "int8" and device.type != "cpu":
+        raise Esm2liteError(f"--precision int8 runs on the CPU only (oneDNN int8 kernels), not on {device.type}: "
+                            "add --device cpu, or choose fp32, bf16 or fp16")

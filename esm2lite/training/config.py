@@ -16,7 +16,7 @@ from esm2lite.errors import Esm2liteError
 from esm2lite.model.lora import LoRAConfig
 
 SCHEDULES = ("cosine", "constant")
-PRECISIONS = tuple(p for p in INFERENCE_PRECISIONS if p != "fp16")  # fp16 training: no loss scaling here
+PRECISIONS = tuple(p for p in INFERENCE_PRECISIONS if p not in ("fp16", "int8"))  # fp16: no loss scaling here
 MAX_HEAD_HIDDEN = 65536  # the largest head a checkpoint may ask for (spec.HEAD_LIMITS)
 
 
@@ -107,6 +107,7 @@ class TrainConfig:
              f"--standardize-targets z-scores numeric targets; --task {self.task} has labels: drop it"),
             (self.schedule in SCHEDULES, "--schedule must be cosine or constant"),
             (self.precision != "fp16", "--precision fp16 training is not supported (use bf16 or fp32)"),
+            (self.precision != "int8", "--precision int8 is for inference on a CPU (infer.py); train in fp32 or bf16"),
             (self.precision in PRECISIONS, "--precision must be auto, fp32 or bf16"),
             (self.batches in LAYOUTS, "--batches must be auto, padded or packed"),
             ((self.checkpoint is None) != (self.model is None), "give exactly one of --checkpoint and --model"),
