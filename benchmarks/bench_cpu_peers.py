@@ -3,7 +3,7 @@ int8, model/int8.py) and bf16 (--precision bf16: autocast, packed), transformers
 esm-cpp fp32 and int8 (`quantize_weights()`: per-channel symmetric int8 linears), on the same real
 proteins, with the same random weights.
 
-Sequences: the first --num-seqs proteins of ../shared/data/secondary_structure_flip_sampled.csv
+Sequences: the first --num-seqs proteins of examples/secondary_structure_flip_sampled.csv
 (FLIP, AFL-3.0) of at most --max-residues residues. Weights: a random transformers EsmForMaskedLM
 of each --arch, saved once in the layout of transformers 4 (what esm-cpp reads: LayerNorm
 weight/bias, one rotary inv_freq per layer, computed by the formula every implementation uses);
@@ -46,7 +46,7 @@ from esm2lite.model.int8 import quantize_int8  # noqa: E402
 from esm2lite.model.tokenizer import PAD, Tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "secondary_structure_flip_sampled.csv")
+DATA = os.path.join(ROOT, "examples", "secondary_structure_flip_sampled.csv")  # FLIP, AFL-3.0 (examples/README.md)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 SYSTEMS = ("esm2lite-fp32", "esm2lite-fp32-packed", "esm2lite-int8-packed", "esm2lite-bf16-packed",
            "transformers-sdpa-fp32", "esm-cpp-fp32", "esm-cpp-int8")

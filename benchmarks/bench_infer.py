@@ -80,7 +80,7 @@ def parse_args(argv=None):
                         "(a loader that does not sort: more padding)")
     p.add_argument("--sequences", help="a CSV with a `sequence` column: its first --num-seqs sequences of "
                                         "--min-len..--max-len residues instead of random ones (a real length "
-                                        "distribution, e.g. ../shared/data/secondary_structure_flip_sampled.csv)")
+                                        "distribution, e.g. examples/secondary_structure_flip_sampled.csv)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/infer_<device>.json)")
     args = p.parse_args(argv)
     for name in ("num_seqs", "min_len", "max_len", "batch_tokens", "repeats"):

@@ -3,7 +3,7 @@ the options and models it refuses; infer.py end to end with it.
 
 Accuracy is measured on a random-init ESM-2 8M (ESM2Config esm2_t6_8M_UR50D, init_weights(seed=0):
 no pretrained weights can be downloaded here) over real sequences: GB1 variants and FLIP chains
-(../shared/data, AFL-3.0, see its README). Each bound sits beside the value measured on this seed
+(examples/, AFL-3.0, see its README). Each bound sits beside the value measured on this seed
 and the margin it leaves. CPU kernels round differently between machines (oneDNN's blocking, VNNI
 or not): the margins are wide for that, still far below what a broken path gives (fp32 weights
 quantized per tensor instead of per channel, or a lost token scale, are off by 10x and more)."""
@@ -32,9 +32,8 @@ from esm2lite.runtime.device import amp_dtype_for, check_precision
 from esm2lite.tasks.metrics import spearman
 from esm2lite.training.config import TrainConfig
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "examples"  # FLIP subsets shipped with the repository (AFL-3.0)
 GB1, FLIP = DATA / "gb1_three_vs_rest.csv", DATA / "secondary_structure_flip_sampled.csv"
-needs_data = pytest.mark.skipif(not GB1.exists() or not FLIP.exists(), reason="../shared/data is not here")
 
 
 def gb1():
@@ -72,7 +71,6 @@ def logits_and_embeddings(model, seqs):
 # ---------------------------------------------------------------- accuracy on real proteins
 
 
-@needs_data
 def test_logits_and_embeddings_stay_close_to_fp32(models):
     fp32, int8 = models
     flip = [r["sequence"] for r in csv.DictReader(open(FLIP)) if len(r["sequence"]) <= 400][:8]
@@ -87,7 +85,6 @@ def test_logits_and_embeddings_stay_close_to_fp32(models):
     assert cos.min() > 0.998, cos.min()  # measured 0.99972 (1 - cos: 2.8e-4); bound 2e-3 (7x)
 
 
-@needs_data
 def test_masked_marginal_scores_of_gb1_mutants_rank_as_fp32(models):
     """esm2lite's scoring runs the int8 model unchanged (its forward is the model's): every GB1
     variant (3,989, 4 mutated sites: 4 forwards), ranked as fp32 ranks them."""
