@@ -53,7 +53,7 @@ from esm2lite.model.batch import Batch  # noqa: E402
 from esm2lite.model.tokenizer import PAD, Tokenizer  # noqa: E402
 from esm2lite import load_pretrained
 
-IMPLS = ("esm2lite", "transformers+peft", "esm2lite-packed")  # the baseline before the extra
+IMPLS = ("esm2lite", "transformers+peft", "esm2lite-packed")  # baseline before the packed variant: a run cut short keeps the ratio
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports in the output
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HF_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
