@@ -154,7 +154,7 @@ class Torch:
             return self.model(input_ids=tokens, attention_mask=keep).logits[keep]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in self.name):  # --precision bf16
             if self.name.endswith("packed"):
-                return self.model(Batch(tokens[keep][None], None, keep.sum(1)))["logits"][0].float()
+                return self.model(Batch(tokens).pack())["logits"][0].float()
             return self.model(tokens)["logits"][keep]
 
     def run(self, keep: bool, dump_dir: str):

@@ -156,14 +156,7 @@ def cut(seqs, batch_tokens, order="sorted", packed=False) -> list:
     tok = Tokenizer()
     if not packed:
         return [tok.batch_encode([seqs[i] for i in idx]) for idx in groups]
-    return [Batch(torch.tensor([t for i in idx for t in tok.encode(seqs[i])])[None], None,
-                  torch.tensor([tokens[i] for i in idx])) for idx in groups]
-
-
-def make_batches_for(num_seqs, min_len, max_len, batch_tokens, seed, order="sorted"):
-    """Random sequences -> (padded token batches; residues per sequence)."""
-    seqs = random_sequences(num_seqs, min_len, max_len, seed)
-    return cut(seqs, batch_tokens, order), [len(s) for s in seqs]
+    return [Batch.of_rows([tok.encode(seqs[i]) for i in idx], packed=True) for idx in groups]
 
 
 def run_pass(impl, model, batches, device) -> float:
@@ -212,7 +205,7 @@ def max_abs_diff(impl, model, ref, tokens) -> float:
     the same sequences packed, then unpacked)."""
     keep = tokens.ne(PAD)
     if impl == "esm2lite-packed":
-        batch = Batch(tokens[keep][None], None, keep.sum(1))
+        batch = Batch(tokens).pack()
         out = batch.unpack(forward(impl, model, batch))
     else:
         out = forward(impl, model, tokens)

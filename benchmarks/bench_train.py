@@ -121,12 +121,6 @@ class DataTooSmall(ValueError):
     pass
 
 
-def packed(tokens: torch.Tensor) -> Batch:
-    """A padded batch [B, T] as the same sequences packed end to end ([1, N], no padding)."""
-    keep = tokens.ne(PAD)
-    return Batch(tokens[keep][None], None, keep.sum(1))
-
-
 def tokens_of(batch) -> torch.Tensor:
     return batch.tokens if isinstance(batch, Batch) else batch
 
@@ -186,7 +180,7 @@ def run_impl(impl, model_dir, args, queue) -> None:
     trainable = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
     amp = torch.bfloat16 if args.precision == "bf16" else None
-    data = [((packed(t) if impl == "esm2lite-packed" else t).to(device), y.to(device)) for t, y in make_data(args)]
+    data = [((Batch(t).pack() if impl == "esm2lite-packed" else t).to(device), y.to(device)) for t, y in make_data(args)]
 
     def step(tokens, target) -> float:
         optimizer.zero_grad(set_to_none=True)

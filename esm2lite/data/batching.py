@@ -7,12 +7,10 @@
 """
 
 import numpy as np
-import torch
 
 from esm2lite.tasks.labels import LabelSpace
 from esm2lite.data.records import Record
 from esm2lite.model.batch import Batch
-from esm2lite.model.tokenizer import pad_tokens
 
 
 def _greedy(order: np.ndarray, lengths: np.ndarray, batch_tokens: int, packed: bool) -> list[list[int]]:
@@ -68,10 +66,7 @@ def collate(records: list[Record], label_space: LabelSpace | None, packed: bool 
     """A Batch: tokens [B, T] right-padded with <pad> (packed: [1, N], end to end), and the encoded
     targets (LabelSpace.encode, the same in both layouts) when a label space is given."""
     target = label_space.encode(records) if label_space is not None else None
-    if packed:
-        tokens = torch.tensor([t for r in records for t in r.tokens], dtype=torch.long)[None]
-        return Batch(tokens, target, torch.tensor([len(r.tokens) for r in records]))
-    return Batch(pad_tokens([r.tokens for r in records]), target)
+    return Batch.of_rows([r.tokens for r in records], packed, target)
 
 
 class Batches:

@@ -30,7 +30,7 @@ from esm2lite.data.batching import make_batches
 from esm2lite.runtime.device import PRECISIONS, amp_dtype_for, packs
 from esm2lite.model.batch import Batch
 from esm2lite.errors import DataError, TokenizerError
-from esm2lite.model.tokenizer import MASK, PAD, Tokenizer
+from esm2lite.model.tokenizer import MASK, Tokenizer
 
 
 def window_size(max_residues: int | None) -> int | None:
@@ -99,10 +99,7 @@ class Rows:
 
     def batch(self, idx: list[int], packed: bool) -> Batch:
         """The rows idx as one Batch: right-padded [B, T_max], or packed end to end [1, N]."""
-        rows = [self.row(r) for r in idx]
-        if packed:
-            return Batch(torch.cat(rows)[None], None, torch.tensor([len(t) for t in rows]))
-        return Batch(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD))
+        return Batch.of_rows([self.row(r) for r in idx], packed)
 
 
 def padded_outputs(batch: Batch, out: dict) -> dict:

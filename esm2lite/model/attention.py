@@ -24,6 +24,18 @@ import torch.nn.functional as F
 VARLEN_DTYPES = (torch.bfloat16, torch.float16)  # what its flash kernels take
 
 
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, d] -> [B, H, T, hd] (a view)."""
+    B, T, d = t.shape
+    return t.view(B, T, num_heads, d // num_heads).transpose(1, 2)
+
+
+def merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, hd] -> [B, T, d]."""
+    B, H, T, hd = o.shape
+    return o.transpose(1, 2).reshape(B, T, H * hd)
+
+
 @dataclass(frozen=True)
 class Spans:
     """Where each sequence of a packed row is: lengths (ints, for the reference's split) and
@@ -63,6 +75,7 @@ def varlen_arguments(q, k, v, spans: Spans) -> tuple:
     return flat(q), flat(k), flat(v), spans.cu_seqlens, spans.cu_seqlens, spans.max_len, spans.max_len
 
 
+@functools.cache
 def scale_keyword(fn) -> bool:
     """Whether this PyTorch's varlen_attn takes scale= (2.10 had none: its scale was 1/sqrt(hd))."""
     return fn is not None and "scale" in inspect.signature(fn).parameters

@@ -42,6 +42,15 @@ class Batch:
         """A Batch as it is; token ids [B, T] (right-padded) as a Batch without targets."""
         return batch_or_tokens if isinstance(batch_or_tokens, Batch) else cls(batch_or_tokens)
 
+    @classmethod
+    def of_rows(cls, rows, packed: bool, target: torch.Tensor | None = None) -> "Batch":
+        """Token rows (lists or 1-D tensors: <cls> .. <eos>) -> a Batch, right-padded [B, T] or packed
+        end to end [1, N]."""
+        rows = [torch.as_tensor(r, dtype=torch.long) for r in rows]
+        if packed:
+            return cls(torch.cat(rows)[None], target, torch.tensor([len(r) for r in rows]))
+        return cls(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD), target)
+
     @property
     def packed(self) -> bool:
         return self.packed_lengths is not None
@@ -109,6 +118,11 @@ class Batch:
     def padded(self) -> "Batch":
         """The same sequences in the padded layout (the same target)."""
         return self if not self.packed else Batch(self.unpack(self.tokens, fill=PAD), self.target)
+
+    def pack(self) -> "Batch":
+        """The same sequences packed end to end (the same target)."""
+        keep = ~self.padding
+        return self if self.packed else Batch(self.tokens[keep][None], self.target, keep.sum(1))
 
     def to(self, device) -> "Batch":
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esm2lite.errors import Esm2liteError
-from esm2lite.model.attention import attend
+from esm2lite.model.attention import attend, merge_heads, split_heads
 from esm2lite.model.batch import Batch
 from esm2lite.model.config import ESM2Config
 from esm2lite.model.tokenizer import MASK, PAD
@@ -59,15 +59,14 @@ class Attention(nn.Module):
         # Loaded from the checkpoint: ESM-2's stored values carry fp16 rounding.
         self.register_buffer("inv_freq", rotary_inv_freq(self.head_dim))
 
-    def forward(self, x, positions, attn_mask):
-        B, T, d = x.shape  # x: [B, T, d]
-        split = lambda t: t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+    def forward(self, x, positions, attn_mask):  # x: [B, T, d]
+        split = lambda t: split_heads(t, self.num_heads)  # noqa: E731  [B, H, T, hd]
         q = split(self.query(x) * self.head_dim**-0.5)  # scaled before rotary, as in ESM-2
         k, v = split(self.key(x)), split(self.value(x))
         cos, sin = rotary_cos_sin(positions, self.inv_freq)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attend(q, k, v, attn_mask)  # [B, H, T, hd]
-        return self.out(o.transpose(1, 2).reshape(B, T, d))
+        return self.out(merge_heads(o))
 
 
 class Block(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 
 from esm2lite.errors import CheckpointError, Esm2liteError
 from esm2lite.model.batch import Batch
-from esm2lite.model.attention import attend
+from esm2lite.model.attention import attend, merge_heads, split_heads
 from esm2lite.model.esm2 import NoLMHead, apply_rotary, checked_request, rotary_cos_sin, run_blocks
 
 # name -> (layers, d_model, heads): the open-weights sizes EvolutionaryScale released.
@@ -140,13 +140,12 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps, bias=False)
         self.k_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps, bias=False)
 
-    def forward(self, x, rotary, attn_mask):
-        B, T, d = x.shape  # x: [B, T, d]; rotary: (cos, sin) [B, 1, T, hd]
-        split = lambda t: t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+    def forward(self, x, rotary, attn_mask):  # x: [B, T, d]; rotary: (cos, sin) [B, 1, T, hd]
+        split = lambda t: split_heads(t, self.num_heads)  # noqa: E731  [B, H, T, hd]
         q, k, v = split(self.q_norm(self.q(x))), split(self.k_norm(self.k(x))), split(self.v(x))
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         o = attend(q, k, v, attn_mask, scale=self.head_dim**-0.5)  # [B, H, T, hd]
-        return self.o(o.transpose(1, 2).reshape(B, T, d))
+        return self.o(merge_heads(o))
 
 
 class Block(nn.Module):

@@ -157,10 +157,11 @@ def setup(cfg, records, resume: bool, d: Dist, device, checkpointer: Checkpointe
     check_ranks_agree(d, settings, files.identity, spec)  # one all_gather: the same data, base and options
     if resume:  # the data files and base the run started with (before the directory is touched)
         check_resume(d, checkpointer.step_dirs()[-1][1], files.identity, spec)
+    amp = amp_dtype_for(cfg.precision, device)
     if d.enabled:  # FSDP2 casts each rank's fp32 shard to the autocast dtype, then gathers it (param_dtype)
-        distributed.shard(model, d, amp_dtype_for(cfg.precision, device))
-    elif amp_dtype_for(cfg.precision, device) is not None:  # one process: frozen weights stored in bf16
-        MODE[cfg.mode].store_frozen(model.encoder, amp_dtype_for(cfg.precision, device))
+        distributed.shard(model, d, amp)
+    elif amp is not None:  # one process: frozen weights stored in bf16
+        MODE[cfg.mode].store_frozen(model.encoder, amp)
     optimizer = make_optimizer(model, cfg)
     with distributed.same_error(d):
         packed = stream_layout(cfg.batches, device, checkpointer.step_dirs()[-1][1] if resume else None)

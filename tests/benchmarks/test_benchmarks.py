@@ -81,7 +81,8 @@ def test_inference_benchmark_batches_in_both_orders(monkeypatch):
 
     padded = {}
     for order in ("sorted", "random"):
-        batches, lengths = bench_infer.make_batches_for(40, 20, 300, 1200, seed=0, order=order)
+        seqs = bench_infer.random_sequences(40, 20, 300, seed=0)
+        batches, lengths = bench_infer.cut(seqs, 1200, order), [len(s) for s in seqs]
         assert sum(b.shape[0] for b in batches) == 40
         assert sorted(int(n) for b in batches for n in (b != 1).sum(1) - 2) == sorted(lengths)
         assert all(b.numel() <= 1200 or b.shape[0] == 1 for b in batches)

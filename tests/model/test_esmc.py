@@ -4,6 +4,7 @@ four classes. fp32 comparisons: oracles.assert_fp32_agrees, against a float64 ru
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,27 +133,30 @@ def test_a_config_esm_c_cannot_compute_is_refused(tmp_path, saved):
         load_pretrained(str(bad))
 
 
+def run_infer(forkrun, tmp_path, seqs: dict, base: str, *args):
+    """infer.py --base BASE --input (seqs as FASTA) ARGS -> its completed process (asserted to succeed)."""
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{k}\n{s}\n" for k, s in seqs.items()))
+    infer = str(Path(__file__).resolve().parents[2] / "infer.py")
+    r = forkrun.run([infer, "--base", base, "--input", str(fasta), *map(str, args)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
 @pytest.mark.slow
 def test_infer_embeds_and_scores_esm_c(saved, tmp_path, forkrun):
     """infer.py --base on an EsmcForMaskedLM directory: mean embeddings equal transformers' last hidden
     state averaged over residues; PLL equals the sum, over positions, of the log-probability transformers
     gives the true residue with that one position masked (written out here)."""
     import csv
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
     _, dirs = saved
     seqs = {"a": "MKTAYIAKQRQISFVKSHFSRQ", "b": "GSHMLEDPVAGG"}
-    fasta = tmp_path / "in.fasta"
-    fasta.write_text("".join(f">{k}\n{s}\n" for k, s in seqs.items()))
-    infer = str(Path(__file__).resolve().parents[2] / "infer.py")
-    r = forkrun.run([infer, "--base", dirs["EsmcForMaskedLM"], "--input", str(fasta), "--embeddings",
-                     str(tmp_path / "emb.safetensors"), "--layers", "3"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = forkrun.run([infer, "--base", dirs["EsmcForMaskedLM"], "--input", str(fasta), "--score", "pll",
-                     "--output", str(tmp_path / "pll.csv")])
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_infer(forkrun, tmp_path, seqs, dirs["EsmcForMaskedLM"], "--embeddings", tmp_path / "emb.safetensors",
+              "--layers", "3")
+    run_infer(forkrun, tmp_path, seqs, dirs["EsmcForMaskedLM"], "--score", "pll", "--output", tmp_path / "pll.csv")
     emb = load_file(tmp_path / "emb.safetensors")
     scores = {row["id"]: float(row["pll"]) for row in csv.DictReader(open(tmp_path / "pll.csv"))}
     hf = oracles.load_hf(dirs["EsmcForMaskedLM"], "EsmcForMaskedLM")
@@ -200,7 +204,6 @@ def test_infer_reads_esm_c_in_its_own_context(saved, tmp_path, forkrun):
     """ESM C's context is 2048 positions: infer.py embeds a 1,500-residue protein in one piece (as
     transformers does: ESM-2's 1,022-residue windows would change it) and windows only past 2,046."""
     import random
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
@@ -208,12 +211,8 @@ def test_infer_reads_esm_c_in_its_own_context(saved, tmp_path, forkrun):
     rng = random.Random(5)
     seqs = {"mid": "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(1500)),
             "long": "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(2100))}
-    fasta = tmp_path / "in.fasta"
-    fasta.write_text("".join(f">{k}\n{s}\n" for k, s in seqs.items()))
-    infer = str(Path(__file__).resolve().parents[2] / "infer.py")
-    r = forkrun.run([infer, "--base", dirs["EsmcModel"], "--input", str(fasta), "--embeddings",
-                     str(tmp_path / "emb.safetensors"), "--batch-tokens", "4096"])
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_infer(forkrun, tmp_path, seqs, dirs["EsmcModel"], "--embeddings", tmp_path / "emb.safetensors",
+                  "--batch-tokens", "4096")
     assert "1 sequence over 2046 residues embedded in overlapping windows of 2048 tokens" in r.stdout
     emb = load_file(tmp_path / "emb.safetensors")
     hf = oracles.load_hf(dirs["EsmcModel"], "EsmcModel")
@@ -231,8 +230,6 @@ def test_infer_scores_esm_c_mutants_by_masked_marginals(saved, tmp_path, forkrun
     substitutions of log p(mutant) - log p(wild type) at that position masked (ProteinGym's recipe,
     written out here with transformers' EsmcForMaskedLM)."""
     import csv
-    from pathlib import Path
-
     _, dirs = saved
     wt = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIE"
     mutants = ["K2A", "A4G:Q9W", "E25D", "M1L:I30V"]

@@ -65,13 +65,19 @@ def assert_same_trajectory(a, b, rel=1e-5):
         assert abs(x["loss"] - y["loss"]) <= rel * abs(x["loss"]), (x, y)
 
 
-@pytest.mark.parametrize("mode", ["lora", "full", "head"])
-def test_two_ranks_follow_the_single_process_trajectory(hf_tiny, data, tmp_path, mode):
-    r = torchrun(common(hf_tiny, data, mode, tmp_path / "two"))
+def two_ranks_and_one(base, data, mode, tmp_path):
+    """The same run under torchrun on 2 ranks (tmp_path/two) and in one process with --grad-accum 2
+    (tmp_path/one), which must follow the same trajectory."""
+    r = torchrun(common(base, data, mode, tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = single(common(hf_tiny, data, mode, tmp_path / "one") + ["--grad-accum", "2"])
+    r = single(common(base, data, mode, tmp_path / "one") + ["--grad-accum", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_trajectory(log(tmp_path / "two"), log(tmp_path / "one"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "head"])
+def test_two_ranks_follow_the_single_process_trajectory(hf_tiny, data, tmp_path, mode):
+    two_ranks_and_one(hf_tiny, data, mode, tmp_path)
     s2, s1 = (json.load(open(tmp_path / d / "summary.json")) for d in ("two", "one"))
     assert s2["world_size"] == 2 and s2["best_step"] == s1["best_step"]
     for k, v in s1["valid"].items():  # float64 metrics of the trajectories above: ~84 eps32 of their scale
@@ -82,11 +88,7 @@ def test_two_ranks_follow_the_single_process_trajectory(hf_tiny, data, tmp_path,
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_esm_c_two_ranks_follow_the_single_process_trajectory(esmc_tiny, data, tmp_path, mode):
     """ESM C under FSDP2 (one unit per block, as ESM-2): 2 ranks equal 1 process with --grad-accum 2."""
-    r = torchrun(common(esmc_tiny, data, mode, tmp_path / "two"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = single(common(esmc_tiny, data, mode, tmp_path / "one") + ["--grad-accum", "2"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_trajectory(log(tmp_path / "two"), log(tmp_path / "one"))
+    two_ranks_and_one(esmc_tiny, data, mode, tmp_path)
     assert json.load(open(tmp_path / "two" / "best" / "config.json"))["model_config"]["family"] == "esmc"
 
 
