@@ -44,6 +44,7 @@ from esm2lite.files.atomic import write_json  # noqa: E402
 from esm2lite.model.batch import Batch  # noqa: E402
 from esm2lite.model.int8 import quantize_int8  # noqa: E402
 from esm2lite.model.tokenizer import PAD, Tokenizer  # noqa: E402
+from esm2lite.runtime.cpu_memory import keep_freed_memory  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "examples", "secondary_structure_flip_sampled.csv")  # FLIP, AFL-3.0 (examples/README.md)
@@ -94,6 +95,10 @@ def parse_args(argv=None):
     p.add_argument("--esmcpp-python", default="/work/esmcpp-venv/bin/python",
                    help="a python with esm-cpp installed, in its own venv since it needs numpy < 2: python -m venv "
                         "/work/esmcpp-venv && /work/esmcpp-venv/bin/pip install esm-cpp 'numpy<2'")
+    p.add_argument("--glibc-malloc-defaults", action="store_true",
+                   help="leave glibc's malloc thresholds as they are (what a program calling the library gets); "
+                        "by default they are raised as esm2lite-infer does on a CPU (runtime/cpu_memory.py), for "
+                        "every in-process system alike")
     p.add_argument("--out", default=os.path.join(RESULTS, "cpu_peers.json"))
     args = p.parse_args(argv)
     if min(args.num_seqs, args.repeats, args.max_residues, min(args.threads)) < 1:
@@ -287,13 +292,14 @@ def main(argv=None):
     import transformers
 
     args = parse_args(argv)
+    kept = False if args.glibc_malloc_defaults else keep_freed_memory()
     seqs = read_sequences(args.data, args.num_seqs, args.max_residues)
     tokens = sum(len(s) + 2 for s in seqs)
     print(f"{len(seqs)} sequences ({min(map(len, seqs))}-{max(map(len, seqs))} residues, {tokens} tokens), "
           f"threads {args.threads}, {args.repeats} repeats", flush=True)
     doc = {"benchmark": "CPU peers: logits of every sequence, esm2lite fp32/int8 vs transformers sdpa and esm-cpp",
            **run_info(torch.device("cpu"), transformers=transformers.__version__), "cpu_model": cpu_name(),
-           "settings": vars(args), "cpu_count": os.cpu_count(),
+           "settings": vars(args), "cpu_count": os.cpu_count(), "keep_freed_memory": kept,
            "data": {"file": os.path.relpath(args.data, ROOT), "num_seqs": len(seqs), "tokens": tokens,
                     "residues": [min(map(len, seqs)), max(map(len, seqs))]},
            "load_average_start": os.getloadavg(), "results": {}}

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from esm2lite.runtime.device import layout_line
+from esm2lite.runtime.cpu_memory import keep_freed_memory
+from esm2lite.runtime.device import layout_line, pick_device
 from esm2lite.cli import OneLineParser, exit_process, UsageError, add_options, options_to_config, run_main
 from esm2lite.errors import Esm2liteError
 from esm2lite.inference.config import InferConfig
@@ -50,6 +51,8 @@ def main(argv, prog: str = PROG) -> None:
 
     if args.debug and os.environ.get("RANK", "0") == "0" and not cfg.score:
         print(layout_line(cfg.batches, cfg.device), flush=True)
+    if pick_device(cfg.device).type == "cpu":
+        keep_freed_memory()  # freed activations reused, not unmapped and faulted in again at every op
     run(cfg, demo)
 
 
