@@ -27,6 +27,8 @@ def test_train_benchmark_refuses_a_pool_too_small_for_its_steps_in_seconds():
     ("bench_train.py", ["--batch-tokens", "100"], "cannot hold a sequence of --max-len 600"),
     ("bench_infer.py", ["--repeats", "0"], "--repeats must be positive"),
     ("bench_lora_linear.py", ["--dtype", "int8"], "invalid choice"),
+    ("bench_cpu_peers.py", ["--batch-tokens", "512"], "--batch-tokens 512 cannot hold a sequence of --max-residues"),
+    ("bench_cpu_peers.py", ["--threads", "0"], "--threads must be positive"),
 ])
 def test_bad_benchmark_settings_are_one_line(script, args, message):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
@@ -125,3 +127,17 @@ def test_inference_benchmark_drops_a_failing_implementation_not_the_run(monkeypa
     results = json.loads(out.read_text())["results"]["esm2_t6_8M_UR50D"]
     assert results["esm2lite-packed"] == {"error": "RuntimeError: no kernel image is available"}
     assert results["esm2lite"]["speedup_vs_sdpa"] > 0 and results["transformers-sdpa"]["speedup_vs_sdpa"] == 1.0
+
+
+def test_cpu_peers_compares_every_systems_rows_in_input_order(monkeypatch):
+    """The logits of each system come back in its own batch order; every error in the table is taken
+    after in_input_order has put them back in the input's. Three sequences of 2, 3 and 1 rows run in
+    the order 2, 0, 1."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.bench_cpu_peers import in_input_order
+
+    lengths, order = [2, 3, 1], [2, 0, 1]
+    in_batch_order = np.array([[20], [0], [1], [10], [11], [12]])  # sequence 2's row, then 0's, then 1's
+    assert in_input_order(in_batch_order, lengths, order).ravel().tolist() == [0, 1, 10, 11, 12, 20]
