@@ -19,8 +19,8 @@ Reported per system: tokens/s (<cls> and <eos> counted), the ratio to esm2lite f
 the max and mean absolute logit error against transformers sdpa fp32 over every token of every
 sequence, all 33 columns (from the first repeat's outputs).
 
-    python benchmarks/bench_cpu_peers.py                         # defaults: about 10 minutes on 2 cores
-    python benchmarks/bench_cpu_peers.py --num-seqs 200 --arch esm2_t6_8M_UR50D --threads 1
+    python benchmarks/bench_cpu_peers.py                         # the README's table: about 50 minutes on 2 cores
+    python benchmarks/bench_cpu_peers.py --num-seqs 24 --arch esm2_t6_8M_UR50D --threads 1   # a minute
 """
 
 import csv
@@ -84,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--arch", nargs="+", default=["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"])
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                    help=f"{REFERENCE} (the reference) and {BASELINE} always run")
-    p.add_argument("--num-seqs", type=int, default=24, help="first N proteins of the FLIP file (the issue's "
-                   "table: 200; the default keeps a run of both architectures near 10 minutes on 2 cores)")
+    p.add_argument("--num-seqs", type=int, default=200, help="first N proteins of the FLIP file (200: 48,641 "
+                   "tokens; the README's table, about 50 minutes on 2 cores for both sizes and thread counts)")
     p.add_argument("--max-residues", type=int, default=1022)
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch (padded: padding included)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per system (median reported)")

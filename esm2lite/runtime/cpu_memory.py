@@ -1,17 +1,19 @@
-"""Keep freed CPU memory in the process (what the commands do before computing on a CPU).
+"""Keep freed CPU memory in the process (what esm2lite-infer does before computing on a CPU).
 
 glibc's malloc gives every block above its mmap threshold (at most 32 MiB, adjusted as blocks are
 freed) pages of its own and unmaps them when the block is freed; it also returns the top of the
 heap to the system once more than its trim threshold is free there. A forward over a CPU batch
 allocates and frees activation tensors of tens of MB at every op ([8192, 1920] fp32 is 63 MB), so
-each op pays the kernel to map fresh pages and zero them (a page fault per 4 KiB): measured, a
-35M int8 forward spent more time in these faults than in its int8 matrix products
-(benchmarks/results/cpu_peers.json: with and without). Raising both thresholds lets a freed block
-be reused at the next op, as PyTorch's CPU tuning guide gets by preloading jemalloc or tcmalloc.
+each op pays the kernel to map fresh pages and zero them (a page fault per 4 KiB): x.abs() of an
+[8192, 1920] fp32 tensor, 1 thread, 30.3 ms on fresh pages, 5.8 ms on reused ones; 35M int8
+inference 1.58x faster with this (docs/cpu.md). Raising both thresholds lets a freed block be
+reused at the next op, as PyTorch's CPU tuning guide gets by preloading jemalloc or tcmalloc.
 
-The cost: memory freed by the run is kept by the process until it exits (its peak is unchanged).
-For this reason the library never calls this by itself; the commands do (esm2lite-infer,
-esm2lite-train), and only for a run on the CPU. Elsewhere (not glibc) it does nothing.
+The cost: memory freed by the run is kept by the process until it exits, and blocks that no
+longer fit one another's holes add to the peak: a 35M run over 8,192-token batches peaked at
+806 MB instead of 604 MB in int8, 715 MB instead of 633 MB in fp32 (docs/cpu.md).
+For this reason the library never calls this by itself; esm2lite-infer does, for a run on the CPU
+(training measured no faster with it: docs/cpu.md). Elsewhere (not glibc) it does nothing.
 """
 
 import ctypes
