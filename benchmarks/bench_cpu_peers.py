@@ -283,9 +283,18 @@ def table(doc) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_identity(cpuinfo: str) -> dict:
+    """/proc/cpuinfo's text -> the first CPU's model name, family and model numbers, and which of the
+    instruction sets int8 and bf16 use it has (a virtual machine's model name can be as bare as
+    "AMD EPYC"; family 25 model 17 says Zen 4)."""
+    first = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    flags = set(first.get("flags", "").split())
+    return {"model_name": first.get("model name", "unknown"), "family": first.get("cpu family"),
+            "model": first.get("model"), "isa": [f for f in ISA if f in flags]}
 
 
 def main(argv=None):
@@ -298,7 +307,7 @@ def main(argv=None):
     print(f"{len(seqs)} sequences ({min(map(len, seqs))}-{max(map(len, seqs))} residues, {tokens} tokens), "
           f"threads {args.threads}, {args.repeats} repeats", flush=True)
     doc = {"benchmark": "CPU peers: logits of every sequence, esm2lite fp32/int8 vs transformers sdpa and esm-cpp",
-           **run_info(torch.device("cpu"), transformers=transformers.__version__), "cpu_model": cpu_name(),
+           **run_info(torch.device("cpu"), transformers=transformers.__version__), "cpu": cpu_identity(open("/proc/cpuinfo").read()),
            "settings": vars(args), "cpu_count": os.cpu_count(), "keep_freed_memory": kept,
            "data": {"file": os.path.relpath(args.data, ROOT), "num_seqs": len(seqs), "tokens": tokens,
                     "residues": [min(map(len, seqs)), max(map(len, seqs))]},

@@ -141,3 +141,14 @@ def test_cpu_peers_compares_every_systems_rows_in_input_order(monkeypatch):
     lengths, order = [2, 3, 1], [2, 0, 1]
     in_batch_order = np.array([[20], [0], [1], [10], [11], [12]])  # sequence 2's row, then 0's, then 1's
     assert in_input_order(in_batch_order, lengths, order).ravel().tolist() == [0, 1, 10, 11, 12, 20]
+
+
+def test_cpu_peers_names_the_cpu_by_family_model_and_instruction_sets(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.bench_cpu_peers import cpu_identity
+
+    one = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+           "flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 avx512vl\n")
+    got = cpu_identity(one.format(n=0) + "\n" + one.format(n=1))
+    assert got == {"model_name": "AMD EPYC", "family": "25", "model": "17",
+                   "isa": ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]}
