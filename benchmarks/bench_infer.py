@@ -39,7 +39,7 @@ import torch
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # after PYTHONPATH: see gpu_check.py
 
-from benchmarks.common import OneLineParser, in_child, make_checkpoint, rss_bytes, run_info, sync  # noqa: E402
+from benchmarks.common import OneLineParser, in_child, make_checkpoint, read_sequences, rss_bytes, run_info, sync  # noqa: E402
 from esm2lite.files.atomic import write_json  # noqa: E402
 from esm2lite.data.batching import make_batches  # noqa: E402
 from esm2lite.model.batch import Batch  # noqa: E402
@@ -120,15 +120,12 @@ def forward(impl: str, model, batch):
     return model(input_ids=batch, attention_mask=batch.ne(PAD)).last_hidden_state
 
 
-def read_sequences(path, num_seqs, min_len, max_len) -> list[str]:
-    """The first num_seqs sequences of a CSV's `sequence` column with min_len..max_len residues."""
-    import csv
-
-    with open(path, newline="") as f:
-        seqs = [row["sequence"] for row in csv.DictReader(f) if min_len <= len(row["sequence"]) <= max_len]
+def real_sequences(path, num_seqs, min_len, max_len) -> list[str]:
+    """common.read_sequences, refusing a file with fewer than num_seqs such sequences."""
+    seqs = read_sequences(path, num_seqs, min_len, max_len)
     if len(seqs) < num_seqs:
         raise SystemExit(f"{path}: {len(seqs)} sequences of {min_len}-{max_len} residues, fewer than --num-seqs")
-    return seqs[:num_seqs]
+    return seqs
 
 
 def random_sequences(num_seqs, min_len, max_len, seed) -> list[str]:
@@ -218,7 +215,7 @@ def main(argv=None):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    seqs = (read_sequences(args.sequences, args.num_seqs, args.min_len, args.max_len) if args.sequences
+    seqs = (real_sequences(args.sequences, args.num_seqs, args.min_len, args.max_len) if args.sequences
             else random_sequences(args.num_seqs, args.min_len, args.max_len, args.seed))
     lengths = [len(s) for s in seqs]
     batches = {impl: cut(seqs, args.batch_tokens, args.order, packed=impl == "esm2lite-packed") for impl in impls}

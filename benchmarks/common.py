@@ -2,6 +2,7 @@
 whose errors are one line."""
 
 import argparse
+import csv
 import multiprocessing as mp
 from queue import Empty
 
@@ -105,3 +106,11 @@ def in_child(what: str, target, *args):
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
+
+
+def read_sequences(path: str, num_seqs: int, min_len: int, max_len: int) -> list[str]:
+    """The first num_seqs sequences of a CSV's `sequence` column with min_len..max_len residues
+    (fewer when the file has fewer)."""
+    with open(path, newline="") as f:
+        seqs = [row["sequence"] for row in csv.DictReader(f) if min_len <= len(row["sequence"]) <= max_len]
+    return seqs[:num_seqs]

@@ -16,7 +16,7 @@ from esm2lite.model.heads import mean_pool
 from esm2lite.model.esm2 import ESM2
 from esm2lite.data.records import Record, encode_sequence
 from esm2lite.model.tokenizer import EOS, TOKENS
-from esm2lite.inference.windows import embed_windowed
+from esm2lite.inference.windows import embed_windowed, padded_outputs
 
 
 @torch.no_grad()
@@ -38,10 +38,11 @@ def embed(encoder: ESM2, records, ids, batch_tokens: int = 8192, precision: str 
     for idx in tqdm(batches, desc="embed", disable=None if d.main else True):  # None: on a terminal only
         batch = collate([records[i] for i in idx], None, packed).to(device)  # [B, T] or packed [1, N]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            hidden = encoder(batch, repr_layers=layers, logits=False)["hidden_states"]
+            out_batch = encoder(batch, repr_layers=layers, logits=False)
+        hidden = padded_outputs(batch, out_batch)["hidden_states"]  # {layer: [B, T, d]}
         tokens = batch.padded().tokens  # [B, T]
         for layer in layers:
-            h = batch.unpack(hidden[layer]).float()  # [B, T, d]
+            h = hidden[layer].float()  # [B, T, d]
             pooled = mean_pool(h, tokens)  # [B, d]
             for row, i in enumerate(idx):
                 out[f"mean/{layer}/{ids[i]}"] = pooled[row].cpu().contiguous()

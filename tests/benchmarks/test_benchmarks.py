@@ -152,3 +152,15 @@ def test_cpu_peers_names_the_cpu_by_family_model_and_instruction_sets(monkeypatc
     got = cpu_identity(one.format(n=0) + "\n" + one.format(n=1))
     assert got == {"model_name": "AMD EPYC", "family": "25", "model": "17",
                    "isa": ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]}
+
+
+def test_cpu_peers_kills_an_esm_cpp_server_that_never_answers(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench_cpu_peers
+
+    monkeypatch.setattr(bench_cpu_peers, "SERVER", "import time\ntime.sleep(600)\n")  # loads forever
+    monkeypatch.setattr(bench_cpu_peers, "REPLY_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"esm-cpp server: no answer in 1 s \(killed\)"):
+        bench_cpu_peers.EsmCpp(sys.executable, "model.safetensors", [[0, 2]], 1, str(tmp_path))
+    assert time.monotonic() - start < 30
