@@ -19,7 +19,7 @@ Reported per system: tokens/s (<cls> and <eos> counted), the ratio to esm2lite f
 the max and mean absolute logit error against transformers sdpa fp32 over every token of every
 sequence, all 33 columns (from the first repeat's outputs).
 
-    python benchmarks/bench_cpu_peers.py                         # the README's table: about 50 minutes on 2 cores
+    python benchmarks/bench_cpu_peers.py                         # the README's table: 34 minutes on 2 cores (measured)
     python benchmarks/bench_cpu_peers.py --num-seqs 24 --arch esm2_t6_8M_UR50D --threads 1   # a minute
 """
 
@@ -86,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                    help=f"{REFERENCE} (the reference) and {BASELINE} always run")
     p.add_argument("--num-seqs", type=int, default=200, help="first N proteins of the FLIP file (200: 48,641 "
-                   "tokens; the README's table, about 50 minutes on 2 cores for both sizes and thread counts)")
+                   "tokens; the README's table: 34 minutes on 2 cores for both sizes and thread counts, measured)")
     p.add_argument("--max-residues", type=int, default=1022)
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch (padded: padding included)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per system (median reported)")
@@ -104,6 +104,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.num_seqs, args.repeats, args.max_residues, min(args.threads)) < 1:
         p.error("--num-seqs, --repeats, --max-residues and --threads must be positive")
+    if not os.path.isfile(args.data):
+        p.error(f"--data {args.data}: no such file")
+    if any(s.startswith("esm-cpp") for s in args.systems) and not os.access(args.esmcpp_python, os.X_OK):
+        p.error(f"--esmcpp-python {args.esmcpp_python}: not an executable python (see --help for its venv), "
+                "or leave esm-cpp out of --systems")
     if args.max_residues + 2 > args.batch_tokens:
         p.error(f"--batch-tokens {args.batch_tokens} cannot hold a sequence of --max-residues {args.max_residues}")
     return args
@@ -194,6 +199,7 @@ class EsmCpp:
         REPLY_S; a server that hangs is killed and named, never waited on forever."""
         if not select.select([self.proc.stdout], [], [], REPLY_S)[0]:
             self.proc.kill()
+            self.proc.wait()
             raise RuntimeError(f"esm-cpp server: no answer in {REPLY_S:.0f} s (killed)")
         line = self.proc.stdout.readline()
         if not line:

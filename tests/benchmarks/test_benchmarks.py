@@ -29,6 +29,8 @@ def test_train_benchmark_refuses_a_pool_too_small_for_its_steps_in_seconds():
     ("bench_lora_linear.py", ["--dtype", "int8"], "invalid choice"),
     ("bench_cpu_peers.py", ["--batch-tokens", "512"], "--batch-tokens 512 cannot hold a sequence of --max-residues"),
     ("bench_cpu_peers.py", ["--threads", "0"], "--threads must be positive"),
+    ("bench_cpu_peers.py", ["--data", "no-such.csv"], "--data no-such.csv: no such file"),
+    ("bench_cpu_peers.py", ["--esmcpp-python", "/no/python"], "--esmcpp-python /no/python: not an executable python"),
 ])
 def test_bad_benchmark_settings_are_one_line(script, args, message):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,

@@ -106,7 +106,9 @@ def test_seven_bit_activations_of_cpus_without_vnni_stay_within_their_bounds(mod
     assert {m.levels for m in seven.modules() if isinstance(m, Int8Linear)} == {63}
     err, cos, scale = errors_against_fp32(models[0], seven)
     assert_close_to_fp32(err, cos, scale, 127 / 63)
-    assert err.mean() > errors_against_fp32(*models)[0].mean()  # coarser than 8 bits (measured 0.0137 vs 0.0086)
+    # coarser than 8 bits: measured 0.0137 against 8 bits' 0.0086 here. A fixed line between the two, not the
+    # 8-bit model's error: on a CPU without VNNI `models` is 7-bit too
+    assert err.mean() > 0.011, err.mean()
 
 
 def test_masked_marginal_scores_of_gb1_mutants_rank_as_fp32(models):
